@@ -1,0 +1,8 @@
+//! trm: training and inference engine for the Tiny Recursive Model on ARC-AGI.
+//!
+//! Data flows one way: config -> data -> model -> loss -> backward -> optimiser
+//! -> checkpoint. This crate currently holds the data pipeline (ARC JSON,
+//! augmentation, the dataset builder and loader) and the CUDA kernel embedding.
+
+pub mod backend;
+pub mod data;
