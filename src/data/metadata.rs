@@ -48,7 +48,7 @@ impl DatasetMetadata {
     }
 
     pub fn save(&self, path: &Path) -> Result<(), MetadataError> {
-        let text = serde_json::to_string(self).expect("metadata serialises");
+        let text = super::pyjson::to_string(self);
         std::fs::write(path, text).map_err(|source| MetadataError::Io {
             path: path.display().to_string(),
             source,

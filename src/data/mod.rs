@@ -1,6 +1,11 @@
 //! ARC data: JSON puzzles, grids and augmentation, the dataset builder, .npy
 //! I/O and the training/test loader.
 
-pub mod npy;
+pub mod arc;
+pub mod augment;
+pub mod builder;
+pub mod grid;
 pub mod loader;
 pub mod metadata;
+pub mod npy;
+pub mod pyjson;

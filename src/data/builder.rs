@@ -1,0 +1,683 @@
+//! `trm build-dataset`: ARC JSON subsets -> the augmented dataset on disk,
+//! file for file as the reference builder writes it (spec sections 1-2).
+//!
+//! Pipeline: load and validate every subset; shuffle each subset and assign
+//! its puzzles to splits; draw each puzzle's augmentation group (parallel,
+//! one seeded stream per puzzle, so the result does not depend on the thread
+//! count); number the identifiers; then per split stream the examples to
+//! disk in windows that are rendered in parallel. Everything is written into
+//! `<out>.partial` and renamed at the end, so an interrupted build never
+//! leaves a dataset that looks complete.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use super::arc::{self, ArcError, Example, Puzzle, Solutions};
+use super::augment::{draw_group, Augmentation};
+use super::grid::{MAX_SIDE, SEQ_LEN, VOCAB_SIZE};
+use super::metadata::{DatasetMetadata, MetadataError};
+use super::npy::{self, Dtype, NpyArray, NpyError};
+
+/// Bumped whenever the on-disk result of the same inputs would change.
+const BUILD_FORMAT: u32 = 1;
+/// The marker written last: its presence with a matching hash means complete.
+pub const BUILD_INFO_FILE: &str = "build_info.json";
+const SET_NAME: &str = "all";
+const FIELDS: [&str; 5] = [
+    "inputs",
+    "labels",
+    "puzzle_identifiers",
+    "puzzle_indices",
+    "group_indices",
+];
+/// Bytes rendered in memory before they are written out (inputs + labels).
+const WINDOW_BYTES: usize = 256 << 20;
+
+// Independent random streams of one seed.
+const STREAM_SHUFFLE: u64 = 0;
+const STREAM_AUGMENT: u64 = 1 << 40;
+const STREAM_TRAIN_LAYOUT: u64 = 2 << 40;
+const STREAM_TEST_LAYOUT: u64 = 3 << 40;
+
+fn rng_for(seed: u64, stream: u64) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(stream);
+    rng
+}
+
+/// Options of `trm build-dataset` (the reference builder's flags).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct BuildOptions {
+    pub input_file_prefix: String,
+    pub output_dir: PathBuf,
+    pub subsets: Vec<String>,
+    pub test_set_name: String,
+    pub test_set_name2: String,
+    pub seed: u64,
+    pub num_aug: usize,
+    pub puzzle_identifiers_start: u32,
+}
+
+impl BuildOptions {
+    pub fn new(
+        input_file_prefix: &str,
+        output_dir: &Path,
+        subsets: &[&str],
+        test_set_name: &str,
+    ) -> BuildOptions {
+        BuildOptions {
+            input_file_prefix: input_file_prefix.to_string(),
+            output_dir: output_dir.to_path_buf(),
+            subsets: subsets.iter().map(|s| s.to_string()).collect(),
+            test_set_name: test_set_name.to_string(),
+            test_set_name2: "your_test_set".to_string(),
+            seed: 42,
+            num_aug: 1000,
+            puzzle_identifiers_start: 1,
+        }
+    }
+}
+
+/// How the build talks to the user.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BuildUi {
+    /// Progress bars and messages on stderr.
+    pub verbose: bool,
+    /// Rebuild even when a complete build of the same inputs exists.
+    pub force: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Arc(#[from] ArcError),
+    #[error(transparent)]
+    Npy(#[from] NpyError),
+    #[error(transparent)]
+    Metadata(#[from] MetadataError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid options: {0}")]
+    Options(String),
+    #[error("{path} exists and does not look like a dataset (no train/dataset.json nor {BUILD_INFO_FILE}); refusing to replace it, choose another --output-dir or remove it")]
+    NotADataset { path: PathBuf },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> BuildError + '_ {
+    move |source| BuildError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Figures of one split.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct SplitStats {
+    pub puzzles: usize,
+    pub examples: usize,
+    pub groups: usize,
+}
+
+/// What a build produced (also stored in `build_info.json`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct BuildReport {
+    pub format: u32,
+    pub input_hash: String,
+    pub options: BuildOptions,
+    pub original_puzzles: usize,
+    pub train: SplitStats,
+    pub test: Option<SplitStats>,
+    /// Including the blank identifier(s) below the start.
+    pub num_identifiers: usize,
+    /// Puzzles whose group got fewer than `num_aug` augmentations.
+    pub short_groups: Vec<(String, usize)>,
+    pub seconds: f64,
+    /// True when an existing complete build was kept.
+    #[serde(skip)]
+    pub skipped: bool,
+}
+
+/// One original puzzle in processing order.
+struct Entry<'a> {
+    puzzle: &'a Puzzle,
+    is_test: bool,
+}
+
+/// A puzzle's examples in one split: train split takes train examples, plus
+/// the test examples of puzzles not in the test set.
+fn split_examples<'a>(e: &Entry<'a>, test_split: bool) -> Vec<&'a Example> {
+    if test_split {
+        e.puzzle.test.iter().collect()
+    } else if e.is_test {
+        e.puzzle.train.iter().collect()
+    } else {
+        e.puzzle.train.iter().chain(&e.puzzle.test).collect()
+    }
+}
+
+fn progress(verbose: bool, len: usize, what: &str) -> ProgressBar {
+    let pb = ProgressBar::with_draw_target(
+        Some(len as u64),
+        if verbose {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        },
+    );
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{msg:>16} [{bar:40}] {pos}/{len} puzzles ({elapsed}, eta {eta})",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    pb.set_message(what.to_string());
+    pb
+}
+
+/// Hash of everything that determines the output: options and file bytes.
+fn input_hash(opts: &BuildOptions, subsets: &[arc::Subset]) -> String {
+    let mut h = Sha256::new();
+    h.update(format!("trm-dataset-v{BUILD_FORMAT}\n").as_bytes());
+    let canonical = serde_json::json!({
+        "subsets": opts.subsets,
+        "test_set_name": opts.test_set_name,
+        "test_set_name2": opts.test_set_name2,
+        "seed": opts.seed,
+        "num_aug": opts.num_aug,
+        "puzzle_identifiers_start": opts.puzzle_identifiers_start,
+    });
+    h.update(canonical.to_string().as_bytes());
+    for s in subsets {
+        for (path, bytes) in &s.file_bytes {
+            let kind = path
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            h.update(format!("\n{}:{}:{}\n", s.name, kind, bytes.len()).as_bytes());
+            h.update(bytes);
+        }
+    }
+    hex::encode(h.finalize())
+}
+
+fn split_files(dir: &Path, split: &str) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = FIELDS
+        .iter()
+        .map(|f| dir.join(split).join(format!("{SET_NAME}__{f}.npy")))
+        .collect();
+    v.push(dir.join(split).join("dataset.json"));
+    v
+}
+
+/// An existing, complete build of the same inputs, if `dir` holds one.
+fn existing_build(dir: &Path, hash: &str) -> Option<BuildReport> {
+    let text = std::fs::read_to_string(dir.join(BUILD_INFO_FILE)).ok()?;
+    let report: BuildReport = serde_json::from_str(&text).ok()?;
+    if report.input_hash != hash || report.format != BUILD_FORMAT {
+        return None;
+    }
+    let mut files = split_files(dir, "train");
+    if report.test.is_some() {
+        files.extend(split_files(dir, "test"));
+    }
+    files.push(dir.join("identifiers.json"));
+    files.push(dir.join("test_puzzles.json"));
+    for f in files {
+        if f.extension().is_some_and(|e| e == "npy") {
+            NpyArray::open(&f).ok()?; // checks header and length
+        } else if !f.is_file() {
+            return None;
+        }
+    }
+    Some(report)
+}
+
+fn looks_like_dataset(dir: &Path) -> bool {
+    dir.join(BUILD_INFO_FILE).is_file() || dir.join("train").join("dataset.json").is_file()
+}
+
+/// Build the dataset. Progress and messages go to stderr when `ui.verbose`.
+pub fn build_dataset(opts: &BuildOptions, ui: BuildUi) -> Result<BuildReport, BuildError> {
+    let start = Instant::now();
+    let say = |msg: &str| {
+        if ui.verbose {
+            eprintln!("{msg}");
+        }
+    };
+    if opts.subsets.is_empty() {
+        return Err(BuildError::Options(
+            "--subsets needs at least one subset".into(),
+        ));
+    }
+    for (i, s) in opts.subsets.iter().enumerate() {
+        if opts.subsets[..i].contains(s) {
+            return Err(BuildError::Options(format!("subset '{s}' is listed twice")));
+        }
+    }
+    let out = opts.output_dir.clone();
+    let out_name = out
+        .file_name()
+        .ok_or_else(|| {
+            BuildError::Options(format!(
+                "--output-dir '{}' has no folder name",
+                out.display()
+            ))
+        })?
+        .to_os_string();
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if out.exists() && !out.is_dir() {
+        return Err(BuildError::Options(format!(
+            "--output-dir '{}' exists and is not a folder",
+            out.display()
+        )));
+    }
+
+    // 1. Load and validate every subset.
+    let mut subsets = Vec::with_capacity(opts.subsets.len());
+    for name in &opts.subsets {
+        let s = arc::load_subset(&opts.input_file_prefix, name)?;
+        if s.solutions == Solutions::Dummy {
+            say(&format!(
+                "{name}: solutions file not found, test outputs filled with [[0]]"
+            ));
+        }
+        subsets.push(s);
+    }
+    let hash = input_hash(opts, &subsets);
+    if !ui.force {
+        if let Some(mut report) = existing_build(&out, &hash) {
+            say(&format!(
+                "{} already holds a complete build of these inputs and options; skipping (use --force to rebuild)",
+                out.display()
+            ));
+            report.skipped = true;
+            return Ok(report);
+        }
+    }
+    if out.is_dir()
+        && !looks_like_dataset(&out)
+        && std::fs::read_dir(&out)
+            .map_err(io_err(&out))?
+            .next()
+            .is_some()
+    {
+        return Err(BuildError::NotADataset { path: out });
+    }
+
+    // 2. Shuffle each subset, assign splits.
+    let mut shuffle_rng = rng_for(opts.seed, STREAM_SHUFFLE);
+    let mut entries: Vec<Entry> = Vec::new();
+    for s in &subsets {
+        let is_test = s.name == opts.test_set_name || s.name == opts.test_set_name2;
+        let mut order: Vec<usize> = (0..s.puzzles.len()).collect();
+        order.shuffle(&mut shuffle_rng);
+        entries.extend(order.into_iter().map(|i| Entry {
+            puzzle: &s.puzzles[i],
+            is_test,
+        }));
+    }
+    let has_test = entries.iter().any(|e| e.is_test);
+    if !has_test {
+        say(&format!(
+            "warning: no subset is named '{}': no test split will be written",
+            opts.test_set_name
+        ));
+    }
+    say(&format!("Total puzzles: {}", entries.len()));
+
+    // 3. Augmentation groups, one seeded stream per puzzle.
+    let pb = progress(ui.verbose, entries.len(), "augmenting");
+    let groups: Vec<Vec<Augmentation>> = entries
+        .par_iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let examples: Vec<Example> = e
+                .puzzle
+                .train
+                .iter()
+                .chain(&e.puzzle.test)
+                .cloned()
+                .collect();
+            let mut rng = rng_for(opts.seed, STREAM_AUGMENT + i as u64);
+            let g = draw_group(&examples, opts.num_aug, &mut rng);
+            pb.inc(1);
+            g
+        })
+        .collect();
+    pb.finish_and_clear();
+    let short_groups: Vec<(String, usize)> = entries
+        .iter()
+        .zip(&groups)
+        .filter(|(_, g)| opts.num_aug > 0 && g.len() < opts.num_aug + 1)
+        .map(|(e, g)| (e.puzzle.id.clone(), g.len()))
+        .collect();
+    if !short_groups.is_empty() {
+        let shown: Vec<String> = short_groups
+            .iter()
+            .take(8)
+            .map(|(id, n)| format!("{id} ({n})"))
+            .collect();
+        say(&format!(
+            "{} puzzles have fewer than {} distinct augmentations (group sizes incl. original): {}{}",
+            short_groups.len(),
+            opts.num_aug,
+            shown.join(", "),
+            if short_groups.len() > 8 { ", ..." } else { "" }
+        ));
+    }
+
+    // 4. Identifiers: global by name, in train order (every puzzle has train
+    //    examples, so the test split adds no new names).
+    let start_id = opts.puzzle_identifiers_start as usize;
+    let mut names: Vec<String> = Vec::new();
+    let mut ids_of: Vec<Vec<i32>> = Vec::with_capacity(entries.len());
+    let mut index: HashMap<String, i32> = HashMap::new();
+    for (e, g) in entries.iter().zip(&groups) {
+        let mut ids = Vec::with_capacity(g.len());
+        for (k, aug) in g.iter().enumerate() {
+            let name = if k == 0 {
+                e.puzzle.id.clone()
+            } else {
+                aug.name(&e.puzzle.id)
+            };
+            let next = (start_id + names.len()) as i32;
+            let id = *index.entry(name.clone()).or_insert_with(|| {
+                names.push(name);
+                next
+            });
+            ids.push(id);
+        }
+        ids_of.push(ids);
+    }
+    drop(index);
+    let num_identifiers = start_id + names.len();
+    if num_identifiers > i32::MAX as usize {
+        return Err(BuildError::Options(
+            "more than 2^31 puzzle identifiers".into(),
+        ));
+    }
+    say(&format!(
+        "Total puzzle IDs (including <blank>): {num_identifiers}"
+    ));
+
+    // 5. Write everything into <out>.partial.
+    let partial = parent.join(format!("{}.partial", out_name.to_string_lossy()));
+    if partial.exists() {
+        say(&format!(
+            "removing an interrupted build at {}",
+            partial.display()
+        ));
+        std::fs::remove_dir_all(&partial).map_err(io_err(&partial))?;
+    }
+    std::fs::create_dir_all(&partial).map_err(io_err(&partial))?;
+    let result = (|| -> Result<BuildReport, BuildError> {
+        let ctx = WriteCtx {
+            entries: &entries,
+            groups: &groups,
+            ids_of: &ids_of,
+            seed: opts.seed,
+            verbose: ui.verbose,
+            num_identifiers,
+        };
+        let train = write_split(&ctx, &partial, false)?;
+        let test = if has_test {
+            Some(write_split(&ctx, &partial, true)?)
+        } else {
+            None
+        };
+
+        let mut id_list: Vec<Value> = vec![Value::from("<blank>"); start_id];
+        id_list.extend(names.iter().map(|n| Value::from(n.as_str())));
+        write_json(&partial.join("identifiers.json"), &Value::Array(id_list))?;
+        let mut tests = serde_json::Map::new();
+        for e in entries.iter().filter(|e| e.is_test) {
+            tests.insert(e.puzzle.id.clone(), e.puzzle.json.clone());
+        }
+        write_json(&partial.join("test_puzzles.json"), &Value::Object(tests))?;
+
+        let report = BuildReport {
+            format: BUILD_FORMAT,
+            input_hash: hash.clone(),
+            options: opts.clone(),
+            original_puzzles: entries.len(),
+            train,
+            test,
+            num_identifiers,
+            short_groups: short_groups.clone(),
+            seconds: start.elapsed().as_secs_f64(),
+            skipped: false,
+        };
+        let text = serde_json::to_string_pretty(&report).expect("report serialises");
+        write_file_synced(&partial.join(BUILD_INFO_FILE), text.as_bytes())?;
+        Ok(report)
+    })();
+    let report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&partial);
+            return Err(e);
+        }
+    };
+
+    // 6. Swap into place: the old build (if any) is moved aside first and
+    //    removed only once the new one is in place.
+    let old = parent.join(format!("{}.old", out_name.to_string_lossy()));
+    if old.exists() {
+        std::fs::remove_dir_all(&old).map_err(io_err(&old))?;
+    }
+    if out.exists() {
+        std::fs::rename(&out, &old).map_err(io_err(&out))?;
+    }
+    std::fs::rename(&partial, &out).map_err(io_err(&out))?;
+    if old.exists() {
+        std::fs::remove_dir_all(&old).map_err(io_err(&old))?;
+    }
+    if let Ok(d) = File::open(&parent) {
+        let _ = d.sync_all();
+    }
+    Ok(report)
+}
+
+fn write_file_synced(path: &Path, bytes: &[u8]) -> Result<(), BuildError> {
+    let mut f = File::create(path).map_err(io_err(path))?;
+    f.write_all(bytes).map_err(io_err(path))?;
+    f.sync_all().map_err(io_err(path))
+}
+
+fn write_json(path: &Path, v: &Value) -> Result<(), BuildError> {
+    let f = File::create(path).map_err(io_err(path))?;
+    let mut w = BufWriter::new(f);
+    super::pyjson::to_writer(&mut w, v).map_err(|e| BuildError::Io {
+        path: path.to_path_buf(),
+        source: e.into(),
+    })?;
+    let f = w.into_inner().map_err(|e| BuildError::Io {
+        path: path.to_path_buf(),
+        source: e.into_error(),
+    })?;
+    f.sync_all().map_err(io_err(path))
+}
+
+struct WriteCtx<'a> {
+    entries: &'a [Entry<'a>],
+    groups: &'a [Vec<Augmentation>],
+    ids_of: &'a [Vec<i32>],
+    seed: u64,
+    verbose: bool,
+    num_identifiers: usize,
+}
+
+/// Render one group (all augmented puzzles of one original) into `inputs`
+/// and `labels` (each `members * examples * SEQ_LEN` bytes).
+fn render_group(
+    examples: &[&Example],
+    group: &[Augmentation],
+    translate: bool,
+    rng: &mut ChaCha8Rng,
+    inputs: &mut [u8],
+    labels: &mut [u8],
+) {
+    let n = examples.len();
+    let mut rows = inputs
+        .chunks_exact_mut(SEQ_LEN)
+        .zip(labels.chunks_exact_mut(SEQ_LEN));
+    for aug in group {
+        // One example per puzzle keeps the top-left placement.
+        let no_shift = rng.gen_range(0..n);
+        for (k, ex) in examples.iter().enumerate() {
+            let (inp, out) = (aug.apply(&ex.input), aug.apply(&ex.output));
+            let (r0, c0) = if translate && k != no_shift {
+                (
+                    rng.gen_range(0..=MAX_SIDE - inp.rows().max(out.rows())),
+                    rng.gen_range(0..=MAX_SIDE - inp.cols().max(out.cols())),
+                )
+            } else {
+                (0, 0)
+            };
+            let (ri, rl) = rows.next().expect("buffer sized for the group");
+            inp.render(r0, c0, ri);
+            out.render(r0, c0, rl);
+        }
+    }
+}
+
+fn write_split(ctx: &WriteCtx, dir: &Path, test_split: bool) -> Result<SplitStats, BuildError> {
+    let split = if test_split { "test" } else { "train" };
+    let split_dir = dir.join(split);
+    std::fs::create_dir_all(&split_dir).map_err(io_err(&split_dir))?;
+
+    // Layout: which entries are in this split and how many examples each has.
+    let members: Vec<(usize, Vec<&Example>)> = ctx
+        .entries
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| !test_split || e.is_test)
+        .map(|(i, e)| (i, split_examples(e, test_split)))
+        .collect();
+    let mut puzzle_indices = vec![0i32];
+    let mut group_indices = vec![0i32];
+    let mut puzzle_identifiers = Vec::new();
+    let mut examples_total = 0usize;
+    for (i, exs) in &members {
+        for &id in &ctx.ids_of[*i] {
+            examples_total += exs.len();
+            puzzle_indices.push(examples_total as i32);
+            puzzle_identifiers.push(id);
+        }
+        group_indices.push(puzzle_identifiers.len() as i32);
+    }
+    if examples_total > i32::MAX as usize {
+        return Err(BuildError::Options(format!(
+            "{split} split has more than 2^31 examples"
+        )));
+    }
+    let stats = SplitStats {
+        puzzles: puzzle_identifiers.len(),
+        examples: examples_total,
+        groups: members.len(),
+    };
+
+    // Inputs and labels: headers, then windows of groups rendered in parallel.
+    let in_path = split_dir.join(format!("{SET_NAME}__inputs.npy"));
+    let lab_path = split_dir.join(format!("{SET_NAME}__labels.npy"));
+    let shape = [examples_total, SEQ_LEN];
+    let mut in_w = BufWriter::new(File::create(&in_path).map_err(io_err(&in_path))?);
+    let mut lab_w = BufWriter::new(File::create(&lab_path).map_err(io_err(&lab_path))?);
+    in_w.write_all(&npy::header_bytes(Dtype::U8, &shape))
+        .map_err(io_err(&in_path))?;
+    lab_w
+        .write_all(&npy::header_bytes(Dtype::U8, &shape))
+        .map_err(io_err(&lab_path))?;
+
+    let stream_base = if test_split {
+        STREAM_TEST_LAYOUT
+    } else {
+        STREAM_TRAIN_LAYOUT
+    };
+    let group_bytes = |m: &(usize, Vec<&Example>)| ctx.groups[m.0].len() * m.1.len() * SEQ_LEN;
+    let pb = progress(ctx.verbose, members.len(), &format!("writing {split}"));
+    let mut in_buf: Vec<u8> = Vec::new();
+    let mut lab_buf: Vec<u8> = Vec::new();
+    let mut start = 0;
+    while start < members.len() {
+        // At least one group per window, however large.
+        let mut end = start + 1;
+        let mut bytes = group_bytes(&members[start]);
+        while end < members.len() && bytes + group_bytes(&members[end]) <= WINDOW_BYTES / 2 {
+            bytes += group_bytes(&members[end]);
+            end += 1;
+        }
+        in_buf.resize(bytes, 0);
+        lab_buf.resize(bytes, 0);
+        // Disjoint slices per group, filled in parallel.
+        let mut jobs = Vec::with_capacity(end - start);
+        let (mut rest_in, mut rest_lab) = (&mut in_buf[..], &mut lab_buf[..]);
+        for m in &members[start..end] {
+            let (a, b) = std::mem::take(&mut rest_in).split_at_mut(group_bytes(m));
+            let (c, d) = std::mem::take(&mut rest_lab).split_at_mut(group_bytes(m));
+            jobs.push((m, a, c));
+            rest_in = b;
+            rest_lab = d;
+        }
+        jobs.into_par_iter().for_each(|((i, exs), ib, lb)| {
+            let mut rng = rng_for(ctx.seed, stream_base + *i as u64);
+            render_group(exs, &ctx.groups[*i], !test_split, &mut rng, ib, lb);
+            pb.inc(1);
+        });
+        in_w.write_all(&in_buf).map_err(io_err(&in_path))?;
+        lab_w.write_all(&lab_buf).map_err(io_err(&lab_path))?;
+        start = end;
+    }
+    pb.finish_and_clear();
+    for (w, p) in [(in_w, &in_path), (lab_w, &lab_path)] {
+        let f = w.into_inner().map_err(|e| BuildError::Io {
+            path: p.clone(),
+            source: e.into_error(),
+        })?;
+        f.sync_all().map_err(io_err(p))?;
+    }
+
+    let field = |f: &str| split_dir.join(format!("{SET_NAME}__{f}.npy"));
+    npy::write_i32(&field("puzzle_identifiers"), &puzzle_identifiers)?;
+    npy::write_i32(&field("puzzle_indices"), &puzzle_indices)?;
+    npy::write_i32(&field("group_indices"), &group_indices)?;
+
+    let meta = DatasetMetadata {
+        pad_id: 0,
+        ignore_label_id: Some(0),
+        blank_identifier_id: 0,
+        vocab_size: VOCAB_SIZE,
+        seq_len: SEQ_LEN,
+        num_puzzle_identifiers: ctx.num_identifiers,
+        total_groups: stats.groups,
+        mean_puzzle_examples: if stats.puzzles > 0 {
+            stats.examples as f64 / stats.puzzles as f64
+        } else {
+            0.0
+        },
+        total_puzzles: stats.puzzles,
+        sets: vec![SET_NAME.to_string()],
+    };
+    meta.save(&split_dir.join("dataset.json"))?;
+    Ok(stats)
+}

@@ -1,0 +1,353 @@
+//! ARC grids: the 30x30 canvas, dihedral transforms, colour maps, EOS
+//! framing, cropping and hashing (spec sections 1-2).
+//!
+//! A `Grid` keeps its cells inline (at most 30x30 bytes) so transforms in the
+//! dataset builder's hot loops never allocate.
+
+use sha2::{Digest, Sha256};
+
+/// Largest grid side; also the canvas side.
+pub const MAX_SIDE: usize = 30;
+/// Tokens per flattened canvas.
+pub const SEQ_LEN: usize = MAX_SIDE * MAX_SIDE;
+pub const PAD_TOKEN: u8 = 0;
+pub const EOS_TOKEN: u8 = 1;
+/// Colour `c` is token `c + COLOUR_OFFSET`.
+pub const COLOUR_OFFSET: u8 = 2;
+pub const NUM_COLOURS: usize = 10;
+/// PAD + EOS + 10 colours.
+pub const VOCAB_SIZE: usize = NUM_COLOURS + 2;
+
+/// Inverse of each dihedral transform id.
+pub const DIHEDRAL_INVERSE: [u8; 8] = [0, 3, 2, 1, 4, 5, 6, 7];
+
+/// A grid of colours 0..9, row-major, at most 30x30.
+#[derive(Clone, Copy)]
+pub struct Grid {
+    rows: u8,
+    cols: u8,
+    cells: [u8; SEQ_LEN],
+}
+
+impl PartialEq for Grid {
+    fn eq(&self, other: &Grid) -> bool {
+        self.rows == other.rows && self.cols == other.cols && self.cells() == other.cells()
+    }
+}
+impl Eq for Grid {}
+
+impl std::fmt::Debug for Grid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Grid {}x{} [", self.rows, self.cols)?;
+        for r in 0..self.rows() {
+            if r > 0 {
+                write!(f, " / ")?;
+            }
+            for c in 0..self.cols() {
+                write!(f, "{}", self.get(r, c))?;
+            }
+        }
+        write!(f, "]")
+    }
+}
+
+impl Grid {
+    /// A grid from row-major cells; the caller guarantees sizes and colours
+    /// (the JSON parser validates user input before calling this).
+    pub fn from_cells(rows: usize, cols: usize, cells: &[u8]) -> Grid {
+        assert!(rows <= MAX_SIDE && cols <= MAX_SIDE && cells.len() == rows * cols);
+        let mut g = Grid {
+            rows: rows as u8,
+            cols: cols as u8,
+            cells: [0; SEQ_LEN],
+        };
+        g.cells[..cells.len()].copy_from_slice(cells);
+        g
+    }
+
+    /// A grid from nested rows; `None` if ragged, too large or a colour is out of range.
+    pub fn from_rows(rows: &[Vec<u8>]) -> Option<Grid> {
+        let r = rows.len();
+        let c = rows.first().map_or(0, |row| row.len());
+        if r > MAX_SIDE || c > MAX_SIDE || rows.iter().any(|row| row.len() != c) {
+            return None;
+        }
+        let mut g = Grid {
+            rows: r as u8,
+            cols: c as u8,
+            cells: [0; SEQ_LEN],
+        };
+        for (i, row) in rows.iter().enumerate() {
+            for (j, &v) in row.iter().enumerate() {
+                if v as usize >= NUM_COLOURS {
+                    return None;
+                }
+                g.cells[i * c + j] = v;
+            }
+        }
+        Some(g)
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows as usize
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols as usize
+    }
+
+    pub fn cells(&self) -> &[u8] {
+        &self.cells[..self.rows() * self.cols()]
+    }
+
+    pub fn get(&self, r: usize, c: usize) -> u8 {
+        self.cells[r * self.cols() + c]
+    }
+
+    /// Nested rows, as in ARC JSON.
+    pub fn to_rows(&self) -> Vec<Vec<u8>> {
+        self.cells()
+            .chunks(self.cols().max(1))
+            .take(self.rows())
+            .map(|r| r.to_vec())
+            .collect()
+    }
+
+    /// Apply dihedral transform `tid` (0 identity, 1 rot90 counter-clockwise
+    /// as numpy `rot90(k=1)`, 2 rot180, 3 rot270, 4 flip left-right, 5 flip
+    /// up-down, 6 transpose, 7 anti-transpose). Ids >= 8 are the identity, as
+    /// in the reference.
+    pub fn dihedral(&self, tid: u8) -> Grid {
+        let (r, c) = (self.rows(), self.cols());
+        let swaps = matches!(tid, 1 | 3 | 6 | 7);
+        let (out_r, out_c) = if swaps { (c, r) } else { (r, c) };
+        let mut out = Grid {
+            rows: out_r as u8,
+            cols: out_c as u8,
+            cells: [0; SEQ_LEN],
+        };
+        // For each output cell (i, j), the source cell it reads.
+        for i in 0..out_r {
+            for j in 0..out_c {
+                let (si, sj) = match tid {
+                    1 => (j, c - 1 - i),
+                    2 => (r - 1 - i, c - 1 - j),
+                    3 => (r - 1 - j, i),
+                    4 => (i, c - 1 - j),
+                    5 => (r - 1 - i, j),
+                    6 => (j, i),
+                    7 => (r - 1 - j, c - 1 - i),
+                    _ => (i, j),
+                };
+                out.cells[i * out_c + j] = self.cells[si * c + sj];
+            }
+        }
+        out
+    }
+
+    /// Undo `dihedral(tid)`.
+    pub fn inverse_dihedral(&self, tid: u8) -> Grid {
+        self.dihedral(DIHEDRAL_INVERSE.get(tid as usize).copied().unwrap_or(0))
+    }
+
+    /// Map every colour through `map` (`map[c]` is the new colour of `c`).
+    pub fn map_colours(&self, map: &[u8; NUM_COLOURS]) -> Grid {
+        let mut out = *self;
+        let n = self.rows() * self.cols();
+        for v in &mut out.cells[..n] {
+            *v = map[*v as usize];
+        }
+        out
+    }
+
+    /// SHA-256 over the two shape bytes followed by the raw cells.
+    pub fn hash(&self) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update([self.rows, self.cols]);
+        h.update(self.cells());
+        h.finalize().into()
+    }
+
+    /// Render into a 30x30 token canvas at offset (r0, c0) with the EOS frame.
+    /// `canvas` must hold `SEQ_LEN` bytes; the grid must fit at that offset.
+    pub fn render(&self, r0: usize, c0: usize, canvas: &mut [u8]) {
+        debug_assert!(canvas.len() == SEQ_LEN);
+        debug_assert!(r0 + self.rows() <= MAX_SIDE && c0 + self.cols() <= MAX_SIDE);
+        canvas.fill(PAD_TOKEN);
+        let (nr, nc) = (self.rows(), self.cols());
+        for i in 0..nr {
+            let dst = &mut canvas[(r0 + i) * MAX_SIDE + c0..][..nc];
+            for (d, &s) in dst.iter_mut().zip(&self.cells[i * nc..(i + 1) * nc]) {
+                *d = s + COLOUR_OFFSET;
+            }
+        }
+        let (eos_r, eos_c) = (r0 + nr, c0 + nc);
+        if eos_r < MAX_SIDE {
+            canvas[eos_r * MAX_SIDE + c0..eos_r * MAX_SIDE + eos_c].fill(EOS_TOKEN);
+        }
+        if eos_c < MAX_SIDE {
+            for i in r0..eos_r {
+                canvas[i * MAX_SIDE + eos_c] = EOS_TOKEN;
+            }
+        }
+    }
+
+    /// Crop a predicted 30x30 token canvas back to a grid: scan rows from the
+    /// top; the width is the leading run of colour tokens in the first row,
+    /// shrinking to the run of each later row; keep the prefix rectangle of
+    /// largest area. Tokens outside 0..SEQ_LEN or a canvas of another size
+    /// give `None`; a canvas with no leading colour gives an empty grid.
+    pub fn crop(canvas: &[u8]) -> Option<Grid> {
+        if canvas.len() != SEQ_LEN {
+            return None;
+        }
+        let is_colour = |t: u8| (COLOUR_OFFSET..COLOUR_OFFSET + NUM_COLOURS as u8).contains(&t);
+        let mut width = MAX_SIDE;
+        let (mut best_area, mut best_r, mut best_c) = (0usize, 0usize, 0usize);
+        for r in 0..MAX_SIDE {
+            let row = &canvas[r * MAX_SIDE..(r + 1) * MAX_SIDE];
+            let run = row
+                .iter()
+                .take(width)
+                .take_while(|&&t| is_colour(t))
+                .count();
+            width = run;
+            if width == 0 {
+                break;
+            }
+            let area = (r + 1) * width;
+            if area > best_area {
+                (best_area, best_r, best_c) = (area, r + 1, width);
+            }
+        }
+        let mut g = Grid {
+            rows: best_r as u8,
+            cols: best_c as u8,
+            cells: [0; SEQ_LEN],
+        };
+        for i in 0..best_r {
+            for j in 0..best_c {
+                g.cells[i * best_c + j] = canvas[i * MAX_SIDE + j] - COLOUR_OFFSET;
+            }
+        }
+        Some(g)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(r: usize, c: usize) -> Grid {
+        let cells: Vec<u8> = (0..r * c).map(|i| (i * 7 % 10) as u8).collect();
+        Grid::from_cells(r, c, &cells)
+    }
+
+    #[test]
+    fn dihedral_inverses_undo_every_transform() {
+        for (r, c) in [(1, 1), (2, 3), (5, 4), (30, 30), (1, 30), (7, 1)] {
+            let g = sample(r, c);
+            for t in 0..8u8 {
+                let back = g.dihedral(t).inverse_dihedral(t);
+                assert_eq!(back, g, "t{t} on {r}x{c}");
+            }
+        }
+    }
+
+    #[test]
+    fn dihedral_matches_numpy_definitions_on_2x3() {
+        // [[0,1,2],[3,4,5]] under numpy's rot90/flips/transposes.
+        let g = Grid::from_cells(2, 3, &[0, 1, 2, 3, 4, 5]);
+        let expect: [(usize, usize, [u8; 6]); 8] = [
+            (2, 3, [0, 1, 2, 3, 4, 5]),
+            (3, 2, [2, 5, 1, 4, 0, 3]), // rot90 k=1 (counter-clockwise)
+            (2, 3, [5, 4, 3, 2, 1, 0]),
+            (3, 2, [3, 0, 4, 1, 5, 2]), // rot90 k=3
+            (2, 3, [2, 1, 0, 5, 4, 3]),
+            (2, 3, [3, 4, 5, 0, 1, 2]),
+            (3, 2, [0, 3, 1, 4, 2, 5]),
+            (3, 2, [5, 2, 4, 1, 3, 0]), // fliplr(rot90)
+        ];
+        for (t, (r, c, cells)) in expect.iter().enumerate() {
+            let out = g.dihedral(t as u8);
+            assert_eq!((out.rows(), out.cols()), (*r, *c), "t{t}");
+            assert_eq!(out.cells(), cells, "t{t}");
+        }
+    }
+
+    #[test]
+    fn render_frames_with_eos_and_crop_recovers() {
+        let g = sample(3, 4);
+        let mut canvas = [0u8; SEQ_LEN];
+        g.render(2, 5, &mut canvas);
+        // EOS row below, EOS column right; the corner stays PAD.
+        for j in 5..9 {
+            assert_eq!(canvas[5 * 30 + j], EOS_TOKEN);
+        }
+        for i in 2..5 {
+            assert_eq!(canvas[i * 30 + 9], EOS_TOKEN);
+        }
+        assert_eq!(canvas[5 * 30 + 9], PAD_TOKEN);
+        assert_eq!(canvas[2 * 30 + 5], g.get(0, 0) + 2);
+        assert_eq!(canvas.iter().filter(|&&t| t >= 2).count(), 12);
+
+        g.render(0, 0, &mut canvas);
+        assert_eq!(Grid::crop(&canvas).unwrap(), g);
+
+        // A full 30x30 grid has no EOS at all.
+        let full = sample(30, 30);
+        full.render(0, 0, &mut canvas);
+        assert!(!canvas.contains(&EOS_TOKEN));
+        assert_eq!(Grid::crop(&canvas).unwrap(), full);
+    }
+
+    #[test]
+    fn crop_takes_largest_prefix_rectangle() {
+        let mut canvas = [0u8; SEQ_LEN];
+        // Row 0: 5 colours; row 1: 3 colours; row 2: 3 colours; row 3: none.
+        for j in 0..5 {
+            canvas[j] = 3;
+        }
+        for i in 1..3 {
+            for j in 0..3 {
+                canvas[i * 30 + j] = 4;
+            }
+            canvas[i * 30 + 3] = EOS_TOKEN;
+        }
+        // Candidates: 1x5 (5), 2x3 (6), 3x3 (9): 3x3 wins.
+        let g = Grid::crop(&canvas).unwrap();
+        assert_eq!((g.rows(), g.cols()), (3, 3));
+        assert_eq!(g.get(0, 0), 1);
+        assert_eq!(g.get(2, 2), 2);
+
+        // Nothing predicted: empty grid.
+        let empty = Grid::crop(&[0u8; SEQ_LEN]).unwrap();
+        assert_eq!((empty.rows(), empty.cols()), (0, 0));
+    }
+
+    #[test]
+    fn colour_maps_and_hash() {
+        let g = Grid::from_cells(1, 3, &[0, 1, 9]);
+        let mut map = [0u8; 10];
+        for (c, m) in map.iter_mut().enumerate() {
+            *m = if c == 0 { 0 } else { 10 - c as u8 };
+        }
+        assert_eq!(g.map_colours(&map).cells(), &[0, 9, 1]);
+        // sha256(bytes([1, 3, 0, 1, 9])), as hashlib computes it.
+        assert_eq!(
+            hex::encode(g.hash()),
+            hex::encode(Sha256::digest([1u8, 3, 0, 1, 9]))
+        );
+        assert_ne!(g.hash(), Grid::from_cells(3, 1, &[0, 1, 9]).hash());
+    }
+
+    #[test]
+    fn from_rows_rejects_bad_grids() {
+        assert!(Grid::from_rows(&[vec![1, 2], vec![3]]).is_none());
+        assert!(Grid::from_rows(&[vec![10]]).is_none());
+        assert!(Grid::from_rows(&vec![vec![0u8; 31]; 2]).is_none());
+        assert!(Grid::from_rows(&vec![vec![0u8; 2]; 31]).is_none());
+        let g = Grid::from_rows(&[vec![1, 2], vec![3, 4]]).unwrap();
+        assert_eq!(g.to_rows(), vec![vec![1, 2], vec![3, 4]]);
+    }
+}
