@@ -1,1 +1,341 @@
-fn main() {}
+//! Build script: compiles every `kernels/*.cu` to an sm_90a cubin with nvcc,
+//! checks ptxas' resource report (zero spills is a project rule), and writes
+//! `OUT_DIR/kernels.rs`, which embeds the cubins and `OUT_DIR/ptxas_report.tsv`
+//! (read by `src/backend/cuda/kernels.rs`).
+//!
+//! nvcc is `$NVCC`, else `$CUDA_HOME/bin/nvcc`, else `nvcc` on `PATH`. Without
+//! one the build still succeeds, with one warning, and embeds no kernels;
+//! `tools/install-nvcc.sh` installs the pinned CUDA 13.0 nvcc.
+
+use std::env;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+#[allow(dead_code)]
+#[path = "src/backend/cuda/ptxas.rs"]
+mod ptxas;
+
+/// nvcc flags for every kernel file:
+/// - `-cubin -arch=sm_90a`: SASS for H200 only, with the sm_90a features
+///   (wgmma, setmaxnreg); no PTX, so no JIT at load time.
+/// - `-O3 -std=c++17`: the optimisation level and language, pinned.
+/// - `-lineinfo`: source lines for profilers; no effect on the code.
+/// - `-Werror all-warnings`: nvcc makes every warning an error, and passes it on
+///   to cicc (`--promote_warnings`) and ptxas (`--warning-as-error`).
+/// - `-Xptxas -v`: ptxas prints registers, spills, shared memory and stack per
+///   function; build.rs parses it into the report and the spill check.
+const NVCC_FLAGS: &[&str] = &[
+    "-cubin",
+    "-arch=sm_90a",
+    "-O3",
+    "-std=c++17",
+    "-lineinfo",
+    "-Werror",
+    "all-warnings",
+    "-Xptxas",
+    "-v",
+];
+
+/// Environment that changes what nvcc is found or what it does.
+const ENV_INPUTS: &[&str] = &[
+    "NVCC",
+    "CUDA_HOME",
+    "PATH",
+    "NVCC_CCBIN",
+    "NVCC_PREPEND_FLAGS",
+    "NVCC_APPEND_FLAGS",
+];
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<(), String> {
+    let manifest_dir =
+        PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").ok_or("no CARGO_MANIFEST_DIR")?);
+    let out_dir = PathBuf::from(env::var_os("OUT_DIR").ok_or("no OUT_DIR")?);
+    let kernels_dir = manifest_dir.join("kernels");
+
+    for var in ENV_INPUTS {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
+    println!("cargo:rerun-if-changed={}", kernels_dir.display());
+
+    let mut sources = Vec::new();
+    if kernels_dir.is_dir() {
+        let entries = fs::read_dir(&kernels_dir)
+            .map_err(|e| format!("reading {}: {e}", kernels_dir.display()))?;
+        for entry in entries {
+            let path = entry
+                .map_err(|e| format!("reading {}: {e}", kernels_dir.display()))?
+                .path();
+            if !path.is_file() {
+                continue;
+            }
+            // Every file: .cu sources and the .cuh/.h headers they include.
+            println!("cargo:rerun-if-changed={}", path.display());
+            if path.extension().is_some_and(|e| e == "cu") {
+                sources.push(path);
+            }
+        }
+    }
+    sources.sort();
+
+    let generated = out_dir.join("kernels.rs");
+    let report_path = out_dir.join("ptxas_report.tsv");
+
+    let Some(nvcc) = find_nvcc()? else {
+        println!(
+            "cargo:warning=no nvcc found (NVCC, $CUDA_HOME/bin/nvcc, PATH): the CUDA kernels were \
+             not compiled and this build has none; install the pinned nvcc with \
+             tools/install-nvcc.sh and rebuild with NVCC=\"$(tools/install-nvcc.sh)/nvcc\""
+        );
+        let _ = fs::remove_file(&report_path);
+        return write(&generated, &missing_source());
+    };
+
+    let version = nvcc_version(&nvcc)?;
+    let cubin_dir = out_dir.join("kernels");
+    fs::create_dir_all(&cubin_dir).map_err(|e| format!("creating {}: {e}", cubin_dir.display()))?;
+
+    let compiled = compile_all(&nvcc, &manifest_dir, &sources, &cubin_dir)?;
+
+    let mut rows = Vec::new();
+    let mut spills = Vec::new();
+    for unit in &compiled {
+        let file = format!("{}.cu", unit.name);
+        for f in &unit.functions {
+            if f.spill_stores > 0 || f.spill_loads > 0 {
+                let readable = ptxas::readable_name(&f.symbol);
+                let symbol = if readable == f.symbol {
+                    String::new()
+                } else {
+                    format!(" ({})", f.symbol)
+                };
+                spills.push(format!(
+                    "  kernels/{file}: {} {readable}{symbol}: {} bytes spill stores, {} bytes spill loads",
+                    if f.entry { "kernel" } else { "device function" },
+                    f.spill_stores,
+                    f.spill_loads
+                ));
+            }
+        }
+        let mut kernels = ptxas::kernel_rows(&file, &unit.functions);
+        kernels.sort_by(|a, b| a.kernel.cmp(&b.kernel));
+        rows.extend(kernels);
+    }
+    write(&report_path, &ptxas::to_tsv(&rows))?;
+    if !spills.is_empty() {
+        return Err(format!(
+            "register spills in CUDA kernels (the project rule is zero spills; full ptxas output in {}):\n{}\n\
+             Reduce live values or tile sizes, or give the kernel more registers with __launch_bounds__.",
+            cubin_dir.display(),
+            spills.join("\n")
+        ));
+    }
+
+    let flags = NVCC_FLAGS.join(" ");
+    let mut src =
+        String::from("// @generated by build.rs: the kernels compiled from kernels/*.cu.\n");
+    src += "pub const KERNELS_COMPILED: bool = true;\n";
+    src += &format!("pub const NVCC_FLAGS: &str = {flags:?};\n");
+    src += &format!("pub const NVCC_VERSION: &str = {version:?};\n");
+    src += &format!(
+        "pub const PTXAS_REPORT: &str = include_str!({:?});\n",
+        path_str(&report_path)?
+    );
+    for (i, unit) in compiled.iter().enumerate() {
+        src += &format!(
+            "const CUBIN_{i}: &Aligned<[u8]> = &Aligned(*include_bytes!({:?}));\n",
+            path_str(&unit.cubin)?
+        );
+    }
+    src += "pub static MODULES: &[EmbeddedModule] = &[\n";
+    for (i, unit) in compiled.iter().enumerate() {
+        src += &format!(
+            "    EmbeddedModule {{ name: {:?}, cubin: &CUBIN_{i}.0 }},\n",
+            unit.name
+        );
+    }
+    src += "];\n";
+    write(&generated, &src)
+}
+
+/// The generated file of a build without nvcc: embeds nothing.
+fn missing_source() -> String {
+    "// @generated by build.rs: built without nvcc, no kernels.\n\
+     pub const KERNELS_COMPILED: bool = false;\n\
+     pub const NVCC_FLAGS: &str = \"\";\n\
+     pub const NVCC_VERSION: &str = \"\";\n\
+     pub const PTXAS_REPORT: &str = \"\";\n\
+     pub static MODULES: &[EmbeddedModule] = &[];\n"
+        .to_string()
+}
+
+/// `$NVCC` (an error if set but not found), else `$CUDA_HOME/bin/nvcc`, else
+/// `nvcc` on `PATH`; `None` when there is none.
+fn find_nvcc() -> Result<Option<PathBuf>, String> {
+    let exe = format!("nvcc{}", env::consts::EXE_SUFFIX);
+    if let Some(nvcc) = env::var_os("NVCC").filter(|v| !v.is_empty()) {
+        let path = PathBuf::from(&nvcc);
+        if path.components().count() == 1 {
+            if let Some(found) = search_path(&path.to_string_lossy()) {
+                return Ok(Some(found));
+            }
+        } else if path.is_file() {
+            return Ok(Some(path));
+        }
+        return Err(format!(
+            "NVCC={} is not an nvcc executable; fix it, unset it, or get one with tools/install-nvcc.sh",
+            path.display()
+        ));
+    }
+    if let Some(home) = env::var_os("CUDA_HOME").filter(|v| !v.is_empty()) {
+        let path = Path::new(&home).join("bin").join(&exe);
+        if path.is_file() {
+            return Ok(Some(path));
+        }
+    }
+    Ok(search_path(&exe))
+}
+
+fn search_path(exe: &str) -> Option<PathBuf> {
+    let paths = env::var_os("PATH")?;
+    env::split_paths(&paths)
+        .map(|dir| dir.join(exe))
+        .find(|p| p.is_file())
+}
+
+fn nvcc_version(nvcc: &Path) -> Result<String, String> {
+    let out = Command::new(nvcc)
+        .arg("--version")
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", nvcc.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{} --version failed ({}):\n{}",
+            nvcc.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text
+        .lines()
+        .find(|l| l.contains("release"))
+        .unwrap_or_else(|| text.lines().last().unwrap_or(""))
+        .trim()
+        .to_string())
+}
+
+/// One compiled kernel file.
+struct Compiled {
+    /// File stem (`cast` for `kernels/cast.cu`).
+    name: String,
+    cubin: PathBuf,
+    functions: Vec<ptxas::FunctionResources>,
+}
+
+/// Compiles the sources in parallel; the first failure (in file order) wins.
+fn compile_all(
+    nvcc: &Path,
+    manifest_dir: &Path,
+    sources: &[PathBuf],
+    cubin_dir: &Path,
+) -> Result<Vec<Compiled>, String> {
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(sources.len())
+        .max(1);
+    let next = AtomicUsize::new(0);
+    let results: Vec<Mutex<Option<Result<Compiled, String>>>> =
+        sources.iter().map(|_| Mutex::new(None)).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(source) = sources.get(i) else { break };
+                let result = compile_one(nvcc, manifest_dir, source, cubin_dir);
+                *results[i].lock().unwrap() = Some(result);
+            });
+        }
+    });
+    results
+        .into_iter()
+        .map(|r| r.into_inner().unwrap().expect("every source was compiled"))
+        .collect()
+}
+
+fn compile_one(
+    nvcc: &Path,
+    manifest_dir: &Path,
+    source: &Path,
+    cubin_dir: &Path,
+) -> Result<Compiled, String> {
+    let name = source
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .ok_or_else(|| format!("kernel file name is not UTF-8: {}", source.display()))?
+        .to_string();
+    // Relative paths, so nvcc's messages read `kernels/x.cu(12): error ...`.
+    let relative = Path::new("kernels").join(format!("{name}.cu"));
+    let cubin = cubin_dir.join(format!("{name}.cubin"));
+    let out = Command::new(nvcc)
+        .current_dir(manifest_dir)
+        .args(NVCC_FLAGS)
+        .arg("-I")
+        .arg("kernels")
+        .arg("-o")
+        .arg(&cubin)
+        .arg(&relative)
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", nvcc.display()))?;
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    write(&cubin_dir.join(format!("{name}.ptxas.txt")), &log)?;
+    if !out.status.success() {
+        // nvcc's message without the -v resource lines around it.
+        let message: Vec<&str> = log
+            .lines()
+            .filter(|l| {
+                !l.starts_with("ptxas info") && !l.trim_end().ends_with("bytes spill loads")
+            })
+            .collect();
+        return Err(format!(
+            "nvcc failed to compile {} ({}):\n{}\n(command: {} {} -I kernels -o {} {})",
+            relative.display(),
+            out.status,
+            message.join("\n"),
+            nvcc.display(),
+            NVCC_FLAGS.join(" "),
+            cubin.display(),
+            relative.display()
+        ));
+    }
+    Ok(Compiled {
+        name,
+        cubin,
+        functions: ptxas::parse_verbose(&log),
+    })
+}
+
+fn path_str(path: &Path) -> Result<&str, String> {
+    path.to_str()
+        .ok_or_else(|| format!("path is not UTF-8: {}", path.display()))
+}
+
+fn write(path: &Path, text: &str) -> Result<(), String> {
+    fs::write(path, text).map_err(|e| format!("writing {}: {e}", path.display()))
+}

@@ -6,3 +6,7 @@
 
 pub mod backend;
 pub mod data;
+pub mod demo;
+pub mod model;
+pub mod stepdump;
+pub mod tensor;

@@ -34,6 +34,46 @@ enum Command {
             --test-set-name evaluation2"
     )]
     BuildDataset(BuildDatasetArgs),
+    /// The main job on a built-in default: synthetic ARC-style puzzles -> augmented dataset -> batches.
+    #[command(
+        long_about = "The main job on a built-in default, with no data and no GPU.\n\n\
+            Generates a small synthetic ARC-style task family (flips, rotations, colour maps, gravity \
+            on grids up to 6x6), builds the augmented dataset with the real builder, and reads training \
+            and test batches back through the loader. Use --arc-prefix to run it on real ARC files."
+    )]
+    Demo(DemoArgs),
+    /// One ACT training step from a fresh carry; writes outputs and gradients (parity checks against PyTorch).
+    StepDump(trm::stepdump::StepDumpArgs),
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Folder for everything the demo writes.
+    #[arg(long, default_value = "trm-demo")]
+    out: PathBuf,
+    /// Synthetic puzzles in the training subset.
+    #[arg(long, default_value_t = 40)]
+    train_puzzles: usize,
+    /// Synthetic puzzles in the evaluation (test) subset.
+    #[arg(long, default_value_t = 8)]
+    eval_puzzles: usize,
+    /// Augmented copies per puzzle.
+    #[arg(long, default_value_t = 100)]
+    num_aug: usize,
+    /// Global batch size of the loader.
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Use real ARC JSON files with this prefix instead of synthetic puzzles.
+    #[arg(long, requires = "arc_subsets", requires = "arc_test_set")]
+    arc_prefix: Option<String>,
+    /// Subsets of the real ARC files (with --arc-prefix).
+    #[arg(long, num_args = 1..)]
+    arc_subsets: Vec<String>,
+    /// Test subset of the real ARC files (with --arc-prefix).
+    #[arg(long)]
+    arc_test_set: Option<String>,
 }
 
 #[derive(Args)]
@@ -132,10 +172,38 @@ fn run_build_dataset(a: BuildDatasetArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn run_demo(a: DemoArgs) -> anyhow::Result<()> {
+    let opts = trm::demo::DemoOptions {
+        out_dir: a.out,
+        arc: a
+            .arc_prefix
+            .map(|p| (p, a.arc_subsets, a.arc_test_set.unwrap_or_default())),
+        train_puzzles: a.train_puzzles,
+        eval_puzzles: a.eval_puzzles,
+        num_aug: a.num_aug,
+        batch_size: a.batch_size,
+        seed: a.seed,
+        verbose: true,
+    };
+    if opts.train_puzzles == 0 || opts.batch_size == 0 {
+        anyhow::bail!("--train-puzzles and --batch-size must be at least 1");
+    }
+    let s = trm::demo::run(&opts)?;
+    print_report(&s.build);
+    println!(
+        "loader: {} training batches ({} examples) in one epoch at batch size {}, {} test batches ({} examples)",
+        s.train_batches, s.train_examples, opts.batch_size, s.test_batches, s.test_examples
+    );
+    println!("everything is under {}", opts.out_dir.display());
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::BuildDataset(a) => run_build_dataset(a),
+        Command::Demo(a) => run_demo(a),
+        Command::StepDump(a) => trm::stepdump::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

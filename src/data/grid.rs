@@ -305,9 +305,7 @@ mod tests {
     fn crop_takes_largest_prefix_rectangle() {
         let mut canvas = [0u8; SEQ_LEN];
         // Row 0: 5 colours; row 1: 3 colours; row 2: 3 colours; row 3: none.
-        for j in 0..5 {
-            canvas[j] = 3;
-        }
+        canvas[..5].fill(3);
         for i in 1..3 {
             for j in 0..3 {
                 canvas[i * 30 + j] = 4;

@@ -9,3 +9,4 @@ pub mod loader;
 pub mod metadata;
 pub mod npy;
 pub mod pyjson;
+pub mod synthetic;

@@ -106,7 +106,12 @@ pub fn header_bytes(dtype: Dtype, shape: &[usize]) -> Vec<u8> {
 }
 
 /// Write a whole array held in memory (`data` is the raw little-endian bytes).
-pub fn write_array(path: &Path, dtype: Dtype, shape: &[usize], data: &[u8]) -> Result<(), NpyError> {
+pub fn write_array(
+    path: &Path,
+    dtype: Dtype,
+    shape: &[usize],
+    data: &[u8],
+) -> Result<(), NpyError> {
     let n: usize = shape.iter().product();
     if n * dtype.size() != data.len() {
         return Err(NpyError::Unexpected {
@@ -116,7 +121,8 @@ pub fn write_array(path: &Path, dtype: Dtype, shape: &[usize], data: &[u8]) -> R
         });
     }
     let mut f = File::create(path).map_err(io_err(path))?;
-    f.write_all(&header_bytes(dtype, shape)).map_err(io_err(path))?;
+    f.write_all(&header_bytes(dtype, shape))
+        .map_err(io_err(path))?;
     f.write_all(data).map_err(io_err(path))?;
     f.sync_all().map_err(io_err(path))?;
     Ok(())
@@ -294,9 +300,18 @@ impl NpyArray {
                 path: self.path.clone(),
                 expected: format!(
                     "a {ndim}-D array of {}",
-                    dtypes.iter().map(|d| d.descr()).collect::<Vec<_>>().join(" or ")
+                    dtypes
+                        .iter()
+                        .map(|d| d.descr())
+                        .collect::<Vec<_>>()
+                        .join(" or ")
                 ),
-                found: format!("{}-D {} with shape {:?}", self.shape.len(), self.dtype.descr(), self.shape),
+                found: format!(
+                    "{}-D {} with shape {:?}",
+                    self.shape.len(),
+                    self.dtype.descr(),
+                    self.shape
+                ),
             });
         }
         Ok(())

@@ -1,0 +1,6 @@
+//! The TRM network: config, named weights, safetensors I/O and the model step.
+
+pub mod config;
+pub mod safetensors_io;
+pub mod trm;
+pub mod weights;
