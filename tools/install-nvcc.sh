@@ -13,19 +13,8 @@ set -euo pipefail
 
 log() { printf 'install-nvcc: %s\n' "$*" >&2; }
 
-# A venv with pip; where python3 lacks ensurepip (Debian without
-# python3-venv), a bare venv filled by the host pip instead.
-make_venv() {
-  local dir="$1"
-  if "$PYTHON" -m venv "$dir" >&2; then
-    VENV_PIP=("$dir/bin/python" -m pip)
-  else
-    log "python3 -m venv failed; retrying without pip (using the host pip)"
-    rm -rf "$dir"
-    "$PYTHON" -m venv --without-pip "$dir" >&2
-    VENV_PIP=("$PYTHON" -m pip --python "$dir/bin/python")
-  fi
-}
+# shellcheck source=lib/venv.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/venv.sh"
 
 CACHE_DIR="${TRM_CACHE_DIR:-$HOME/.cache/trm}"
 PREFIX="$CACHE_DIR/nvcc-13.0"
