@@ -2,7 +2,7 @@
 //! H_cycles x (L_cycles + 1) L-calls, no tape) and one training step
 //! (forward with tape + loss + backward), at the TRM shapes of the brief.
 //! Run: `cargo bench --bench act_step` (env `BENCH_REPS` overrides repeats,
-//! `BENCH_ONLY=a|b|c` picks a case). Reports the median in ms.
+//! `BENCH_ONLY=a|b|c` picks a case, `BENCH_B=1|4` a batch of case a). Reports the median in ms.
 
 use std::time::Instant;
 
@@ -103,6 +103,8 @@ fn main() {
         .and_then(|v| v.parse().ok());
     let only = std::env::var("BENCH_ONLY").ok();
     let want = |c: &str| only.as_deref().is_none_or(|o| o == c);
+    let only_b: Option<usize> = std::env::var("BENCH_B").ok().and_then(|v| v.parse().ok());
+    let want_b = |b: usize| only_b.is_none_or(|o| o == b);
     // `cargo test --all-targets` runs this binary without `--bench`: a smoke
     // run at the smallest case keeps the test suite fast; `cargo bench` measures.
     if !std::env::args().any(|a| a == "--bench") {
@@ -117,8 +119,12 @@ fn main() {
     );
     if want("a") {
         let c = config(512, 8, 900, 16);
-        bench_case("(a) D512 H8 S916", &c, 1, reps.unwrap_or(3));
-        bench_case("(a) D512 H8 S916", &c, 4, reps.unwrap_or(1));
+        if want_b(1) {
+            bench_case("(a) D512 H8 S916", &c, 1, reps.unwrap_or(3));
+        }
+        if want_b(4) {
+            bench_case("(a) D512 H8 S916", &c, 4, reps.unwrap_or(1));
+        }
     }
     if want("b") {
         let c = config(128, 4, 88, 16);

@@ -1,6 +1,7 @@
 //! The TRM network: config, named weights, safetensors I/O and the model step.
 
 pub mod config;
+pub mod pool;
 pub mod safetensors_io;
 pub mod trm;
 pub mod weights;

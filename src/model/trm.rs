@@ -28,6 +28,7 @@ use crate::backend::cpu::stablemax_ce::{
 use crate::backend::cpu::swiglu::{swiglu_backward, swiglu_forward};
 use crate::backend::cpu::{cast_slice, Real};
 use crate::model::config::{ArchConfig, PosEncodings};
+use crate::model::pool::BufPool;
 use crate::model::weights::Weights;
 use crate::tensor::Tensor;
 
@@ -465,11 +466,13 @@ pub struct BlockCache<T> {
     pub rstd2: Vec<T>,
 }
 
-/// Shared per-call context: sizes, config scalars, RoPE tables.
+/// Shared per-call context: sizes, config scalars, RoPE tables, and the
+/// pool that recycles activation buffers between block calls.
 pub struct Ctx<T> {
     pub dm: Dims,
     pub eps: f64,
     pub rope: Option<RopeTables<T>>,
+    pub pool: BufPool<T>,
 }
 
 impl<T: Real> Ctx<T> {
@@ -483,6 +486,7 @@ impl<T: Real> Ctx<T> {
             dm,
             eps: cfg.rms_norm_eps,
             rope,
+            pool: BufPool::new(),
         }
     }
 }
@@ -491,26 +495,28 @@ impl<T: Real> Ctx<T> {
 /// `y1 = rmsnorm(h + Attn(h))`, `y2 = rmsnorm(y1 + SwiGLU(y1))`.
 pub fn block_forward<T: Real>(ctx: &Ctx<T>, lp: &LayerParams<T>, h_in: Vec<T>) -> BlockCache<T> {
     let dm = &ctx.dm;
+    let pool = &ctx.pool;
     let (m, d, f) = (dm.m(), dm.d, dm.f);
-    let mut qkv = vec![T::zero(); m * 3 * d];
+    let mut qkv = pool.take(m * 3 * d);
     linear_forward(&mut qkv, &h_in, &lp.qkv, None, m, d, 3 * d);
     if let Some(t) = &ctx.rope {
         rope_forward(&mut qkv, t, dm.h);
     }
-    let mut o = vec![T::zero(); m * d];
-    let mut lse = vec![T::zero(); dm.b * dm.h * dm.s];
+    let mut o = pool.take(m * d);
+    let mut lse = pool.take(dm.b * dm.h * dm.s);
     attention_forward(&mut o, &mut lse, &qkv, dm.b, dm.s, dm.h, dm.hd);
-    let mut y1 = vec![T::zero(); m * d];
+    let mut y1 = pool.take(m * d);
     linear_forward(&mut y1, &o, &lp.o, None, m, d, d);
-    let mut rstd1 = vec![T::zero(); m];
+    let mut rstd1 = pool.take(m);
     rmsnorm_forward_inplace(&mut y1, &mut rstd1, Some(&h_in), d, ctx.eps);
-    let mut gu = vec![T::zero(); m * 2 * f];
+    let mut gu = pool.take(m * 2 * f);
     linear_forward(&mut gu, &y1, &lp.gate_up, None, m, d, 2 * f);
-    let mut a = vec![T::zero(); m * f];
+    let mut a = pool.take(m * f);
     swiglu_forward(&mut a, &gu, f);
-    let mut y2 = vec![T::zero(); m * d];
+    let mut y2 = pool.take(m * d);
     linear_forward(&mut y2, &a, &lp.down, None, m, f, d);
-    let mut rstd2 = vec![T::zero(); m];
+    pool.give(a);
+    let mut rstd2 = pool.take(m);
     rmsnorm_forward_inplace(&mut y2, &mut rstd2, Some(&y1), d, ctx.eps);
     BlockCache {
         h_in,
@@ -541,13 +547,14 @@ pub fn block_backward<T: Real>(
     dy2: Vec<T>,
 ) -> Vec<T> {
     let dm = &ctx.dm;
+    let pool = &ctx.pool;
     let (m, d, f) = (dm.m(), dm.d, dm.f);
     let mut g2 = dy2;
     rmsnorm_backward(&mut g2, &c.y2, &c.rstd2, d);
     // MLP
-    let mut a = vec![T::zero(); m * f];
+    let mut a = pool.take(m * f);
     swiglu_forward(&mut a, &c.gu, f);
-    let mut da = vec![T::zero(); m * f];
+    let mut da = pool.take(m * f);
     linear_backward(
         Some(&mut da),
         false,
@@ -560,10 +567,10 @@ pub fn block_backward<T: Real>(
         f,
         d,
     );
-    drop(a);
-    let mut dgu = vec![T::zero(); m * 2 * f];
+    pool.give(a);
+    let mut dgu = pool.take(m * 2 * f);
     swiglu_backward(&mut dgu, &da, &c.gu, f);
-    drop(da);
+    pool.give(da);
     let mut g1 = g2;
     linear_backward(
         Some(&mut g1),
@@ -577,10 +584,10 @@ pub fn block_backward<T: Real>(
         d,
         2 * f,
     );
-    drop(dgu);
+    pool.give(dgu);
     rmsnorm_backward(&mut g1, &c.y1, &c.rstd1, d);
     // attention
-    let mut d_o = vec![T::zero(); m * d];
+    let mut d_o = pool.take(m * d);
     linear_backward(
         Some(&mut d_o),
         false,
@@ -593,9 +600,9 @@ pub fn block_backward<T: Real>(
         d,
         d,
     );
-    let mut dqkv = vec![T::zero(); m * 3 * d];
+    let mut dqkv = pool.take(m * 3 * d);
     attention_backward(&mut dqkv, &d_o, &c.qkv, &c.lse, dm.b, dm.s, dm.h, dm.hd);
-    drop(d_o);
+    pool.give(d_o);
     if let Some(t) = &ctx.rope {
         rope_backward(&mut dqkv, t, dm.h);
     }
@@ -612,6 +619,7 @@ pub fn block_backward<T: Real>(
         d,
         3 * d,
     );
+    pool.give(dqkv);
     dh
 }
 
@@ -624,7 +632,7 @@ pub fn l_forward<T: Real>(
     inj: &[T],
     mut caches: Option<&mut Vec<BlockCache<T>>>,
 ) -> Vec<T> {
-    let mut h: Vec<T> = z.iter().zip(inj).map(|(&a, &b)| a + b).collect();
+    let mut h = add_pooled(&ctx.pool, z, inj);
     for lp in &p.layers {
         let c = block_forward(ctx, lp, h);
         match caches.as_deref_mut() {
@@ -632,10 +640,34 @@ pub fn l_forward<T: Real>(
                 h = c.y2.clone();
                 cs.push(c);
             }
-            None => h = c.y2,
+            None => h = recycle_cache(&ctx.pool, c),
         }
     }
     h
+}
+
+/// Gives a no-grad block's buffers back to the pool; returns its output.
+fn recycle_cache<T: Real>(pool: &BufPool<T>, c: BlockCache<T>) -> Vec<T> {
+    for v in [c.h_in, c.qkv, c.lse, c.o, c.y1, c.rstd1, c.gu, c.rstd2] {
+        pool.give(v);
+    }
+    c.y2
+}
+
+/// `a + b` into a pooled buffer, in parallel chunks.
+fn add_pooled<T: Real>(pool: &BufPool<T>, a: &[T], b: &[T]) -> Vec<T> {
+    use rayon::prelude::*;
+    assert_eq!(a.len(), b.len(), "add: lengths differ");
+    let mut out = pool.take(a.len());
+    out.par_chunks_mut(1 << 14)
+        .zip(a.par_chunks(1 << 14))
+        .zip(b.par_chunks(1 << 14))
+        .for_each(|((o, x), y)| {
+            for ((o, &x), &y) in o.iter_mut().zip(x).zip(y) {
+                *o = x + y;
+            }
+        });
+    out
 }
 
 /// Backward of [`l_forward`] over its cached blocks: returns `dh`, which is
@@ -705,18 +737,20 @@ pub fn inner_forward<T: Real>(
     let dm = &ctx.dm;
     let x = input_embedding_forward(dm, p, inputs, puzzle_ids);
     let (mut z_h, mut z_l) = (z_h, z_l);
-    let add = |a: &[T], b: &[T]| -> Vec<T> { a.iter().zip(b).map(|(&u, &v)| u + v).collect() };
     for _ in 0..n_nograd {
         for _ in 0..cfg.l_cycles {
-            let inj = add(&z_h, &x);
-            z_l = l_forward(ctx, p, &z_l, &inj, None);
+            let inj = add_pooled(&ctx.pool, &z_h, &x);
+            let new_l = l_forward(ctx, p, &z_l, &inj, None);
+            ctx.pool.give(inj);
+            ctx.pool.give(std::mem::replace(&mut z_l, new_l));
         }
-        z_h = l_forward(ctx, p, &z_h, &z_l, None);
+        let new_h = l_forward(ctx, p, &z_h, &z_l, None);
+        ctx.pool.give(std::mem::replace(&mut z_h, new_h));
     }
     let mut l_calls = Vec::new();
     let mut h_call = Vec::new();
     for _ in 0..cfg.l_cycles {
-        let inj = add(&z_h, &x);
+        let inj = add_pooled(&ctx.pool, &z_h, &x);
         let mut cs = Vec::new();
         z_l = l_forward(ctx, p, &z_l, &inj, tape.then_some(&mut cs));
         l_calls.push(cs);
@@ -982,10 +1016,13 @@ pub fn nograd_cycles<T: Real>(
     let (mut z_h, mut z_l) = (z_h, z_l);
     for _ in 0..n {
         for _ in 0..cfg.l_cycles {
-            let inj: Vec<T> = z_h.iter().zip(&x).map(|(&u, &v)| u + v).collect();
-            z_l = l_forward(&ctx, p, &z_l, &inj, None);
+            let inj = add_pooled(&ctx.pool, &z_h, &x);
+            let new_l = l_forward(&ctx, p, &z_l, &inj, None);
+            ctx.pool.give(inj);
+            ctx.pool.give(std::mem::replace(&mut z_l, new_l));
         }
-        z_h = l_forward(&ctx, p, &z_h, &z_l, None);
+        let new_h = l_forward(&ctx, p, &z_h, &z_l, None);
+        ctx.pool.give(std::mem::replace(&mut z_h, new_h));
     }
     Ok((z_h, z_l))
 }

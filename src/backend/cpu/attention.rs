@@ -11,13 +11,38 @@
 //! (L_cycles + 1) * L_layers calls: ~270 MB at B 1, S 916, H 8, over 1 GB at
 //! B 4, for a ~5% saving of step time. This is also the flash-attention
 //! contract the CUDA kernel will follow (same `lse` tensor). Each (b, h) pair is
-//! one rayon task; every matmul is a strided `gemm` call (no transposes copied).
+//! one rayon task (its GEMMs single-threaded when the tasks fill the threads);
+//! the forward walks query blocks of [`Q_BLOCK`] rows so its scores stay in
+//! cache; every matmul is a strided `gemm` call (no transposes copied).
 
-use super::linear::{matmul, Mat};
+use super::linear::{matmul_with, Mat};
 use super::Real;
 use rayon::prelude::*;
 
+/// True when the (b, h) tasks alone keep every thread busy, so each task's
+/// GEMMs run single-threaded (nested fork-joins cost more than they give).
+fn heads_fill_threads(tasks: usize) -> bool {
+    tasks >= rayon::current_num_threads()
+}
+
+/// Query rows per block: a block of scores (Q_BLOCK x S floats) stays in
+/// L2 through the QK^T product, the softmax and the PV product, and the
+/// scratch is Q_BLOCK x S instead of S x S.
+const Q_BLOCK: usize = 128;
+
+/// Grows a per-task scratch buffer to `n` values. Its contents are stale:
+/// every caller overwrites the whole buffer (GEMM with accumulate = false).
+fn scratch<T: Real>(buf: &mut Vec<T>, n: usize) -> &mut [T] {
+    if buf.len() < n {
+        buf.resize(n, T::zero());
+    }
+    &mut buf[..n]
+}
+
 /// Forward: writes `o` [B, S, H*d] and `lse` [B, H, S].
+///
+/// Per row the softmax is left unnormalised (`exp(x - max)`, one pass) and
+/// `P v` is divided by the row sum afterwards: S*d divisions instead of S*S.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward<T: Real>(
     o: &mut [T],
@@ -33,22 +58,43 @@ pub fn attention_forward<T: Real>(
     assert_eq!(o.len(), b * s * dm, "attention_forward: o");
     assert_eq!(lse.len(), b * h * s, "attention_forward: lse");
     let scale = T::one() / T::of(d as f64).sqrt();
+    let inner_par = !heads_fill_threads(b * h);
     let results: Vec<(Vec<T>, Vec<T>)> = (0..b * h)
         .into_par_iter()
-        .map(|bh| {
+        .map_init(Vec::new, |pbuf, bh| {
             let (bi, hi) = (bh / h, bh % h);
             let base = bi * s * 3 * dm + hi * d;
-            let qv = Mat::strided(&qkv[base..], s, d, 3 * dm);
             let kv = Mat::strided(&qkv[base + dm..], s, d, 3 * dm);
             let vv = Mat::strided(&qkv[base + 2 * dm..], s, d, 3 * dm);
-            let mut p = vec![T::zero(); s * s];
-            matmul(&mut p, s, qv, kv.t(), scale, false);
             let mut l = vec![T::zero(); s];
-            for (row, lr) in p.chunks_exact_mut(s).zip(l.iter_mut()) {
-                *lr = softmax_row(row);
-            }
             let mut ol = vec![T::zero(); s * d];
-            matmul(&mut ol, d, Mat::rm(&p, s, s), vv, T::one(), false);
+            // query blocks keep the scores block in L2 between its three passes
+            let qb = Q_BLOCK.min(s);
+            let p = scratch(pbuf, qb * s);
+            for q0 in (0..s).step_by(qb) {
+                let rows = qb.min(s - q0);
+                let p = &mut p[..rows * s];
+                let qblk = Mat::strided(&qkv[base + q0 * 3 * dm..], rows, d, 3 * dm);
+                matmul_with(p, s, qblk, kv.t(), scale, false, inner_par);
+                let mut inv = vec![T::zero(); rows];
+                for ((row, lr), ir) in p
+                    .chunks_exact_mut(s)
+                    .zip(l[q0..q0 + rows].iter_mut())
+                    .zip(inv.iter_mut())
+                {
+                    let m = T::max_of(row);
+                    let sum = T::exp_shifted_sum(row, m);
+                    *lr = m + sum.ln();
+                    *ir = T::one() / sum;
+                }
+                let oblk = &mut ol[q0 * d..(q0 + rows) * d];
+                matmul_with(oblk, d, Mat::rm(p, rows, s), vv, T::one(), false, inner_par);
+                for (orow, &ir) in oblk.chunks_exact_mut(d).zip(&inv) {
+                    for x in orow.iter_mut() {
+                        *x *= ir;
+                    }
+                }
+            }
             (ol, l)
         })
         .collect();
@@ -60,22 +106,6 @@ pub fn attention_forward<T: Real>(
             o[dst..dst + d].copy_from_slice(&ol[si * d..(si + 1) * d]);
         }
     }
-}
-
-/// In-place softmax of one row; returns its log-sum-exp `m + ln(sum exp(x - m))`.
-#[inline]
-fn softmax_row<T: Real>(row: &mut [T]) -> T {
-    let m = row.iter().copied().fold(T::neg_infinity(), T::max);
-    let mut sum = T::zero();
-    for x in row.iter_mut() {
-        *x = (*x - m).exp();
-        sum += *x;
-    }
-    let inv = T::one() / sum;
-    for x in row.iter_mut() {
-        *x *= inv;
-    }
-    m + sum.ln()
 }
 
 /// Backward: given `dout` [B, S, H*d], overwrites `dqkv` [B, S, 3*H*d].
@@ -101,42 +131,43 @@ pub fn attention_backward<T: Real>(
     assert_eq!(dout.len(), b * s * dm, "attention_backward: dout");
     assert_eq!(lse.len(), b * h * s, "attention_backward: lse");
     let scale = T::one() / T::of(d as f64).sqrt();
+    let inner_par = !heads_fill_threads(b * h);
     let results: Vec<[Vec<T>; 3]> = (0..b * h)
         .into_par_iter()
-        .map(|bh| {
-            let (bi, hi) = (bh / h, bh % h);
-            let base = bi * s * 3 * dm + hi * d;
-            let qv = Mat::strided(&qkv[base..], s, d, 3 * dm);
-            let kv = Mat::strided(&qkv[base + dm..], s, d, 3 * dm);
-            let vv = Mat::strided(&qkv[base + 2 * dm..], s, d, 3 * dm);
-            let dov = Mat::strided(&dout[bi * s * dm + hi * d..], s, d, dm);
-            // recompute P
-            let mut p = vec![T::zero(); s * s];
-            matmul(&mut p, s, qv, kv.t(), scale, false);
-            for (row, &l) in p.chunks_exact_mut(s).zip(&lse[bh * s..(bh + 1) * s]) {
-                for x in row.iter_mut() {
-                    *x = (*x - l).exp();
+        .map_init(
+            || (Vec::new(), Vec::new()),
+            |(pbuf, dpbuf), bh| {
+                let (bi, hi) = (bh / h, bh % h);
+                let base = bi * s * 3 * dm + hi * d;
+                let qv = Mat::strided(&qkv[base..], s, d, 3 * dm);
+                let kv = Mat::strided(&qkv[base + dm..], s, d, 3 * dm);
+                let vv = Mat::strided(&qkv[base + 2 * dm..], s, d, 3 * dm);
+                let dov = Mat::strided(&dout[bi * s * dm + hi * d..], s, d, dm);
+                // recompute P = exp(x - lse)
+                let p = scratch(pbuf, s * s);
+                matmul_with(p, s, qv, kv.t(), scale, false, inner_par);
+                for (row, &l) in p.chunks_exact_mut(s).zip(&lse[bh * s..(bh + 1) * s]) {
+                    T::exp_shifted_sum(row, l);
                 }
-            }
-            let mut dv = vec![T::zero(); s * d];
-            matmul(&mut dv, d, Mat::rm(&p, s, s).t(), dov, T::one(), false);
-            let mut dp = vec![T::zero(); s * s];
-            matmul(&mut dp, s, dov, vv.t(), T::one(), false);
-            for (dr, pr) in dp.chunks_exact_mut(s).zip(p.chunks_exact(s)) {
-                let mut delta = T::zero();
-                for (&a, &b) in dr.iter().zip(pr) {
-                    delta += a * b;
+                let mut dv = vec![T::zero(); s * d];
+                let pm = Mat::rm(&p[..], s, s);
+                matmul_with(&mut dv, d, pm.t(), dov, T::one(), false, inner_par);
+                let dp = scratch(dpbuf, s * s);
+                matmul_with(dp, s, dov, vv.t(), T::one(), false, inner_par);
+                for (dr, pr) in dp.chunks_exact_mut(s).zip(p.chunks_exact(s)) {
+                    let delta = row_dot(dr, pr);
+                    for (a, &b) in dr.iter_mut().zip(pr) {
+                        *a = b * (*a - delta);
+                    }
                 }
-                for (a, &b) in dr.iter_mut().zip(pr) {
-                    *a = b * (*a - delta);
-                }
-            }
-            let mut dq = vec![T::zero(); s * d];
-            matmul(&mut dq, d, Mat::rm(&dp, s, s), kv, scale, false);
-            let mut dk = vec![T::zero(); s * d];
-            matmul(&mut dk, d, Mat::rm(&dp, s, s).t(), qv, scale, false);
-            [dq, dk, dv]
-        })
+                let dpm = Mat::rm(&dp[..], s, s);
+                let mut dq = vec![T::zero(); s * d];
+                matmul_with(&mut dq, d, dpm, kv, scale, false, inner_par);
+                let mut dk = vec![T::zero(); s * d];
+                matmul_with(&mut dk, d, dpm.t(), qv, scale, false, inner_par);
+                [dq, dk, dv]
+            },
+        )
         .collect();
     for (bh, parts) in results.into_iter().enumerate() {
         let (bi, hi) = (bh / h, bh % h);
@@ -147,6 +178,24 @@ pub fn attention_backward<T: Real>(
             }
         }
     }
+}
+
+/// Dot product with 8 independent accumulators (vectorises).
+#[inline]
+fn row_dot<T: Real>(a: &[T], b: &[T]) -> T {
+    let mut acc = [T::zero(); 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut t = T::zero();
+    for (&x, &y) in ra.iter().zip(rb) {
+        t += x * y;
+    }
+    acc.iter().copied().sum::<T>() + t
 }
 
 #[cfg(test)]
@@ -184,6 +233,27 @@ mod tests {
             }
         }
         o
+    }
+
+    /// S longer than one query block (and not a multiple of it), in f64
+    /// and f32, against the naive reference.
+    #[test]
+    fn attention_forward_multi_block() {
+        let (b, s, h, d) = (2, Q_BLOCK + 29, 2, 8);
+        let qkv = rand_vec(5, b * s * 3 * h * d, 2.0);
+        let r = naive(&qkv, b, s, h, d);
+        let mut o = vec![0.0; b * s * h * d];
+        let mut lse = vec![0.0; b * h * s];
+        attention_forward(&mut o, &mut lse, &qkv, b, s, h, d);
+        assert_close("f64 forward", &o, &r, 1e-12);
+        let q32: Vec<f32> = qkv.iter().map(|&x| x as f32).collect();
+        let mut o32 = vec![0f32; o.len()];
+        let mut l32 = vec![0f32; lse.len()];
+        attention_forward(&mut o32, &mut l32, &q32, b, s, h, d);
+        let o32: Vec<f64> = o32.iter().map(|&x| x as f64).collect();
+        assert_close("f32 forward", &o32, &r, 1e-5);
+        let l32: Vec<f64> = l32.iter().map(|&x| x as f64).collect();
+        assert_close("f32 lse", &l32, &lse, 1e-6);
     }
 
     /// f64 central differences, h = 1e-6; tolerance 1e-7. Odd S, 3 heads.

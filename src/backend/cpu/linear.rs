@@ -97,6 +97,22 @@ pub fn matmul<T: Real>(
     alpha: T,
     accumulate: bool,
 ) {
+    matmul_with(dst, dst_rs, a, b, alpha, accumulate, true)
+}
+
+/// [`matmul`] with `parallel = false` forcing one thread: for callers that
+/// already run many products in parallel (attention heads), where nested
+/// fork-joins only add overhead.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_with<T: Real>(
+    dst: &mut [T],
+    dst_rs: usize,
+    a: Mat<'_, T>,
+    b: Mat<'_, T>,
+    alpha: T,
+    accumulate: bool,
+    parallel: bool,
+) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(b.rows, k, "matmul: inner dimensions differ");
     a.check("lhs");
@@ -117,7 +133,7 @@ pub fn matmul<T: Real>(
         return;
     }
     let flops = m * n * k;
-    let par = if flops >= 1 << 18 && rayon::current_num_threads() > 1 {
+    let par = if parallel && flops >= 1 << 18 && rayon::current_num_threads() > 1 {
         Parallelism::Rayon(0)
     } else {
         Parallelism::None

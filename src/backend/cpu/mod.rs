@@ -14,6 +14,7 @@ pub mod rmsnorm;
 pub mod rope;
 pub mod stablemax_ce;
 pub mod swiglu;
+pub mod vmath;
 
 use std::fmt::Debug;
 use std::iter::Sum;
@@ -38,6 +39,22 @@ pub trait Real:
     fn of(x: f64) -> Self;
     /// Widens to f64.
     fn f64(self) -> f64;
+
+    /// In place `x_i <- exp(x_i - shift)`; returns the sum of the new values.
+    /// f32 overrides this with the vectorised [`vmath`] kernel.
+    fn exp_shifted_sum(x: &mut [Self], shift: Self) -> Self {
+        let mut sum = Self::zero();
+        for v in x.iter_mut() {
+            *v = (*v - shift).exp();
+            sum += *v;
+        }
+        sum
+    }
+
+    /// Maximum of a slice (`-inf` when empty).
+    fn max_of(x: &[Self]) -> Self {
+        x.iter().copied().fold(Self::neg_infinity(), Self::max)
+    }
 }
 
 impl Real for f32 {
@@ -48,6 +65,12 @@ impl Real for f32 {
     #[inline(always)]
     fn f64(self) -> f64 {
         self as f64
+    }
+    fn exp_shifted_sum(x: &mut [Self], shift: Self) -> Self {
+        vmath::exp_shifted_sum(x, shift)
+    }
+    fn max_of(x: &[Self]) -> Self {
+        vmath::max(x)
     }
 }
 

@@ -7,12 +7,8 @@
 use super::Real;
 use rayon::prelude::*;
 
-#[inline(always)]
-fn sigmoid<T: Real>(x: T) -> T {
-    T::one() / (T::one() + (-x).exp())
-}
-
 /// Forward: `a[m, j] = silu(g[m, j]) * u[m, j]`, `silu(g) = g * sigmoid(g)`.
+/// `exp(-g)` is computed a row at a time by the (vectorised) `Real` kernel.
 pub fn swiglu_forward<T: Real>(a: &mut [T], gu: &[T], f: usize) {
     let m = a.len() / f;
     assert_eq!(a.len(), m * f, "swiglu_forward: a");
@@ -21,8 +17,12 @@ pub fn swiglu_forward<T: Real>(a: &mut [T], gu: &[T], f: usize) {
         .zip(gu.par_chunks(2 * f))
         .for_each(|(ar, gur)| {
             let (g, u) = gur.split_at(f);
+            for (e, &gj) in ar.iter_mut().zip(g) {
+                *e = -gj;
+            }
+            T::exp_shifted_sum(ar, T::zero());
             for j in 0..f {
-                ar[j] = g[j] * sigmoid(g[j]) * u[j];
+                ar[j] = g[j] * u[j] / (T::one() + ar[j]);
             }
         });
 }
@@ -41,8 +41,13 @@ pub fn swiglu_backward<T: Real>(dgu: &mut [T], da: &[T], gu: &[T], f: usize) {
         .for_each(|((dr, dar), gur)| {
             let (g, u) = gur.split_at(f);
             let (dg, du) = dr.split_at_mut(f);
+            // dg holds exp(-g), then sigmoid(g), then the gradient
+            for (e, &gj) in dg.iter_mut().zip(g) {
+                *e = -gj;
+            }
+            T::exp_shifted_sum(dg, T::zero());
             for j in 0..f {
-                let s = sigmoid(g[j]);
+                let s = T::one() / (T::one() + dg[j]);
                 dg[j] = dar[j] * u[j] * s * (T::one() + g[j] * (T::one() - s));
                 du[j] = dar[j] * g[j] * s;
             }
