@@ -2,11 +2,14 @@
 //!
 //! Data flows one way: config -> data -> model -> loss -> backward -> optimiser
 //! -> checkpoint. This crate currently holds the data pipeline (ARC JSON,
-//! augmentation, the dataset builder and loader) and the CUDA kernel embedding.
+//! augmentation, the dataset builder and loader), the CUDA kernel embedding,
+//! full-state checkpoints and training telemetry.
 
 pub mod backend;
+pub mod checkpoint;
 pub mod data;
 pub mod demo;
 pub mod model;
 pub mod stepdump;
+pub mod telemetry;
 pub mod tensor;
