@@ -5,8 +5,10 @@
 //! augmentation, the dataset builder and loader) and the CUDA kernel embedding.
 
 pub mod backend;
+pub mod config;
 pub mod data;
 pub mod demo;
 pub mod model;
+pub mod optim;
 pub mod stepdump;
 pub mod tensor;
