@@ -7,9 +7,11 @@
 
 pub mod backend;
 pub mod checkpoint;
+pub mod config;
 pub mod data;
 pub mod demo;
 pub mod model;
+pub mod optim;
 pub mod stepdump;
 pub mod telemetry;
 pub mod tensor;
