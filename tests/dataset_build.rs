@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use trm::data::arc::Example;
 use trm::data::augment::{puzzle_key, Augmentation};
 use trm::data::builder::{build_dataset, BuildError, BuildOptions, BuildReport, BuildUi};
-use trm::data::grid::{Grid, EOS_TOKEN, MAX_SIDE, PAD_TOKEN, SEQ_LEN};
+use trm::data::grid::{canvas_side, Grid, EOS_TOKEN, MAX_SIDE, PAD_TOKEN, SEQ_LEN};
 use trm::data::metadata::DatasetMetadata;
 use trm::data::npy::NpyArray;
 
@@ -122,17 +122,18 @@ fn identifiers(dir: &Path) -> Vec<String> {
     serde_json::from_str(&std::fs::read_to_string(dir.join("identifiers.json")).unwrap()).unwrap()
 }
 
-/// Locate the grid in a canvas: its top-left is the first colour token.
-fn locate(canvas: &[u8]) -> Option<(usize, usize)> {
+/// Locate the grid in a canvas of side `side`: its top-left is the first
+/// colour token.
+fn locate(canvas: &[u8], side: usize) -> Option<(usize, usize)> {
     let first = canvas.iter().position(|&t| t >= 2)?;
-    Some((first / MAX_SIDE, first % MAX_SIDE))
+    Some((first / side, first % side))
 }
 
 /// The original examples of every puzzle, by id, from the challenge files.
-fn originals(f: &Fixture, subsets: &[&str]) -> HashMap<String, (Vec<Example>, Vec<Example>)> {
+fn originals(prefix: &str, subsets: &[&str]) -> HashMap<String, (Vec<Example>, Vec<Example>)> {
     let mut m = HashMap::new();
     for s in subsets {
-        let sub = trm::data::arc::load_subset(&f.prefix, s).unwrap();
+        let sub = trm::data::arc::load_subset(prefix, s).unwrap();
         for p in sub.puzzles {
             m.insert(p.id, (p.train, p.test));
         }
@@ -143,7 +144,8 @@ fn originals(f: &Fixture, subsets: &[&str]) -> HashMap<String, (Vec<Example>, Ve
 /// Every example of a split, mapped back through its puzzle's inverse
 /// augmentation, equals the original example at the same position, and the
 /// canvas is exactly the rendering of the augmented grids at one offset.
-/// Returns (examples checked, examples not at (0,0)).
+/// The canvas side comes from the split's `seq_len`. Returns (examples
+/// checked, examples not at (0,0)).
 fn check_split_maps_back(
     dir: &Path,
     split: &str,
@@ -153,7 +155,12 @@ fn check_split_maps_back(
     let s = load_split(dir, split);
     let names = identifiers(dir);
     let (mut checked, mut shifted) = (0, 0);
-    let mut canvas = [0u8; SEQ_LEN];
+    let seq_len = s.meta.seq_len;
+    let side = canvas_side(seq_len).expect("seq_len is a square canvas");
+    let total = *s.puzzle_indices.last().unwrap() as usize;
+    assert_eq!(s.inputs.shape, vec![total, seq_len]);
+    assert_eq!(s.labels.shape, vec![total, seq_len]);
+    let mut canvas = vec![0u8; seq_len];
     for (p, &pid) in s.ids.iter().enumerate() {
         let name = &names[pid as usize];
         let (base, aug) = Augmentation::parse_name(name).unwrap();
@@ -171,11 +178,11 @@ fn check_split_maps_back(
         assert_eq!(b - a, expected.len(), "{name}: example count");
         let mut zero_offset = 0;
         for (k, i) in (a..b).enumerate() {
-            let inp = &s.inputs.bytes()[i * SEQ_LEN..(i + 1) * SEQ_LEN];
-            let lab = &s.labels.bytes()[i * SEQ_LEN..(i + 1) * SEQ_LEN];
-            let (r0, c0) = locate(inp).expect("input has colours");
+            let inp = &s.inputs.bytes()[i * seq_len..(i + 1) * seq_len];
+            let lab = &s.labels.bytes()[i * seq_len..(i + 1) * seq_len];
+            let (r0, c0) = locate(inp, side).expect("input has colours");
             assert_eq!(
-                locate(lab),
+                locate(lab, side),
                 Some((r0, c0)),
                 "{name}: input and output share the offset"
             );
@@ -188,10 +195,10 @@ fn check_split_maps_back(
             ao.render(r0, c0, &mut canvas);
             assert_eq!(lab, &canvas[..], "{name} example {k}: label canvas");
             // And the inverse mapping from the canvas itself.
-            let mut shifted_canvas = [PAD_TOKEN; SEQ_LEN];
-            for r in r0..MAX_SIDE {
-                for c in c0..MAX_SIDE {
-                    shifted_canvas[(r - r0) * MAX_SIDE + (c - c0)] = inp[r * MAX_SIDE + c];
+            let mut shifted_canvas = vec![PAD_TOKEN; seq_len];
+            for r in r0..side {
+                for c in c0..side {
+                    shifted_canvas[(r - r0) * side + (c - c0)] = inp[r * side + c];
                 }
             }
             let back = aug.invert(&Grid::crop(&shifted_canvas).unwrap());
@@ -234,7 +241,7 @@ fn builds_the_reference_layout_and_every_example_maps_back() {
     assert!(dir.join("identifiers.json").is_file());
     assert!(!f.root.join("out.partial").exists());
 
-    let orig = originals(&f, &["alpha", "beta", "gamma"]);
+    let orig = originals(&f.prefix, &["alpha", "beta", "gamma"]);
     let test_set: HashSet<String> = orig
         .keys()
         .filter(|k| k.starts_with('b'))
@@ -351,7 +358,7 @@ fn augmentations_in_a_group_are_distinct_puzzles() {
     build_dataset(&opts(&f, "dd", 30), QUIET).unwrap();
     let dir = f.root.join("dd");
     let names = identifiers(&dir);
-    let orig = originals(&f, &["alpha", "beta", "gamma"]);
+    let orig = originals(&f.prefix, &["alpha", "beta", "gamma"]);
     let train = load_split(&dir, "train");
     for g in 0..train.group_indices.len() - 1 {
         let (a, b) = (
@@ -696,6 +703,248 @@ fn bad_inputs_give_clear_errors_naming_file_and_puzzle() {
         .unwrap_err()
         .to_string()
         .contains("listed twice"));
+}
+
+/// Synthetic puzzles with grids of at most `max_side` (train subset
+/// "training", test subset "evaluation"), in a fresh folder.
+fn synthetic(max_side: usize, seed: u64) -> (tempfile::TempDir, String) {
+    let tmp = tempfile::tempdir().unwrap();
+    let prefix = tmp.path().join("arc").join("synthetic");
+    trm::data::synthetic::write_arc_files(&prefix, 6, 3, max_side, seed).unwrap();
+    (tmp, prefix.display().to_string())
+}
+
+fn synthetic_opts(prefix: &str, out: &Path, num_aug: usize, side: usize) -> BuildOptions {
+    let mut o = BuildOptions::new(prefix, out, &["training", "evaluation"], "evaluation");
+    o.num_aug = num_aug;
+    o.canvas_side = side;
+    o
+}
+
+#[test]
+fn an_8x8_canvas_build_renders_every_example_at_seq_len_64() {
+    let (tmp, prefix) = synthetic(8, 3);
+    let (small, big) = (tmp.path().join("c8"), tmp.path().join("c30"));
+    let r8 = build_dataset(&synthetic_opts(&prefix, &small, 6, 8), QUIET).unwrap();
+    let r30 = build_dataset(&synthetic_opts(&prefix, &big, 6, MAX_SIDE), QUIET).unwrap();
+    assert_eq!(r8.options.canvas_side, 8);
+    assert_eq!(r8.original_puzzles, 9);
+    let info: Value =
+        serde_json::from_str(&std::fs::read_to_string(small.join("build_info.json")).unwrap())
+            .unwrap();
+    assert_eq!(info["options"]["canvas_side"], 8);
+
+    for split in ["train", "test"] {
+        let s = load_split(&small, split);
+        let n = if split == "train" {
+            r8.train.examples
+        } else {
+            r8.test.as_ref().unwrap().examples
+        };
+        assert!(n > 0);
+        assert_eq!(s.meta.seq_len, 64, "{split}");
+        assert_eq!(s.inputs.shape, vec![n, 64], "{split}");
+        assert_eq!(s.labels.shape, vec![n, 64], "{split}");
+        assert_eq!(s.meta.vocab_size, 12);
+        assert_eq!(load_split(&big, split).meta.seq_len, 900);
+    }
+
+    let orig = originals(&prefix, &["training", "evaluation"]);
+    // Synthetic ids are "synt0000" (training) and "syne0000" (evaluation).
+    let test_set: HashSet<String> = orig
+        .keys()
+        .filter(|k| k.starts_with("syne"))
+        .cloned()
+        .collect();
+    assert_eq!(test_set.len(), 3);
+    let (n_train, shifted) = check_split_maps_back(&small, "train", &orig, &test_set);
+    let (n_test, shifted_test) = check_split_maps_back(&small, "test", &orig, &test_set);
+    assert_eq!(n_train, r8.train.examples);
+    assert_eq!(n_test, r8.test.as_ref().unwrap().examples);
+    assert!(
+        shifted > n_train / 4,
+        "train examples are translated within 8x8 ({shifted}/{n_train})"
+    );
+    assert_eq!(shifted_test, 0, "test examples stay at (0, 0)");
+
+    // Only the rendering depends on the canvas: groups, identifiers and
+    // indices are those of the 30x30 build.
+    assert_eq!(r8.train, r30.train);
+    assert_eq!(r8.test, r30.test);
+    assert_eq!(identifiers(&small), identifiers(&big));
+    for split in ["train", "test"] {
+        let (a, b) = (load_split(&small, split), load_split(&big, split));
+        assert_eq!(a.ids, b.ids);
+        assert_eq!(a.puzzle_indices, b.puzzle_indices);
+        assert_eq!(a.group_indices, b.group_indices);
+    }
+    // Test examples sit at (0, 0), so each 8x8 canvas is the top-left window
+    // of the 30x30 one (the frame is cut at the edge the same way).
+    let (a, b) = (load_split(&small, "test"), load_split(&big, "test"));
+    for i in 0..r8.test.as_ref().unwrap().examples {
+        for r in 0..8 {
+            let row8 = i * 64 + r * 8;
+            let row30 = i * SEQ_LEN + r * MAX_SIDE;
+            assert_eq!(
+                &a.inputs.bytes()[row8..row8 + 8],
+                &b.inputs.bytes()[row30..row30 + 8]
+            );
+            assert_eq!(
+                &a.labels.bytes()[row8..row8 + 8],
+                &b.labels.bytes()[row30..row30 + 8]
+            );
+        }
+    }
+}
+
+#[test]
+fn another_canvas_side_is_rebuilt_and_the_same_one_skipped() {
+    let (tmp, prefix) = synthetic(6, 4);
+    let out = tmp.path().join("ds");
+    let default = synthetic_opts(&prefix, &out, 2, MAX_SIDE);
+    assert!(!build_dataset(&default, QUIET).unwrap().skipped);
+    let small = synthetic_opts(&prefix, &out, 2, 6);
+    let r = build_dataset(&small, QUIET).unwrap();
+    assert!(!r.skipped, "a new canvas side is a new build");
+    assert_eq!(load_split(&out, "train").meta.seq_len, 36);
+    assert!(build_dataset(&small, QUIET).unwrap().skipped);
+    assert!(!build_dataset(&default, QUIET).unwrap().skipped);
+    assert_eq!(load_split(&out, "train").meta.seq_len, 900);
+    assert!(build_dataset(&default, QUIET).unwrap().skipped);
+}
+
+/// Build `subset` alone (it is also the test set) at canvas side `side`.
+fn expect_canvas_error(f: &Fixture, subset: &str, side: usize, needles: &[&str]) -> BuildError {
+    let mut o = BuildOptions::new(&f.prefix, &f.root.join("bad"), &[subset], subset);
+    o.num_aug = 1;
+    o.canvas_side = side;
+    let err = build_dataset(&o, QUIET).unwrap_err();
+    let text = err.to_string();
+    for n in needles {
+        assert!(text.contains(n), "error '{text}' should mention '{n}'");
+    }
+    assert!(!f.root.join("bad").exists(), "no output on error");
+    assert!(!f.root.join("bad.partial").exists());
+    err
+}
+
+#[test]
+fn grids_larger_than_the_canvas_and_bad_sides_are_clear_errors() {
+    let f = fixture();
+    let g = |r: usize, c: usize| serde_json::to_string(&vec![vec![1; c]; r]).unwrap();
+    let ok_test = r#"[{"input": [[1]]}]"#;
+    let sol = r#"{"p1": [[[4]]]}"#;
+
+    // A train input too wide: the challenges file, puzzle, place and sizes.
+    write_raw(
+        &f,
+        "wide",
+        &format!(
+            r#"{{"p1": {{"train": [{{"input": [[1]], "output": [[2]]}}, {{"input": {}, "output": [[1]]}}], "test": {ok_test}}}}}"#,
+            g(2, 9)
+        ),
+        Some(sol),
+    );
+    let err = expect_canvas_error(
+        &f,
+        "wide",
+        8,
+        &[
+            "arc_wide_challenges.json",
+            "'p1'",
+            "train example 1 'input' is 2x9",
+            "8x8 canvas",
+            "at least 9",
+        ],
+    );
+    assert!(
+        matches!(
+            err,
+            BuildError::GridTooLarge {
+                rows: 2,
+                cols: 9,
+                side: 8,
+                puzzles: 1,
+                needed: 9,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+
+    // A test output too tall comes from the solutions file; two puzzles of
+    // three do not fit and the suggestion covers the largest grid (12).
+    write_raw(
+        &f,
+        "tall",
+        &format!(
+            r#"{{"p1": {{"train": [{{"input": [[1]], "output": [[2]]}}], "test": {ok_test}}},
+                "p2": {{"train": [{{"input": [[1]], "output": [[2]]}}], "test": {ok_test}}},
+                "p3": {{"train": [{{"input": {}, "output": [[2]]}}], "test": {ok_test}}}}}"#,
+            g(3, 12)
+        ),
+        Some(&format!(
+            r#"{{"p1": [{}], "p2": [[[4]]], "p3": [[[4]]]}}"#,
+            g(7, 3)
+        )),
+    );
+    let err = expect_canvas_error(
+        &f,
+        "tall",
+        6,
+        &[
+            "arc_tall_solutions.json",
+            "'p1'",
+            "test example 0 'output' is 7x3",
+            "6x6 canvas",
+            "2 puzzle(s)",
+            "at least 12",
+        ],
+    );
+    assert!(matches!(
+        err,
+        BuildError::GridTooLarge {
+            puzzles: 2,
+            needed: 12,
+            ..
+        }
+    ));
+
+    // Exactly the canvas side fits.
+    let mut exact = synthetic_opts(&f.prefix, &f.root.join("exact"), 1, 12);
+    exact.subsets = vec!["tall".into()];
+    exact.test_set_name = "tall".into();
+    let r = build_dataset(&exact, QUIET).unwrap();
+    assert_eq!(load_split(&f.root.join("exact"), "train").meta.seq_len, 144);
+    assert_eq!(r.original_puzzles, 3);
+
+    // Synthetic grids up to 8x8 on a 6x6 canvas.
+    let (tmp, prefix) = synthetic(8, 3);
+    let mut o = synthetic_opts(&prefix, &tmp.path().join("ds"), 1, 6);
+    let err = build_dataset(&o, QUIET).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            BuildError::GridTooLarge {
+                side: 6,
+                needed: 8,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(!tmp.path().join("ds").exists());
+
+    // Canvas sides outside 1..=30.
+    for side in [0, 31] {
+        o.canvas_side = side;
+        let err = build_dataset(&o, QUIET).unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, BuildError::Options(_)), "{err:?}");
+        assert!(text.contains(&format!("canvas side {side}")), "{text}");
+        assert!(text.contains("1..=30"), "{text}");
+    }
+    assert!(!tmp.path().join("ds").exists());
 }
 
 /// The real ARC-AGI-2 build (training2, evaluation2, concept; test set

@@ -26,7 +26,7 @@ use sha2::{Digest, Sha256};
 
 use super::arc::{self, ArcError, Example, Puzzle, Solutions};
 use super::augment::{draw_group, Augmentation};
-use super::grid::{MAX_SIDE, SEQ_LEN, VOCAB_SIZE};
+use super::grid::{MAX_SIDE, VOCAB_SIZE};
 use super::metadata::{DatasetMetadata, MetadataError};
 use super::npy::{self, Dtype, NpyArray, NpyError};
 
@@ -68,6 +68,16 @@ pub struct BuildOptions {
     pub seed: u64,
     pub num_aug: usize,
     pub puzzle_identifiers_start: u32,
+    /// Side of the square token canvas every grid is rendered into; seq_len
+    /// is its square. 30 (`MAX_SIDE`) as in the reference; smaller canvases
+    /// suit puzzles whose grids are all small. Defaulted when reading a
+    /// `build_info.json` written before the option existed.
+    #[serde(default = "default_canvas_side")]
+    pub canvas_side: usize,
+}
+
+fn default_canvas_side() -> usize {
+    MAX_SIDE
 }
 
 impl BuildOptions {
@@ -86,6 +96,7 @@ impl BuildOptions {
             seed: 42,
             num_aug: 1000,
             puzzle_identifiers_start: 1,
+            canvas_side: MAX_SIDE,
         }
     }
 }
@@ -115,6 +126,20 @@ pub enum BuildError {
     },
     #[error("invalid options: {0}")]
     Options(String),
+    #[error("{path}: puzzle '{puzzle}': {place} is {rows}x{cols}, larger than the {side}x{side} canvas ({puzzles} puzzle(s) in all do not fit); rebuild with a canvas side of at least {needed}")]
+    GridTooLarge {
+        path: PathBuf,
+        puzzle: String,
+        /// Which grid, e.g. "train example 0 'input'".
+        place: String,
+        rows: usize,
+        cols: usize,
+        side: usize,
+        /// Puzzles of all subsets with a grid that does not fit.
+        puzzles: usize,
+        /// The largest grid side of all subsets.
+        needed: usize,
+    },
     #[error("{path} exists and does not look like a dataset (no train/dataset.json nor {BUILD_INFO_FILE}); refusing to replace it, choose another --output-dir or remove it")]
     NotADataset { path: PathBuf },
 }
@@ -195,7 +220,7 @@ fn progress(verbose: bool, len: usize, what: &str) -> ProgressBar {
 fn input_hash(opts: &BuildOptions, subsets: &[arc::Subset]) -> String {
     let mut h = Sha256::new();
     h.update(format!("trm-dataset-v{BUILD_FORMAT}\n").as_bytes());
-    let canonical = serde_json::json!({
+    let mut canonical = serde_json::json!({
         "subsets": opts.subsets,
         "test_set_name": opts.test_set_name,
         "test_set_name2": opts.test_set_name2,
@@ -203,6 +228,11 @@ fn input_hash(opts: &BuildOptions, subsets: &[arc::Subset]) -> String {
         "num_aug": opts.num_aug,
         "puzzle_identifiers_start": opts.puzzle_identifiers_start,
     });
+    // Only a non-default canvas is hashed, so builds made before the option
+    // existed keep their hash and are still recognised as complete.
+    if opts.canvas_side != MAX_SIDE {
+        canonical["canvas_side"] = opts.canvas_side.into();
+    }
     h.update(canonical.to_string().as_bytes());
     for s in subsets {
         for (path, bytes) in &s.file_bytes {
@@ -253,6 +283,60 @@ fn looks_like_dataset(dir: &Path) -> bool {
     dir.join(BUILD_INFO_FILE).is_file() || dir.join("train").join("dataset.json").is_file()
 }
 
+/// Every grid of every puzzle must fit the canvas (in both orientations,
+/// since dihedral augmentations swap rows and columns). The error names the
+/// first offending grid and the side that would fit all subsets.
+fn check_grids_fit(prefix: &str, subsets: &[arc::Subset], side: usize) -> Result<(), BuildError> {
+    // (path, puzzle, place, rows, cols) of the first grid that does not fit.
+    let mut first: Option<(PathBuf, String, String, usize, usize)> = None;
+    let (mut puzzles, mut needed) = (0usize, 0usize);
+    for s in subsets {
+        let (chal_path, sol_path) = arc::subset_paths(prefix, &s.name);
+        for p in &s.puzzles {
+            let mut fits = true;
+            for (key, examples) in [("train", &p.train), ("test", &p.test)] {
+                for (i, ex) in examples.iter().enumerate() {
+                    for (field, g) in [("input", &ex.input), ("output", &ex.output)] {
+                        let big = g.rows().max(g.cols());
+                        needed = needed.max(big);
+                        if big <= side {
+                            continue;
+                        }
+                        fits = false;
+                        if first.is_none() {
+                            // Test outputs come from the solutions file, if any.
+                            let from_solutions = key == "test"
+                                && field == "output"
+                                && s.solutions == Solutions::FromFile;
+                            let path = if from_solutions {
+                                &sol_path
+                            } else {
+                                &chal_path
+                            };
+                            let place = format!("{key} example {i} '{field}'");
+                            first = Some((path.clone(), p.id.clone(), place, g.rows(), g.cols()));
+                        }
+                    }
+                }
+            }
+            puzzles += usize::from(!fits);
+        }
+    }
+    match first {
+        Some((path, puzzle, place, rows, cols)) => Err(BuildError::GridTooLarge {
+            path,
+            puzzle,
+            place,
+            rows,
+            cols,
+            side,
+            puzzles,
+            needed,
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Build the dataset. Progress and messages go to stderr when `ui.verbose`.
 pub fn build_dataset(opts: &BuildOptions, ui: BuildUi) -> Result<BuildReport, BuildError> {
     let start = Instant::now();
@@ -270,6 +354,12 @@ pub fn build_dataset(opts: &BuildOptions, ui: BuildUi) -> Result<BuildReport, Bu
         if opts.subsets[..i].contains(s) {
             return Err(BuildError::Options(format!("subset '{s}' is listed twice")));
         }
+    }
+    if !(1..=MAX_SIDE).contains(&opts.canvas_side) {
+        return Err(BuildError::Options(format!(
+            "canvas side {} is out of range: it must be 1..={MAX_SIDE} (grids are at most {MAX_SIDE}x{MAX_SIDE})",
+            opts.canvas_side
+        )));
     }
     let out = opts.output_dir.clone();
     let out_name = out
@@ -303,6 +393,7 @@ pub fn build_dataset(opts: &BuildOptions, ui: BuildUi) -> Result<BuildReport, Bu
         }
         subsets.push(s);
     }
+    check_grids_fit(&opts.input_file_prefix, &subsets, opts.canvas_side)?;
     let hash = input_hash(opts, &subsets);
     if !ui.force {
         if let Some(mut report) = existing_build(&out, &hash) {
@@ -438,6 +529,7 @@ pub fn build_dataset(opts: &BuildOptions, ui: BuildUi) -> Result<BuildReport, Bu
             seed: opts.seed,
             verbose: ui.verbose,
             num_identifiers,
+            canvas_side: opts.canvas_side,
         };
         let train = write_split(&ctx, &partial, false)?;
         let test = if has_test {
@@ -525,22 +617,26 @@ struct WriteCtx<'a> {
     seed: u64,
     verbose: bool,
     num_identifiers: usize,
+    canvas_side: usize,
 }
 
 /// Render one group (all augmented puzzles of one original) into `inputs`
-/// and `labels` (each `members * examples * SEQ_LEN` bytes).
+/// and `labels` (each `members * examples * side * side` bytes); every grid
+/// fits the `side` x `side` canvas (checked when loading).
 fn render_group(
     examples: &[&Example],
     group: &[Augmentation],
     translate: bool,
+    side: usize,
     rng: &mut ChaCha8Rng,
     inputs: &mut [u8],
     labels: &mut [u8],
 ) {
     let n = examples.len();
+    let seq_len = side * side;
     let mut rows = inputs
-        .chunks_exact_mut(SEQ_LEN)
-        .zip(labels.chunks_exact_mut(SEQ_LEN));
+        .chunks_exact_mut(seq_len)
+        .zip(labels.chunks_exact_mut(seq_len));
     for aug in group {
         // One example per puzzle keeps the top-left placement.
         let no_shift = rng.gen_range(0..n);
@@ -548,8 +644,8 @@ fn render_group(
             let (inp, out) = (aug.apply(&ex.input), aug.apply(&ex.output));
             let (r0, c0) = if translate && k != no_shift {
                 (
-                    rng.gen_range(0..=MAX_SIDE - inp.rows().max(out.rows())),
-                    rng.gen_range(0..=MAX_SIDE - inp.cols().max(out.cols())),
+                    rng.gen_range(0..=side - inp.rows().max(out.rows())),
+                    rng.gen_range(0..=side - inp.cols().max(out.cols())),
                 )
             } else {
                 (0, 0)
@@ -600,7 +696,8 @@ fn write_split(ctx: &WriteCtx, dir: &Path, test_split: bool) -> Result<SplitStat
     // Inputs and labels: headers, then windows of groups rendered in parallel.
     let in_path = split_dir.join(format!("{SET_NAME}__inputs.npy"));
     let lab_path = split_dir.join(format!("{SET_NAME}__labels.npy"));
-    let shape = [examples_total, SEQ_LEN];
+    let seq_len = ctx.canvas_side * ctx.canvas_side;
+    let shape = [examples_total, seq_len];
     let mut in_w = BufWriter::new(File::create(&in_path).map_err(io_err(&in_path))?);
     let mut lab_w = BufWriter::new(File::create(&lab_path).map_err(io_err(&lab_path))?);
     in_w.write_all(&npy::header_bytes(Dtype::U8, &shape))
@@ -614,7 +711,7 @@ fn write_split(ctx: &WriteCtx, dir: &Path, test_split: bool) -> Result<SplitStat
     } else {
         STREAM_TRAIN_LAYOUT
     };
-    let group_bytes = |m: &(usize, Vec<&Example>)| ctx.groups[m.0].len() * m.1.len() * SEQ_LEN;
+    let group_bytes = |m: &(usize, Vec<&Example>)| ctx.groups[m.0].len() * m.1.len() * seq_len;
     let pb = progress(ctx.verbose, members.len(), &format!("writing {split}"));
     let mut in_buf: Vec<u8> = Vec::new();
     let mut lab_buf: Vec<u8> = Vec::new();
@@ -641,7 +738,15 @@ fn write_split(ctx: &WriteCtx, dir: &Path, test_split: bool) -> Result<SplitStat
         }
         jobs.into_par_iter().for_each(|((i, exs), ib, lb)| {
             let mut rng = rng_for(ctx.seed, stream_base + *i as u64);
-            render_group(exs, &ctx.groups[*i], !test_split, &mut rng, ib, lb);
+            render_group(
+                exs,
+                &ctx.groups[*i],
+                !test_split,
+                ctx.canvas_side,
+                &mut rng,
+                ib,
+                lb,
+            );
             pb.inc(1);
         });
         in_w.write_all(&in_buf).map_err(io_err(&in_path))?;
@@ -667,7 +772,7 @@ fn write_split(ctx: &WriteCtx, dir: &Path, test_split: bool) -> Result<SplitStat
         ignore_label_id: Some(0),
         blank_identifier_id: 0,
         vocab_size: VOCAB_SIZE,
-        seq_len: SEQ_LEN,
+        seq_len,
         num_puzzle_identifiers: ctx.num_identifiers,
         total_groups: stats.groups,
         mean_puzzle_examples: if stats.puzzles > 0 {
@@ -680,4 +785,51 @@ fn write_split(ctx: &WriteCtx, dir: &Path, test_split: bool) -> Result<SplitStat
     };
     meta.save(&split_dir.join("dataset.json"))?;
     Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn subset(name: &str, bytes: &[u8]) -> arc::Subset {
+        arc::Subset {
+            name: name.to_string(),
+            puzzles: Vec::new(),
+            solutions: Solutions::FromFile,
+            file_bytes: vec![(
+                PathBuf::from(format!("/x/arc_{name}_challenges.json")),
+                bytes.to_vec(),
+            )],
+        }
+    }
+
+    #[test]
+    fn default_canvas_keeps_the_input_hash_and_others_change_it() {
+        let subsets = [subset("alpha", br#"{"x":1}"#), subset("beta", b"{}")];
+        let mut o = BuildOptions::new("/x/arc", Path::new("/out"), &["alpha", "beta"], "beta");
+        // The hash of these inputs before `canvas_side` existed (computed
+        // with Python's hashlib over the same canonical bytes).
+        assert_eq!(
+            input_hash(&o, &subsets),
+            "43a0197ac1204c721a91265f3eabd66806766af40fab75af6a05cd661e9fda1d"
+        );
+        o.canvas_side = 8;
+        let h8 = input_hash(&o, &subsets);
+        assert_ne!(
+            h8,
+            "43a0197ac1204c721a91265f3eabd66806766af40fab75af6a05cd661e9fda1d"
+        );
+        o.canvas_side = 9;
+        assert_ne!(input_hash(&o, &subsets), h8);
+    }
+
+    #[test]
+    fn options_without_canvas_side_read_as_the_default() {
+        let o = BuildOptions::new("p", Path::new("/out"), &["a"], "a");
+        let mut v = serde_json::to_value(&o).unwrap();
+        assert_eq!(v["canvas_side"], 30);
+        v.as_object_mut().unwrap().remove("canvas_side");
+        let back: BuildOptions = serde_json::from_value(v).unwrap();
+        assert_eq!(back, o);
+    }
 }

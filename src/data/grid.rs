@@ -1,14 +1,15 @@
-//! ARC grids: the 30x30 canvas, dihedral transforms, colour maps, EOS
-//! framing, cropping and hashing (spec sections 1-2).
+//! ARC grids: the token canvas (30x30 in the reference, any smaller square
+//! for demos), dihedral transforms, colour maps, EOS framing, cropping and
+//! hashing (spec sections 1-2).
 //!
 //! A `Grid` keeps its cells inline (at most 30x30 bytes) so transforms in the
 //! dataset builder's hot loops never allocate.
 
 use sha2::{Digest, Sha256};
 
-/// Largest grid side; also the canvas side.
+/// Largest grid side; also the default (reference) canvas side.
 pub const MAX_SIDE: usize = 30;
-/// Tokens per flattened canvas.
+/// Tokens per flattened default canvas.
 pub const SEQ_LEN: usize = MAX_SIDE * MAX_SIDE;
 pub const PAD_TOKEN: u8 = 0;
 pub const EOS_TOKEN: u8 = 1;
@@ -168,44 +169,45 @@ impl Grid {
         h.finalize().into()
     }
 
-    /// Render into a 30x30 token canvas at offset (r0, c0) with the EOS frame.
-    /// `canvas` must hold `SEQ_LEN` bytes; the grid must fit at that offset.
+    /// Render into a square token canvas at offset (r0, c0) with the EOS
+    /// frame; the side is derived from `canvas.len()` (30x30 = `SEQ_LEN` in
+    /// the reference). The EOS row/column is dropped where it would fall
+    /// outside the canvas. The caller guarantees a valid canvas (see
+    /// `canvas_side`) and that the grid fits at that offset.
     pub fn render(&self, r0: usize, c0: usize, canvas: &mut [u8]) {
-        debug_assert!(canvas.len() == SEQ_LEN);
-        debug_assert!(r0 + self.rows() <= MAX_SIDE && c0 + self.cols() <= MAX_SIDE);
+        let side = canvas_side(canvas.len()).expect("canvas is a square of side 1..=30");
+        debug_assert!(r0 + self.rows() <= side && c0 + self.cols() <= side);
         canvas.fill(PAD_TOKEN);
         let (nr, nc) = (self.rows(), self.cols());
         for i in 0..nr {
-            let dst = &mut canvas[(r0 + i) * MAX_SIDE + c0..][..nc];
+            let dst = &mut canvas[(r0 + i) * side + c0..][..nc];
             for (d, &s) in dst.iter_mut().zip(&self.cells[i * nc..(i + 1) * nc]) {
                 *d = s + COLOUR_OFFSET;
             }
         }
         let (eos_r, eos_c) = (r0 + nr, c0 + nc);
-        if eos_r < MAX_SIDE {
-            canvas[eos_r * MAX_SIDE + c0..eos_r * MAX_SIDE + eos_c].fill(EOS_TOKEN);
+        if eos_r < side {
+            canvas[eos_r * side + c0..eos_r * side + eos_c].fill(EOS_TOKEN);
         }
-        if eos_c < MAX_SIDE {
+        if eos_c < side {
             for i in r0..eos_r {
-                canvas[i * MAX_SIDE + eos_c] = EOS_TOKEN;
+                canvas[i * side + eos_c] = EOS_TOKEN;
             }
         }
     }
 
-    /// Crop a predicted 30x30 token canvas back to a grid: scan rows from the
-    /// top; the width is the leading run of colour tokens in the first row,
-    /// shrinking to the run of each later row; keep the prefix rectangle of
-    /// largest area. Tokens outside 0..SEQ_LEN or a canvas of another size
-    /// give `None`; a canvas with no leading colour gives an empty grid.
+    /// Crop a predicted square token canvas back to a grid: scan rows from
+    /// the top; the width is the leading run of colour tokens in the first
+    /// row, shrinking to the run of each later row; keep the prefix rectangle
+    /// of largest area. A canvas whose length is not a square of side
+    /// 1..=30 gives `None`; one with no leading colour gives an empty grid.
     pub fn crop(canvas: &[u8]) -> Option<Grid> {
-        if canvas.len() != SEQ_LEN {
-            return None;
-        }
+        let side = canvas_side(canvas.len())?;
         let is_colour = |t: u8| (COLOUR_OFFSET..COLOUR_OFFSET + NUM_COLOURS as u8).contains(&t);
-        let mut width = MAX_SIDE;
+        let mut width = side;
         let (mut best_area, mut best_r, mut best_c) = (0usize, 0usize, 0usize);
-        for r in 0..MAX_SIDE {
-            let row = &canvas[r * MAX_SIDE..(r + 1) * MAX_SIDE];
+        for r in 0..side {
+            let row = &canvas[r * side..(r + 1) * side];
             let run = row
                 .iter()
                 .take(width)
@@ -227,11 +229,17 @@ impl Grid {
         };
         for i in 0..best_r {
             for j in 0..best_c {
-                g.cells[i * best_c + j] = canvas[i * MAX_SIDE + j] - COLOUR_OFFSET;
+                g.cells[i * best_c + j] = canvas[i * side + j] - COLOUR_OFFSET;
             }
         }
         Some(g)
     }
+}
+
+/// The side of a square canvas of `len` tokens, if `len` is the square of a
+/// side in 1..=`MAX_SIDE` (the largest canvas a `Grid` can fill).
+pub fn canvas_side(len: usize) -> Option<usize> {
+    (1..=MAX_SIDE).find(|s| s * s == len)
 }
 
 #[cfg(test)]
@@ -321,6 +329,73 @@ mod tests {
         // Nothing predicted: empty grid.
         let empty = Grid::crop(&[0u8; SEQ_LEN]).unwrap();
         assert_eq!((empty.rows(), empty.cols()), (0, 0));
+    }
+
+    #[test]
+    fn small_canvas_is_the_top_left_window_of_the_30x30_rendering() {
+        // On an s x s canvas the frame is cut at the edge exactly as it is at
+        // 30x30, so the small rendering is the 30x30 one's top-left window.
+        let mut big = [0u8; SEQ_LEN];
+        for side in [1usize, 3, 8, 29] {
+            let mut small = vec![0u8; side * side];
+            for (r, c) in [(1, 1), (2, 3), (3, 2), (side, side), (side, 1), (1, side)] {
+                if r > side || c > side {
+                    continue;
+                }
+                let g = sample(r, c);
+                for (r0, c0) in [(0, 0), (side - r, side - c), ((side - r) / 2, 0)] {
+                    g.render(r0, c0, &mut small);
+                    g.render(r0, c0, &mut big);
+                    for i in 0..side {
+                        assert_eq!(
+                            &small[i * side..(i + 1) * side],
+                            &big[i * MAX_SIDE..i * MAX_SIDE + side],
+                            "side {side}, {r}x{c} at ({r0}, {c0}), row {i}"
+                        );
+                    }
+                    assert_eq!(small.iter().filter(|&&t| t >= COLOUR_OFFSET).count(), r * c);
+                }
+                g.render(0, 0, &mut small);
+                assert_eq!(Grid::crop(&small).unwrap(), g, "side {side}, {r}x{c}");
+            }
+        }
+    }
+
+    #[test]
+    fn render_and_crop_on_an_8x8_canvas() {
+        let g = sample(3, 4);
+        let mut canvas = [0u8; 64];
+        g.render(4, 4, &mut canvas);
+        // Grid in rows 4..7, columns 4..8; EOS row 7 only (column 8 is off
+        // the canvas), no EOS column.
+        assert_eq!(canvas[4 * 8 + 4], g.get(0, 0) + COLOUR_OFFSET);
+        assert_eq!(canvas[6 * 8 + 7], g.get(2, 3) + COLOUR_OFFSET);
+        assert_eq!(&canvas[7 * 8 + 4..], &[EOS_TOKEN; 4]);
+        assert_eq!(canvas.iter().filter(|&&t| t == EOS_TOKEN).count(), 4);
+        assert_eq!(canvas.iter().filter(|&&t| t == PAD_TOKEN).count(), 64 - 16);
+
+        // A full 8x8 grid: no EOS; it crops back whole.
+        let full = sample(8, 8);
+        full.render(0, 0, &mut canvas);
+        assert!(!canvas.contains(&EOS_TOKEN));
+        assert_eq!(Grid::crop(&canvas).unwrap(), full);
+        // 1x1 canvas.
+        let mut one = [0u8; 1];
+        sample(1, 1).render(0, 0, &mut one);
+        assert_eq!(one, [COLOUR_OFFSET]);
+        assert_eq!(Grid::crop(&one).unwrap(), sample(1, 1));
+    }
+
+    #[test]
+    fn crop_rejects_canvases_that_are_not_squares_up_to_30() {
+        for len in [0usize, 2, 63, 65, 899, 31 * 31] {
+            assert!(Grid::crop(&vec![2u8; len]).is_none(), "len {len}");
+        }
+        assert_eq!(canvas_side(64), Some(8));
+        assert_eq!(canvas_side(1), Some(1));
+        assert_eq!(canvas_side(SEQ_LEN), Some(MAX_SIDE));
+        assert_eq!(canvas_side(0), None);
+        assert_eq!(canvas_side(31 * 31), None);
     }
 
     #[test]
