@@ -9,6 +9,7 @@
 //! | `ema.safetensors` | EMA shadow of the weights (only when EMA is on) |
 //! | `optim.safetensors` | optimiser state, by convention `m.<name>` / `v.<name>` (see [`pack_adam`]) |
 //! | `puzzle_emb.safetensors` | the puzzle embedding table (and its optimiser state if the caller adds it) |
+//! | `carry.safetensors` | the ACT carry of the training batch slots (optional; needed for a bit-exact resume) |
 //! | `state.json` | [`TrainState`] plus `format_version` |
 //! | `manifest.json` | byte size and SHA-256 of every file above |
 //!
@@ -38,6 +39,7 @@ pub const FORMAT_VERSION: u32 = 1;
 
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const EMA_FILE: &str = "ema.safetensors";
+pub const CARRY_FILE: &str = "carry.safetensors";
 pub const OPTIM_FILE: &str = "optim.safetensors";
 pub const PUZZLE_EMB_FILE: &str = "puzzle_emb.safetensors";
 pub const STATE_FILE: &str = "state.json";
@@ -157,6 +159,8 @@ pub struct CheckpointContents {
     pub ema: Option<BTreeMap<String, Tensor>>,
     pub optim: BTreeMap<String, Tensor>,
     pub puzzle_emb: BTreeMap<String, Tensor>,
+    /// The trainer's ACT carry (hidden states, step counts, current samples).
+    pub carry: Option<BTreeMap<String, Tensor>>,
     pub state: TrainState,
 }
 
@@ -305,6 +309,9 @@ fn write_contents(dir: &Path, c: &CheckpointContents) -> Result<()> {
     ];
     if let Some(ema) = &c.ema {
         tensors.push((EMA_FILE, ema));
+    }
+    if let Some(carry) = &c.carry {
+        tensors.push((CARRY_FILE, carry));
     }
     for (name, map) in tensors {
         let path = dir.join(name);
@@ -621,9 +628,15 @@ pub fn load(dir: &Path) -> Result<CheckpointContents> {
     } else {
         None
     };
+    let carry = if manifest.files.contains_key(CARRY_FILE) {
+        Some(load_map(&dir.join(CARRY_FILE))?)
+    } else {
+        None
+    };
     Ok(CheckpointContents {
         model: load_map(&dir.join(MODEL_FILE))?,
         ema,
+        carry,
         optim: load_map(&dir.join(OPTIM_FILE))?,
         puzzle_emb: load_map(&dir.join(PUZZLE_EMB_FILE))?,
         state,
@@ -717,11 +730,14 @@ mod tests {
             .collect();
         let mut puzzle_emb = BTreeMap::new();
         puzzle_emb.insert("inner.puzzle_emb.weights".to_string(), t(&[5, 8], 4));
+        let mut carry = BTreeMap::new();
+        carry.insert("z_H".to_string(), t(&[2, 3, 8], 6));
         CheckpointContents {
             optim: pack_adam(&model, &v),
             model,
             ema: Some(ema),
             puzzle_emb,
+            carry: Some(carry),
             state: TrainState {
                 step,
                 optimizer_steps: step + 1,
@@ -757,6 +773,11 @@ mod tests {
             b.ema.as_ref().map(bits),
             "ema differs"
         );
+        assert_eq!(
+            a.carry.as_ref().map(bits),
+            b.carry.as_ref().map(bits),
+            "carry differs"
+        );
         assert_eq!(a.state, b.state);
     }
 
@@ -784,6 +805,7 @@ mod tests {
         assert_eq!(
             files,
             [
+                CARRY_FILE,
                 EMA_FILE,
                 MANIFEST_FILE,
                 MODEL_FILE,
@@ -794,7 +816,7 @@ mod tests {
         );
         let manifest = read_manifest(&path).unwrap();
         assert_eq!(manifest.step, 42);
-        assert_eq!(manifest.files.len(), 5);
+        assert_eq!(manifest.files.len(), 6);
         let on_disk = fs::metadata(path.join(MODEL_FILE)).unwrap().len();
         assert_eq!(manifest.files[MODEL_FILE].bytes, on_disk);
         assert_eq!(manifest.files[MODEL_FILE].sha256.len(), 64);

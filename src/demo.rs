@@ -1,13 +1,19 @@
 //! `trm demo`: the end-to-end job on a built-in default, with no data and no
 //! GPU. It generates a synthetic ARC-style task family, builds the augmented
-//! dataset with the real builder, and reads training and test batches back
-//! through the loader. Training and evaluation join here as they land.
+//! dataset with the real builder (on a small canvas so a CPU trains in
+//! minutes), trains the built-in `cpu-tiny` config with the real trainer,
+//! evaluates, checkpoints and plots, and says where everything is.
 
 use std::path::{Path, PathBuf};
 
+use crate::config::{ConfigSource, RunConfig};
 use crate::data::builder::{build_dataset, BuildOptions, BuildReport, BuildUi};
-use crate::data::loader::{PuzzleDataset, PuzzleDatasetConfig, Split};
 use crate::data::synthetic;
+use crate::train::{train, TrainOptions, TrainReport};
+
+/// Canvas side of the synthetic dataset: 6x6 grids plus their EOS row and
+/// column fit in 8x8, so a sequence is 64 tokens instead of the reference's 900.
+pub const DEMO_CANVAS: usize = 8;
 
 #[derive(Clone, Debug)]
 pub struct DemoOptions {
@@ -18,9 +24,12 @@ pub struct DemoOptions {
     pub train_puzzles: usize,
     pub eval_puzzles: usize,
     pub num_aug: usize,
-    pub batch_size: usize,
+    /// Canvas side of the built dataset (30 = the reference's 30x30).
+    pub canvas_side: usize,
     pub seed: u64,
     pub verbose: bool,
+    /// Overrides applied to the `cpu-tiny` config (Hydra style).
+    pub overrides: Vec<String>,
 }
 
 impl Default for DemoOptions {
@@ -31,9 +40,10 @@ impl Default for DemoOptions {
             train_puzzles: 40,
             eval_puzzles: 8,
             num_aug: 100,
-            batch_size: 64,
+            canvas_side: DEMO_CANVAS,
             seed: 0,
             verbose: true,
+            overrides: Vec::new(),
         }
     }
 }
@@ -43,10 +53,23 @@ impl Default for DemoOptions {
 pub struct DemoSummary {
     pub dataset_dir: PathBuf,
     pub build: BuildReport,
-    pub train_batches: usize,
-    pub train_examples: usize,
-    pub test_batches: usize,
-    pub test_examples: usize,
+    pub train: TrainReport,
+    pub plots: Vec<PathBuf>,
+}
+
+/// The demo's training config: `cpu-tiny` on the demo dataset, run folder
+/// `OUT/run`, then the caller's overrides.
+pub fn demo_config(opts: &DemoOptions, dataset_dir: &Path) -> anyhow::Result<RunConfig> {
+    let mut overrides = vec![
+        format!("data_paths=[{}]", dataset_dir.display()),
+        format!("checkpoint_path={}", opts.out_dir.join("run").display()),
+        format!("seed={}", opts.seed),
+    ];
+    overrides.extend(opts.overrides.iter().cloned());
+    Ok(RunConfig::load(
+        ConfigSource::builtin("cpu-tiny")?,
+        &overrides,
+    )?)
 }
 
 pub fn run(opts: &DemoOptions) -> anyhow::Result<DemoSummary> {
@@ -64,7 +87,7 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<DemoSummary> {
         None => {
             let prefix = opts.out_dir.join("arc").join("synthetic");
             say(&format!(
-                "[1/3] generating {} + {} synthetic puzzles (flips, rotations, colour maps, gravity) in {}",
+                "[1/4] generating {} + {} synthetic puzzles (flips, rotations, colour maps, gravity) in {}",
                 opts.train_puzzles,
                 opts.eval_puzzles,
                 prefix.parent().unwrap_or(Path::new(".")).display()
@@ -87,11 +110,12 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<DemoSummary> {
     let build_opts = BuildOptions {
         num_aug: opts.num_aug,
         seed: opts.seed,
+        canvas_side: opts.canvas_side,
         ..build_opts
     };
     say(&format!(
-        "[2/3] building the dataset ({} augmentations per puzzle)",
-        opts.num_aug
+        "[2/4] building the dataset ({} augmentations per puzzle, {}x{} canvas)",
+        opts.num_aug, opts.canvas_side, opts.canvas_side
     ));
     let build = build_dataset(
         &build_opts,
@@ -101,34 +125,28 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<DemoSummary> {
         },
     )?;
 
-    say("[3/3] reading batches back through the loader");
-    let config = |test: bool| PuzzleDatasetConfig {
-        seed: opts.seed,
-        dataset_paths: vec![dataset_dir.clone()],
-        global_batch_size: opts.batch_size,
-        test_set_mode: test,
-        epochs_per_iter: 1,
-        rank: 0,
-        num_replicas: 1,
+    let cfg = demo_config(opts, &dataset_dir)?;
+    say(&format!(
+        "[3/4] training the cpu-tiny model (hidden {}, {} layers, H {} x L {} cycles, up to {} ACT steps) for {} epochs",
+        cfg.arch.hidden_size,
+        cfg.arch.l_layers,
+        cfg.arch.h_cycles,
+        cfg.arch.l_cycles,
+        cfg.arch.halt_max_steps,
+        cfg.epochs
+    ));
+    let train_opts = TrainOptions {
+        resume: None,
+        progress: opts.verbose,
+        verbose: opts.verbose,
     };
-    let mut train = PuzzleDataset::open(config(false), Split::Train)?;
-    let (mut train_batches, mut train_examples) = (0, 0);
-    for batch in train.train_batches() {
-        train_batches += 1;
-        train_examples += batch.effective_global_size;
-    }
-    let test = PuzzleDataset::open(config(true), Split::Test)?;
-    let (mut test_batches, mut test_examples) = (0, 0);
-    for batch in test.test_batches() {
-        test_batches += 1;
-        test_examples += batch.effective_global_size;
-    }
+    let report = train(&cfg, &train_opts)?;
+    say("[4/4] plotting the metrics");
+    let plots = crate::telemetry::plot::plot_run(&report.run_dir)?;
     Ok(DemoSummary {
         dataset_dir,
         build,
-        train_batches,
-        train_examples,
-        test_batches,
-        test_examples,
+        train: report,
+        plots,
     })
 }

@@ -34,16 +34,55 @@ enum Command {
             --test-set-name evaluation2"
     )]
     BuildDataset(BuildDatasetArgs),
-    /// The main job on a built-in default: synthetic ARC-style puzzles -> augmented dataset -> batches.
+    /// The main job on a built-in default: synthetic ARC-style puzzles -> dataset -> training -> evaluation.
     #[command(
         long_about = "The main job on a built-in default, with no data and no GPU.\n\n\
             Generates a small synthetic ARC-style task family (flips, rotations, colour maps, gravity \
-            on grids up to 6x6), builds the augmented dataset with the real builder, and reads training \
-            and test batches back through the loader. Use --arc-prefix to run it on real ARC files."
+            on grids up to 6x6), builds the augmented dataset with the real builder on an 8x8 canvas, \
+            trains the built-in cpu-tiny config for a few minutes on the CPU, evaluates, checkpoints, \
+            plots the metrics, and prints where everything is. Use --arc-prefix to run it on real ARC \
+            files; trailing key=value arguments override the cpu-tiny config."
     )]
     Demo(DemoArgs),
+    /// Train TRM: the reference's pretrain loop with full-state checkpoints and exact resume.
+    #[command(
+        long_about = "Train TRM on a built dataset: the reference's pretrain loop (ACT carry, \
+            AdamATan2, sparse sign-SGD puzzle embeddings, warm-up + cosine LR, EMA), evaluating every \
+            `eval_interval` epochs and checkpointing full state (weights, EMA, Adam moments, carry, RNG \
+            and data position) into the run folder.\n\n\
+            Config: a YAML file or a built-in name (cfg_pretrain = the reference's ARC defaults, \
+            cpu-tiny = a small model for CPUs), then Hydra-style overrides as the reference takes them:\n  \
+            trm train data_paths='[data/arc2concept-aug-1000]' arch.L_cycles=4 global_batch_size=768 +run_name=x ema=True\n\n\
+            The run folder (checkpoint_path, else checkpoints/<project>/<run_name>) gets all_config.yaml, \
+            metrics.jsonl, TensorBoard event files and step_N/ checkpoints. `--resume latest` continues \
+            the newest checkpoint exactly (same step numbering, LR and data order)."
+    )]
+    Train(TrainArgs),
+    /// Draw PNG charts (losses, accuracies, lr) of a run folder's metrics.jsonl.
+    Plot(PlotArgs),
     /// One ACT training step from a fresh carry; writes outputs and gradients (parity checks against PyTorch).
     StepDump(trm::stepdump::StepDumpArgs),
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// Base config: a YAML file, or a built-in name (cfg_pretrain, cpu-tiny).
+    #[arg(long, default_value = "cfg_pretrain")]
+    config: String,
+    /// Resume from a checkpoint folder, or `latest` (the newest in the run folder).
+    #[arg(long)]
+    resume: Option<String>,
+    /// Only errors and the final summary (no progress bar).
+    #[arg(long)]
+    quiet: bool,
+    /// Hydra-style overrides: key=value, +key=value, arch.key=value.
+    overrides: Vec<String>,
+}
+
+#[derive(Args)]
+struct PlotArgs {
+    /// A run folder (holding metrics.jsonl).
+    run_dir: PathBuf,
 }
 
 #[derive(Args)]
@@ -60,9 +99,9 @@ struct DemoArgs {
     /// Augmented copies per puzzle.
     #[arg(long, default_value_t = 100)]
     num_aug: usize,
-    /// Global batch size of the loader.
-    #[arg(long, default_value_t = 64)]
-    batch_size: usize,
+    /// Canvas side of the dataset (30 = the reference's 30x30; real ARC needs 30).
+    #[arg(long, default_value_t = trm::demo::DEMO_CANVAS)]
+    canvas_side: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Use real ARC JSON files with this prefix instead of synthetic puzzles.
@@ -74,6 +113,8 @@ struct DemoArgs {
     /// Test subset of the real ARC files (with --arc-prefix).
     #[arg(long)]
     arc_test_set: Option<String>,
+    /// Overrides of the cpu-tiny training config, e.g. `epochs=20 arch.hidden_size=128`.
+    overrides: Vec<String>,
 }
 
 #[derive(Args)]
@@ -102,6 +143,9 @@ struct BuildDatasetArgs {
     /// First puzzle identifier (0 is the blank id); raise it to combine datasets.
     #[arg(long, default_value_t = 1)]
     puzzle_identifiers_start: u32,
+    /// Canvas side (grids are rendered into side x side tokens; 30 = the reference).
+    #[arg(long, default_value_t = 30)]
+    canvas_side: usize,
     /// Rebuild even if the output folder holds a complete build of the same inputs.
     #[arg(long)]
     force: bool,
@@ -154,6 +198,7 @@ fn run_build_dataset(a: BuildDatasetArgs) -> anyhow::Result<()> {
         seed: a.seed,
         num_aug: a.num_aug,
         puzzle_identifiers_start: a.puzzle_identifiers_start,
+        canvas_side: a.canvas_side,
     };
     let ui = BuildUi {
         verbose: !a.quiet,
@@ -173,28 +218,114 @@ fn run_build_dataset(a: BuildDatasetArgs) -> anyhow::Result<()> {
 }
 
 fn run_demo(a: DemoArgs) -> anyhow::Result<()> {
+    let arc = a
+        .arc_prefix
+        .map(|p| (p, a.arc_subsets, a.arc_test_set.unwrap_or_default()));
+    // Real ARC grids are up to 30x30.
+    let canvas_side = if arc.is_some() && a.canvas_side == trm::demo::DEMO_CANVAS {
+        30
+    } else {
+        a.canvas_side
+    };
     let opts = trm::demo::DemoOptions {
         out_dir: a.out,
-        arc: a
-            .arc_prefix
-            .map(|p| (p, a.arc_subsets, a.arc_test_set.unwrap_or_default())),
+        arc,
         train_puzzles: a.train_puzzles,
         eval_puzzles: a.eval_puzzles,
         num_aug: a.num_aug,
-        batch_size: a.batch_size,
+        canvas_side,
         seed: a.seed,
         verbose: true,
+        overrides: a.overrides,
     };
-    if opts.train_puzzles == 0 || opts.batch_size == 0 {
-        anyhow::bail!("--train-puzzles and --batch-size must be at least 1");
+    if opts.train_puzzles == 0 {
+        anyhow::bail!("--train-puzzles must be at least 1");
     }
     let s = trm::demo::run(&opts)?;
     print_report(&s.build);
+    let r = &s.train;
+    let first = r.train_log.first();
+    let last = r.train_log.last();
+    let get = |log: Option<&(u64, Vec<(String, f64)>)>, key: &str| {
+        log.and_then(|(_, m)| m.iter().find(|(k, _)| k == key).map(|(_, v)| *v))
+            .unwrap_or(f64::NAN)
+    };
     println!(
-        "loader: {} training batches ({} examples) in one epoch at batch size {}, {} test batches ({} examples)",
-        s.train_batches, s.train_examples, opts.batch_size, s.test_batches, s.test_examples
+        "training: {} steps in {:.0} s; train lm_loss {:.4} -> {:.4}, train exact accuracy {:.3} -> {:.3}",
+        r.steps_run,
+        r.seconds,
+        get(first, "train/lm_loss"),
+        get(last, "train/lm_loss"),
+        get(first, "train/exact_accuracy"),
+        get(last, "train/exact_accuracy"),
     );
+    for (step, m) in &r.eval_log {
+        let v = |k: &str| {
+            m.iter()
+                .find(|(n, _)| n.ends_with(k))
+                .map(|(_, v)| *v)
+                .unwrap_or(f64::NAN)
+        };
+        println!(
+            "  eval at step {step:>5}: accuracy {:.3}, exact accuracy {:.3}, lm_loss {:.4}",
+            v("/accuracy"),
+            v("/exact_accuracy"),
+            v("/lm_loss")
+        );
+    }
+    println!(
+        "run folder: {} (all_config.yaml, metrics.jsonl, TensorBoard events)",
+        r.run_dir.display()
+    );
+    if let Some(p) = r.checkpoints.last() {
+        println!("last checkpoint: {}", p.display());
+    }
+    for p in &s.plots {
+        println!("chart: {}", p.display());
+    }
     println!("everything is under {}", opts.out_dir.display());
+    Ok(())
+}
+
+/// Sizes rayon's global pool (`threads = 0`: every core).
+fn init_threads(n: usize) -> anyhow::Result<()> {
+    if n > 0 {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .map_err(|e| anyhow::anyhow!("cannot start {n} worker threads: {e}"))?;
+    }
+    Ok(())
+}
+
+fn run_train(a: TrainArgs) -> anyhow::Result<()> {
+    let source = trm::config::ConfigSource::from_arg(&a.config)?;
+    let cfg = trm::config::RunConfig::load(source, &a.overrides)?;
+    init_threads(cfg.threads)?;
+    let opts = trm::train::TrainOptions {
+        resume: a.resume,
+        progress: !a.quiet,
+        verbose: !a.quiet,
+    };
+    let r = trm::train::train(&cfg, &opts)?;
+    println!(
+        "trained {} steps (of {}) in {:.1} s; run folder {}",
+        r.steps_run,
+        r.total_steps,
+        r.seconds,
+        r.run_dir.display()
+    );
+    if let Some(p) = r.checkpoints.last() {
+        println!("last checkpoint: {}", p.display());
+    }
+    Ok(())
+}
+
+fn run_plot(a: PlotArgs) -> anyhow::Result<()> {
+    let files = trm::telemetry::plot::plot_run(&a.run_dir)?;
+    for f in files {
+        println!("{}", f.display());
+    }
     Ok(())
 }
 
@@ -203,6 +334,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::BuildDataset(a) => run_build_dataset(a),
         Command::Demo(a) => run_demo(a),
+        Command::Train(a) => run_train(a),
+        Command::Plot(a) => run_plot(a),
         Command::StepDump(a) => trm::stepdump::run(&a),
     };
     match result {

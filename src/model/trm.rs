@@ -271,6 +271,87 @@ impl<T: Real> Params<T> {
     }
 }
 
+/// Where a dense trainable tensor lives in [`Params`] / [`Grads`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DenseSlot {
+    Embed,
+    LmHead,
+    QW,
+    QB,
+    Layer(usize, usize),
+}
+
+fn dense_slot(name: &str) -> Option<DenseSlot> {
+    Some(match name {
+        "inner.embed_tokens.embedding_weight" => DenseSlot::Embed,
+        "inner.lm_head.weight" => DenseSlot::LmHead,
+        "inner.q_head.weight" => DenseSlot::QW,
+        "inner.q_head.bias" => DenseSlot::QB,
+        _ => {
+            let rest = name.strip_prefix("inner.L_level.layers.")?;
+            let (i, part) = rest.split_once('.')?;
+            let part = part.strip_suffix(".weight")?;
+            let k = LAYER_PARTS.iter().position(|p| *p == part)?;
+            DenseSlot::Layer(i.parse().ok()?, k)
+        }
+    })
+}
+
+fn layer_part_mut<T>(l: &mut LayerParams<T>, k: usize) -> &mut Vec<T> {
+    match k {
+        0 => &mut l.qkv,
+        1 => &mut l.o,
+        2 => &mut l.gate_up,
+        _ => &mut l.down,
+    }
+}
+
+fn layer_part<T>(l: &LayerParams<T>, k: usize) -> &Vec<T> {
+    match k {
+        0 => &l.qkv,
+        1 => &l.o,
+        2 => &l.gate_up,
+        _ => &l.down,
+    }
+}
+
+impl<T: Real> Params<T> {
+    /// The dense trainable tensor with reference name `name` (None for other names).
+    pub fn dense(&self, name: &str) -> Option<&Vec<T>> {
+        Some(match dense_slot(name)? {
+            DenseSlot::Embed => &self.embed,
+            DenseSlot::LmHead => &self.lm_head,
+            DenseSlot::QW => &self.q_w,
+            DenseSlot::QB => &self.q_b,
+            DenseSlot::Layer(i, k) => layer_part(self.layers.get(i)?, k),
+        })
+    }
+
+    /// Mutable [`Params::dense`].
+    pub fn dense_mut(&mut self, name: &str) -> Option<&mut Vec<T>> {
+        Some(match dense_slot(name)? {
+            DenseSlot::Embed => &mut self.embed,
+            DenseSlot::LmHead => &mut self.lm_head,
+            DenseSlot::QW => &mut self.q_w,
+            DenseSlot::QB => &mut self.q_b,
+            DenseSlot::Layer(i, k) => layer_part_mut(self.layers.get_mut(i)?, k),
+        })
+    }
+}
+
+impl<T: Real> Grads<T> {
+    /// The gradient of the dense tensor with reference name `name`.
+    pub fn dense(&self, name: &str) -> Option<&Vec<T>> {
+        Some(match dense_slot(name)? {
+            DenseSlot::Embed => &self.embed,
+            DenseSlot::LmHead => &self.lm_head,
+            DenseSlot::QW => &self.q_w,
+            DenseSlot::QB => &self.q_b,
+            DenseSlot::Layer(i, k) => layer_part(self.layers.get(i)?, k),
+        })
+    }
+}
+
 impl<T: Real> Grads<T> {
     /// All-zero gradients for `params` and batch size `b`.
     pub fn zeros_like(p: &Params<T>, dm: &Dims) -> Self {

@@ -1,0 +1,40 @@
+//! Collectives between data-parallel ranks.
+//!
+//! Design rule: the trainer talks to one [`Collective`]; it never knows how
+//! many processes there are. Dense gradients arrive as ONE flat buffer (one
+//! all-reduce per step), puzzle-embedding rows as (ids, rows) pairs to
+//! all-gather, metrics as a few f64 sums. [`SingleProcess`] is the world of
+//! one rank (CPU runs, tests); NCCL ranks implement the same trait.
+
+/// What data-parallel training needs from the other ranks.
+pub trait Collective {
+    /// This process's rank, `0..world_size`.
+    fn rank(&self) -> usize;
+    /// Number of ranks.
+    fn world_size(&self) -> usize;
+    /// In place: every rank ends with the element-wise sum over ranks.
+    fn all_reduce_sum(&self, buf: &mut [f32]);
+    /// In place, f64 (metric sums).
+    fn all_reduce_sum_f64(&self, buf: &mut [f64]);
+    /// Every rank's `(ids, rows)` concatenated in rank order; `rows` holds
+    /// `ids.len()` rows of equal width.
+    fn all_gather_rows(&self, ids: &[i32], rows: &[f32]) -> (Vec<i32>, Vec<f32>);
+}
+
+/// The world of one rank: every collective is the identity.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SingleProcess;
+
+impl Collective for SingleProcess {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&self, _buf: &mut [f32]) {}
+    fn all_reduce_sum_f64(&self, _buf: &mut [f64]) {}
+    fn all_gather_rows(&self, ids: &[i32], rows: &[f32]) -> (Vec<i32>, Vec<f32>) {
+        (ids.to_vec(), rows.to_vec())
+    }
+}
