@@ -23,8 +23,16 @@ const X_MIN: f32 = -87.336_54;
 /// `e^x` for one lane; `#[inline(always)]` so each caller's loop vectorises.
 #[inline(always)]
 fn exp_lane(x: f32) -> f32 {
-    // `clamp` keeps NaN (unlike min/max) and vectorises as compares + blends
-    let xc = x.clamp(X_MIN, X_MAX);
+    // Selects, not `clamp` (its assert blocks vectorisation) nor min/max
+    // (they drop NaN); they vectorise as compares + blends.
+    #[allow(clippy::manual_clamp)]
+    let xc = if x > X_MAX {
+        X_MAX
+    } else if x < X_MIN {
+        X_MIN
+    } else {
+        x
+    };
     let t = xc.mul_add(LOG2E, ROUND_MAGIC);
     let n = t - ROUND_MAGIC;
     let ni = (t.to_bits() as i32).wrapping_sub(ROUND_MAGIC.to_bits() as i32);
