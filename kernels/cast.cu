@@ -2,7 +2,8 @@
 // buffers of n elements.
 //
 // Design rule (every kernels/*.cu): one op family per file, `extern "C"`
-// kernels named `<op>_<dtype...>`, flat element counts as `long n`, f32
+// kernels named `<op>_<dtype...>` taking one argument struct of abi.h by
+// value, flat element counts as 64-bit `n`, f32
 // arithmetic, bf16 rounding only through common.cuh. Kernels are grid-stride
 // loops, so any grid size is correct; the host picks the grid for occupancy.
 // They are correct for every n (0, odd, huge) and every pointer alignment:
@@ -12,7 +13,10 @@
 #include "common.cuh"
 
 // y[i] = bf16(x[i]), round to nearest even (as torch's .to(torch.bfloat16)).
-extern "C" __global__ void cast_f32_to_bf16(const float* __restrict__ x, bf16* __restrict__ y, long n) {
+extern "C" __global__ void cast_f32_to_bf16(const CastF32ToBf16Args a) {
+    const float* __restrict__ x = a.x;
+    bf16* __restrict__ y = a.y;
+    const long n = a.n;
     constexpr int P = Pack128<bf16>::size;  // 8 elements: two f32 packs in, one bf16 pack out
     long done = 0;
     if (is_aligned16(x) && is_aligned16(y)) {
@@ -34,7 +38,10 @@ extern "C" __global__ void cast_f32_to_bf16(const float* __restrict__ x, bf16* _
 }
 
 // y[i] = f32(x[i]) (exact).
-extern "C" __global__ void cast_bf16_to_f32(const bf16* __restrict__ x, float* __restrict__ y, long n) {
+extern "C" __global__ void cast_bf16_to_f32(const CastBf16ToF32Args a) {
+    const bf16* __restrict__ x = a.x;
+    float* __restrict__ y = a.y;
+    const long n = a.n;
     constexpr int P = Pack128<bf16>::size;  // 8 elements: one bf16 pack in, two f32 packs out
     long done = 0;
     if (is_aligned16(x) && is_aligned16(y)) {
@@ -70,8 +77,8 @@ static __device__ __forceinline__ void fill(T* __restrict__ y, T v, long n) {
 }
 
 // y[i] = v.
-extern "C" __global__ void fill_f32(float* __restrict__ y, float v, long n) { fill(y, v, n); }
+extern "C" __global__ void fill_f32(const FillF32Args a) { fill(a.y, a.v, a.n); }
 
 // y[i] = v. `v` is passed as the 2-byte bf16 bit pattern (a u16 on the host),
 // so the caller decides the rounding.
-extern "C" __global__ void fill_bf16(bf16* __restrict__ y, bf16 v, long n) { fill(y, v, n); }
+extern "C" __global__ void fill_bf16(const FillBf16Args a) { fill(a.y, a.v, a.n); }

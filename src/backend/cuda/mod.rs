@@ -1,8 +1,15 @@
 //! CUDA backend. For now: the SM90 kernels build.rs compiled from `kernels/`
-//! and embedded in the binary, and their ptxas resource report. The runtime
-//! (context, streams, launches) comes later and loads modules from
-//! [`embedded_modules`].
+//! and embedded in the binary, their ptxas resource report, the kernel ABI
+//! (argument structs and typed kernel handles generated from `kernels/abi.h`),
+//! and, with the `emu` feature (tests), the CPU emulator that runs the same
+//! kernel sources. The runtime (context, streams, launches) comes later and
+//! loads modules from [`embedded_modules`].
 
+pub mod abi;
+#[cfg(test)]
+mod abigen;
+#[cfg(feature = "emu")]
+pub mod emu;
 pub mod kernels;
 pub mod ptxas;
 

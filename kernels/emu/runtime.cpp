@@ -1,0 +1,458 @@
+// The CPU emulator's runtime: launches, the fiber scheduler, barriers and warp
+// collectives (see cuda_emu.h for the model and the rules).
+//
+// Design rule: a launch is strict where the GPU's behaviour is undefined. A
+// barrier that exited threads never reach, threads of a block waiting at
+// different __syncthreads, a warp collective whose lanes disagree on the
+// operation or mask, a mask naming lanes that do not exist or have exited, and
+// a shuffle reading a lane outside its mask all fail the launch with a message
+// naming the thread, instead of passing silently or hanging.
+#include <sys/mman.h>
+#include <ucontext.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#include <mutex>
+#include <string>
+#include <vector>
+
+// Bounds of the section holding every static __shared__ variable (the linker
+// defines them; weak, so a build whose kernels declare none still links).
+extern "C" unsigned char __start_trm_emu_shared[] __attribute__((weak));
+extern "C" unsigned char __stop_trm_emu_shared[] __attribute__((weak));
+
+namespace trm_emu {
+
+uint3 g_thread_idx;
+uint3 g_block_idx;
+dim3 g_block_dim;
+dim3 g_grid_dim;
+
+namespace {
+
+// H200 limits the emulator enforces.
+constexpr uint32_t kMaxThreadsPerBlock = 1024;
+constexpr uint32_t kMaxSharedPerBlock = 227 * 1024;  // opt-in maximum of sm_90
+constexpr size_t kStackBytes = 64 * 1024;
+constexpr unsigned char kPoison = 0xff;  // NaN as f32 and bf16, -1 as integers
+
+enum class State : uint8_t { Ready, Barrier, Warp, Done };
+
+struct Thread {
+    ucontext_t ctx;
+    State state;
+    uint3 idx;
+    // The warp collective this thread waits in.
+    int op;
+    unsigned mask;
+    int width;
+    int arg;
+    uint64_t value;
+    uint64_t result;
+    const char* what;
+};
+
+struct Launch {
+    const char* kernel;
+    KernelBody body;
+    const void* args;
+    uint32_t nthreads;
+    bool reverse;
+    std::vector<Thread> threads;
+    ucontext_t scheduler;
+    uint32_t current;
+    unsigned char* dynamic_shared;
+    size_t dynamic_bytes;
+    // The barrier being filled.
+    uint32_t at_barrier;
+    const char* barrier_file;
+    int barrier_line;
+    int barrier_op;
+    uint32_t barrier_true;
+    int barrier_result;
+    // The first error; the launch stops at it.
+    int error_code;
+    std::string error;
+};
+
+std::mutex g_mutex;             // one emulated launch at a time
+Launch* g_launch = nullptr;     // the launch in progress (under g_mutex)
+std::vector<void*> g_stacks;    // fiber stacks, reused across launches (under g_mutex)
+size_t g_page = 0;
+
+std::string format(const char* fmt, va_list ap) {
+    char buf[1024];
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    return buf;
+}
+
+std::string thread_name(const Launch& L, uint32_t linear) {
+    const Thread& t = L.threads[linear];
+    char buf[160];
+    snprintf(buf, sizeof buf, "block (%u,%u,%u) thread (%u,%u,%u) [warp %u lane %u]", g_block_idx.x, g_block_idx.y,
+             g_block_idx.z, t.idx.x, t.idx.y, t.idx.z, linear / 32, linear % 32);
+    return buf;
+}
+
+// Records the launch's first error and returns to the scheduler for good.
+[[noreturn]] __attribute__((format(printf, 2, 3))) void fail(int code, const char* fmt, ...) {
+    Launch& L = *g_launch;
+    if (L.error_code == TRM_EMU_OK) {
+        va_list ap;
+        va_start(ap, fmt);
+        L.error = format(fmt, ap);
+        va_end(ap);
+        L.error_code = code;
+    }
+    swapcontext(&L.threads[L.current].ctx, &L.scheduler);
+    abort();  // a failed thread is never resumed
+}
+
+void yield() {
+    Launch& L = *g_launch;
+    swapcontext(&L.threads[L.current].ctx, &L.scheduler);
+}
+
+void fiber_main() {
+    Launch& L = *g_launch;
+    L.body(L.args);
+    L.threads[L.current].state = State::Done;
+    swapcontext(&L.threads[L.current].ctx, &L.scheduler);
+    abort();  // a finished thread is never resumed
+}
+
+const char* barrier_name(int op) {
+    switch (op) {
+        case kBarrierCount: return "__syncthreads_count";
+        case kBarrierAnd: return "__syncthreads_and";
+        case kBarrierOr: return "__syncthreads_or";
+        default: return "__syncthreads";
+    }
+}
+
+// Fiber stacks with a guard page below each, so an overflow faults.
+bool ensure_stacks(uint32_t n) {
+    if (g_page == 0) g_page = (size_t)sysconf(_SC_PAGESIZE);
+    while (g_stacks.size() < n) {
+        void* p = mmap(nullptr, kStackBytes + g_page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                       -1, 0);
+        if (p == MAP_FAILED) return false;
+        if (mprotect(p, g_page, PROT_NONE) != 0) {
+            munmap(p, kStackBytes + g_page);
+            return false;
+        }
+        g_stacks.push_back(p);
+    }
+    return true;
+}
+
+// The shuffle source lane of `lane` as PTX defines shfl.sync (modes idx, up,
+// down, bfly with the c operand CUDA's intrinsics pass for `width`); returns
+// `lane` itself when the source is outside the lane's segment.
+int shuffle_source(int op, int lane, int b, int width) {
+    const int seg = (32 - width) & 0x1f;  // c[12:8]
+    const int clamp = op == kShflUp ? 0 : 0x1f;
+    const int max_lane = (lane & seg) | (clamp & ~seg);
+    const int min_lane = lane & seg;
+    int j = lane;
+    bool ok = false;
+    switch (op) {
+        case kShflUp: j = lane - b; ok = j >= max_lane; break;
+        case kShflDown: j = lane + b; ok = j <= max_lane; break;
+        case kShflXor: j = lane ^ (b & 0x1f); ok = j <= max_lane; break;
+        default: j = min_lane | (b & 0x1f & ~seg); ok = j <= max_lane; break;
+    }
+    return ok ? j : lane;
+}
+
+// All lanes of `mask` in warp `base/32` have called the collective: compute
+// every lane's result and wake them.
+void complete_collective(Launch& L, uint32_t base, unsigned mask, int op) {
+    uint64_t common = 0;
+    switch (op) {
+        case kBallot:
+        case kAny:
+        case kAll: {
+            unsigned votes = 0;
+            for (int l = 0; l < 32; l++)
+                if ((mask >> l & 1u) && L.threads[base + l].value != 0) votes |= 1u << l;
+            common = op == kBallot ? votes : op == kAny ? votes != 0 : votes == mask;
+            break;
+        }
+        case kReduceAdd:
+        case kReduceMinU:
+        case kReduceMaxU:
+        case kReduceMinI:
+        case kReduceMaxI: {
+            bool first = true;
+            uint32_t acc = 0;
+            for (int l = 0; l < 32; l++) {
+                if (!(mask >> l & 1u)) continue;
+                const uint32_t v = (uint32_t)L.threads[base + l].value;
+                if (first) {
+                    acc = v;
+                    first = false;
+                } else if (op == kReduceAdd) {
+                    acc += v;
+                } else if (op == kReduceMinU) {
+                    acc = v < acc ? v : acc;
+                } else if (op == kReduceMaxU) {
+                    acc = v > acc ? v : acc;
+                } else if (op == kReduceMinI) {
+                    acc = (int32_t)v < (int32_t)acc ? v : acc;
+                } else {
+                    acc = (int32_t)v > (int32_t)acc ? v : acc;
+                }
+            }
+            common = acc;
+            break;
+        }
+        default: break;
+    }
+    for (int l = 0; l < 32; l++) {
+        if (!(mask >> l & 1u)) continue;
+        Thread& t = L.threads[base + l];
+        if (op == kShflIdx || op == kShflUp || op == kShflDown || op == kShflXor) {
+            const int j = shuffle_source(op, l, t.arg, t.width);
+            if (!(mask >> j & 1u))
+                fail(TRM_EMU_ERR_WARP, "%s: %s reads lane %d, which is not in the mask 0x%08x", t.what,
+                     thread_name(L, base + l).c_str(), j, mask);
+            t.result = L.threads[base + j].value;
+        } else {
+            t.result = common;
+        }
+        t.state = State::Ready;
+    }
+}
+
+// Explains why no thread of the block can run.
+std::string describe_stall(const Launch& L) {
+    uint32_t done = 0, barrier = 0, warp = 0;
+    int first_done = -1, first_warp = -1;
+    for (uint32_t i = 0; i < L.nthreads; i++) {
+        switch (L.threads[i].state) {
+            case State::Done: done++; if (first_done < 0) first_done = (int)i; break;
+            case State::Barrier: barrier++; break;
+            case State::Warp: warp++; if (first_warp < 0) first_warp = (int)i; break;
+            default: break;
+        }
+    }
+    char buf[512];
+    std::string s;
+    if (barrier > 0) {
+        snprintf(buf, sizeof buf, "%s at %s:%d is reached by %u of %u threads", barrier_name(L.barrier_op),
+                 L.barrier_file, L.barrier_line, barrier, L.nthreads);
+        s += buf;
+    }
+    if (warp > 0) {
+        const Thread& t = L.threads[first_warp];
+        const uint32_t base = (uint32_t)first_warp / 32 * 32;
+        unsigned missing = 0;
+        for (int l = 0; l < 32; l++)
+            if ((t.mask >> l & 1u) && L.threads[base + l].state != State::Warp) missing |= 1u << l;
+        snprintf(buf, sizeof buf, "%s%u threads wait in warp collectives; warp %u waits in %s (mask 0x%08x) for lanes 0x%08x",
+                 s.empty() ? "" : "; ", warp, base / 32, t.what, t.mask, missing);
+        s += buf;
+    }
+    if (done > 0) {
+        snprintf(buf, sizeof buf, "; %u threads have returned (first: thread %d)", done, first_done);
+        s += buf;
+    }
+    return s;
+}
+
+// Runs every thread of the current block to completion.
+void run_block(Launch& L) {
+    if (+__start_trm_emu_shared != nullptr && +__stop_trm_emu_shared > +__start_trm_emu_shared)
+        memset(__start_trm_emu_shared, kPoison, (size_t)(__stop_trm_emu_shared - __start_trm_emu_shared));
+    if (L.dynamic_bytes > 0) memset(L.dynamic_shared, kPoison, L.dynamic_bytes);
+    L.at_barrier = 0;
+    const uint32_t bx = g_block_dim.x, by = g_block_dim.y;
+    for (uint32_t i = 0; i < L.nthreads; i++) {
+        Thread& t = L.threads[i];
+        t.state = State::Ready;
+        t.idx = uint3{i % bx, i / bx % by, i / (bx * by)};
+        t.op = 0;
+        t.mask = 0;
+        getcontext(&t.ctx);
+        t.ctx.uc_stack.ss_sp = (unsigned char*)g_stacks[i] + g_page;
+        t.ctx.uc_stack.ss_size = kStackBytes;
+        t.ctx.uc_link = nullptr;
+        makecontext(&t.ctx, fiber_main, 0);
+    }
+    for (;;) {
+        bool ran = false;
+        uint32_t done = 0;
+        for (uint32_t k = 0; k < L.nthreads; k++) {
+            const uint32_t i = L.reverse ? L.nthreads - 1 - k : k;
+            Thread& t = L.threads[i];
+            if (t.state == State::Done) done++;
+            if (t.state != State::Ready) continue;
+            L.current = i;
+            g_thread_idx = t.idx;
+            swapcontext(&L.scheduler, &t.ctx);
+            ran = true;
+            if (L.error_code != TRM_EMU_OK) return;
+        }
+        if (!ran) {
+            if (done == L.nthreads) return;
+            L.error_code = TRM_EMU_ERR_DEADLOCK;
+            L.error = "deadlock in block (" + std::to_string(g_block_idx.x) + "," + std::to_string(g_block_idx.y) +
+                      "," + std::to_string(g_block_idx.z) + "): " + describe_stall(L);
+            return;
+        }
+    }
+}
+
+}  // namespace
+
+int barrier(int op, int predicate, const char* file, int line) {
+    Launch& L = *g_launch;
+    Thread& me = L.threads[L.current];
+    if (L.at_barrier == 0) {
+        L.barrier_file = file;
+        L.barrier_line = line;
+        L.barrier_op = op;
+        L.barrier_true = 0;
+    } else if (L.barrier_line != line || strcmp(L.barrier_file, file) != 0 || L.barrier_op != op) {
+        fail(TRM_EMU_ERR_DEADLOCK,
+             "divergent barriers: %s reaches %s at %s:%d while %u threads wait at %s at %s:%d",
+             thread_name(L, L.current).c_str(), barrier_name(op), file, line, L.at_barrier,
+             barrier_name(L.barrier_op), L.barrier_file, L.barrier_line);
+    }
+    me.state = State::Barrier;
+    L.at_barrier++;
+    L.barrier_true += predicate != 0;
+    if (L.at_barrier == L.nthreads) {
+        switch (op) {
+            case kBarrierCount: L.barrier_result = (int)L.barrier_true; break;
+            case kBarrierAnd: L.barrier_result = L.barrier_true == L.nthreads; break;
+            case kBarrierOr: L.barrier_result = L.barrier_true != 0; break;
+            default: L.barrier_result = 0; break;
+        }
+        for (Thread& t : L.threads) t.state = State::Ready;
+        L.at_barrier = 0;
+    } else {
+        yield();
+    }
+    // Every thread reads the result before any can complete the next barrier.
+    return L.barrier_result;
+}
+
+uint64_t warp_collective(int op, unsigned mask, uint64_t value, int arg, int width, const char* name) {
+    Launch& L = *g_launch;
+    const uint32_t me = L.current;
+    const uint32_t base = me / 32 * 32;
+    const int lane = (int)(me % 32);
+    const uint32_t lanes = L.nthreads - base < 32 ? L.nthreads - base : 32;
+    const unsigned exist = lanes == 32 ? 0xffffffffu : (1u << lanes) - 1u;
+    if (!(mask >> lane & 1u))
+        fail(TRM_EMU_ERR_WARP, "%s: %s calls it with mask 0x%08x, which does not name the calling lane", name,
+             thread_name(L, me).c_str(), mask);
+    if (mask & ~exist)
+        fail(TRM_EMU_ERR_WARP, "%s: mask 0x%08x names lanes that do not exist (warp %u has %u threads)", name, mask,
+             base / 32, lanes);
+    if (width < 1 || width > 32 || (width & (width - 1)) != 0)
+        fail(TRM_EMU_ERR_WARP, "%s: width %d is not a power of two in 1..32", name, width);
+    Thread& t = L.threads[me];
+    t.op = op;
+    t.mask = mask;
+    t.width = width;
+    t.arg = arg;
+    t.value = value;
+    t.what = name;
+    t.state = State::Warp;
+    bool all = true;
+    for (int l = 0; l < (int)lanes; l++) {
+        if (l == lane) continue;
+        const Thread& o = L.threads[base + l];
+        const bool mine = mask >> l & 1u;
+        // A waiting lane that names me, or that I name, must be in the same collective.
+        if (o.state == State::Warp && (mine || (o.mask >> lane & 1u)) &&
+            (o.op != op || o.mask != mask || o.width != width))
+            fail(TRM_EMU_ERR_WARP,
+                 "mismatched warp collectives: %s calls %s (mask 0x%08x, width %d) while lane %d waits in %s "
+                 "(mask 0x%08x, width %d)",
+                 thread_name(L, me).c_str(), name, mask, width, l, o.what, o.mask, o.width);
+        if (!mine) continue;
+        if (o.state != State::Warp) {
+            all = false;
+            if (o.state == State::Done)
+                fail(TRM_EMU_ERR_DEADLOCK, "%s: %s uses mask 0x%08x but lane %d has returned", name,
+                     thread_name(L, me).c_str(), mask, l);
+        }
+    }
+    if (all) {
+        complete_collective(L, base, mask, op);
+    } else {
+        yield();
+    }
+    return t.result;
+}
+
+void trap(const char* file, int line) {
+    fail(TRM_EMU_ERR_TRAP, "__trap() at %s:%d in %s", file, line, thread_name(*g_launch, g_launch->current).c_str());
+}
+
+unsigned char* dynamic_shared_base() { return g_launch->dynamic_shared; }
+
+int launch(const char* kernel, KernelBody body, const void* args, const TrmEmuLaunch* cfg, uint32_t max_threads,
+           char* err, size_t err_len) {
+    auto report = [&](int code, const std::string& message) {
+        if (err != nullptr && err_len > 0) snprintf(err, err_len, "%s", message.c_str());
+        return code;
+    };
+    const uint64_t nthreads = (uint64_t)cfg->block_x * cfg->block_y * cfg->block_z;
+    const uint64_t nblocks = (uint64_t)cfg->grid_x * cfg->grid_y * cfg->grid_z;
+    char buf[256];
+    if (nthreads == 0 || nthreads > kMaxThreadsPerBlock || cfg->block_z > 64) {
+        snprintf(buf, sizeof buf, "block (%u,%u,%u): needs 1..%u threads and z <= 64", cfg->block_x, cfg->block_y,
+                 cfg->block_z, kMaxThreadsPerBlock);
+        return report(TRM_EMU_ERR_CONFIG, buf);
+    }
+    if (max_threads > 0 && nthreads > max_threads) {
+        snprintf(buf, sizeof buf, "block of %llu threads, more than the kernel's __launch_bounds__(%u)",
+                 (unsigned long long)nthreads, max_threads);
+        return report(TRM_EMU_ERR_CONFIG, buf);
+    }
+    if (nblocks == 0 || cfg->grid_x > 0x7fffffffu || cfg->grid_y > 65535 || cfg->grid_z > 65535) {
+        snprintf(buf, sizeof buf, "grid (%u,%u,%u): needs x in 1..2^31-1, y and z in 1..65535", cfg->grid_x,
+                 cfg->grid_y, cfg->grid_z);
+        return report(TRM_EMU_ERR_CONFIG, buf);
+    }
+    if (cfg->shared_bytes > kMaxSharedPerBlock) {
+        snprintf(buf, sizeof buf, "%u bytes of dynamic shared memory, more than the %u of an sm_90 block",
+                 cfg->shared_bytes, kMaxSharedPerBlock);
+        return report(TRM_EMU_ERR_CONFIG, buf);
+    }
+
+    std::lock_guard<std::mutex> lock(g_mutex);
+    if (!ensure_stacks((uint32_t)nthreads)) return report(TRM_EMU_ERR_HOST, "cannot map fiber stacks");
+    Launch L{};
+    L.kernel = kernel;
+    L.body = body;
+    L.args = args;
+    L.nthreads = (uint32_t)nthreads;
+    L.reverse = (cfg->flags & TRM_EMU_REVERSE_ORDER) != 0;
+    L.threads.resize(nthreads);
+    L.dynamic_bytes = cfg->shared_bytes;
+    L.dynamic_shared = (unsigned char*)aligned_alloc(128, (L.dynamic_bytes + 127) / 128 * 128 + 128);
+    if (L.dynamic_shared == nullptr) return report(TRM_EMU_ERR_HOST, "cannot allocate dynamic shared memory");
+    L.error_code = TRM_EMU_OK;
+    g_launch = &L;
+    g_grid_dim = dim3(cfg->grid_x, cfg->grid_y, cfg->grid_z);
+    g_block_dim = dim3(cfg->block_x, cfg->block_y, cfg->block_z);
+    for (uint64_t k = 0; k < nblocks && L.error_code == TRM_EMU_OK; k++) {
+        const uint64_t b = L.reverse ? nblocks - 1 - k : k;
+        g_block_idx = uint3{(unsigned)(b % cfg->grid_x), (unsigned)(b / cfg->grid_x % cfg->grid_y),
+                            (unsigned)(b / ((uint64_t)cfg->grid_x * cfg->grid_y))};
+        run_block(L);
+    }
+    g_launch = nullptr;
+    free(L.dynamic_shared);
+    if (L.error_code != TRM_EMU_OK) return report(L.error_code, L.error);
+    return TRM_EMU_OK;
+}
+
+}  // namespace trm_emu
