@@ -28,7 +28,7 @@ fn heads_fill_threads(tasks: usize) -> bool {
 /// Query rows per block: a block of scores (Q_BLOCK x S floats) stays in
 /// L2 through the QK^T product, the softmax and the PV product, and the
 /// scratch is Q_BLOCK x S instead of S x S.
-const Q_BLOCK: usize = 128;
+const Q_BLOCK: usize = 256;
 
 /// Grows a per-task scratch buffer to `n` values. Its contents are stale:
 /// every caller overwrites the whole buffer (GEMM with accumulate = false).
