@@ -3,7 +3,7 @@
 //! Data flows one way: config -> data -> model -> loss -> backward -> optimiser
 //! -> checkpoint. This crate currently holds the data pipeline (ARC JSON,
 //! augmentation, the dataset builder and loader), the CUDA kernel embedding,
-//! full-state checkpoints and training telemetry.
+//! full-state checkpoints, training telemetry and the ARC evaluator.
 
 pub mod backend;
 pub mod checkpoint;
@@ -11,6 +11,7 @@ pub mod config;
 pub mod data;
 pub mod demo;
 pub mod dist;
+pub mod eval;
 pub mod loss;
 pub mod model;
 pub mod optim;
