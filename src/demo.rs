@@ -11,9 +11,11 @@ use crate::data::builder::{build_dataset, BuildOptions, BuildReport, BuildUi};
 use crate::data::synthetic;
 use crate::train::{train, TrainOptions, TrainReport};
 
-/// Canvas side of the synthetic dataset: 6x6 grids plus their EOS row and
-/// column fit in 8x8, so a sequence is 64 tokens instead of the reference's 900.
-pub const DEMO_CANVAS: usize = 8;
+/// Largest side of the synthetic grids (3x3 up to this square).
+pub const DEMO_GRID_SIDE: usize = 4;
+/// Canvas side of the synthetic dataset: grids plus their EOS row and column
+/// fit, so a sequence is 25 tokens instead of the reference's 900.
+pub const DEMO_CANVAS: usize = DEMO_GRID_SIDE + 1;
 
 #[derive(Clone, Debug)]
 pub struct DemoOptions {
@@ -23,6 +25,8 @@ pub struct DemoOptions {
     pub arc: Option<(String, Vec<String>, String)>,
     pub train_puzzles: usize,
     pub eval_puzzles: usize,
+    /// Largest side of the synthetic grids.
+    pub grid_side: usize,
     pub num_aug: usize,
     /// Canvas side of the built dataset (30 = the reference's 30x30).
     pub canvas_side: usize,
@@ -39,7 +43,8 @@ impl Default for DemoOptions {
             arc: None,
             train_puzzles: 40,
             eval_puzzles: 8,
-            num_aug: 100,
+            grid_side: DEMO_GRID_SIDE,
+            num_aug: 3,
             canvas_side: DEMO_CANVAS,
             seed: 0,
             verbose: true,
@@ -96,7 +101,7 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<DemoSummary> {
                 &prefix,
                 opts.train_puzzles,
                 opts.eval_puzzles,
-                6,
+                opts.grid_side,
                 opts.seed,
             )?;
             BuildOptions::new(
@@ -149,4 +154,22 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<DemoSummary> {
         train: report,
         plots,
     })
+}
+
+/// Mean of train metric `key` over the first and the last tenth of the
+/// logged steps that counted at least one halted sample (a single step's
+/// value is noisy: only the samples halting at that step are counted).
+pub fn early_late(r: &TrainReport, key: &str) -> (f64, f64) {
+    let vals: Vec<f64> = r
+        .train_log
+        .iter()
+        .filter(|(_, m)| m.iter().any(|(k, v)| k == "train/steps" && *v > 0.0))
+        .filter_map(|(_, m)| m.iter().find(|(k, _)| k == key).map(|(_, v)| *v))
+        .collect();
+    if vals.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    let n = (vals.len() / 10).max(1);
+    let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
+    (mean(&vals[..n]), mean(&vals[vals.len() - n..]))
 }

@@ -38,7 +38,7 @@ enum Command {
     #[command(
         long_about = "The main job on a built-in default, with no data and no GPU.\n\n\
             Generates a small synthetic ARC-style task family (flips, rotations, colour maps, gravity \
-            on grids up to 6x6), builds the augmented dataset with the real builder on an 8x8 canvas, \
+            on grids of 3x3 to 4x4), builds the augmented dataset with the real builder on a 5x5 canvas, \
             trains the built-in cpu-tiny config for a few minutes on the CPU, evaluates, checkpoints, \
             plots the metrics, and prints where everything is. Use --arc-prefix to run it on real ARC \
             files; trailing key=value arguments override the cpu-tiny config."
@@ -96,8 +96,11 @@ struct DemoArgs {
     /// Synthetic puzzles in the evaluation (test) subset.
     #[arg(long, default_value_t = 8)]
     eval_puzzles: usize,
+    /// Largest side of the synthetic grids (3x3 up to this square).
+    #[arg(long, default_value_t = trm::demo::DEMO_GRID_SIDE)]
+    grid_side: usize,
     /// Augmented copies per puzzle.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 3)]
     num_aug: usize,
     /// Canvas side of the dataset (30 = the reference's 30x30; real ARC needs 30).
     #[arg(long, default_value_t = trm::demo::DEMO_CANVAS)]
@@ -224,14 +227,21 @@ fn run_demo(a: DemoArgs) -> anyhow::Result<()> {
     // Real ARC grids are up to 30x30.
     let canvas_side = if arc.is_some() && a.canvas_side == trm::demo::DEMO_CANVAS {
         30
+    } else if arc.is_none() && a.canvas_side == trm::demo::DEMO_CANVAS {
+        // grids plus their EOS row and column
+        a.grid_side + 1
     } else {
         a.canvas_side
     };
+    if a.grid_side < 3 || a.grid_side > 30 {
+        anyhow::bail!("--grid-side must be in 3..=30");
+    }
     let opts = trm::demo::DemoOptions {
         out_dir: a.out,
         arc,
         train_puzzles: a.train_puzzles,
         eval_puzzles: a.eval_puzzles,
+        grid_side: a.grid_side,
         num_aug: a.num_aug,
         canvas_side,
         seed: a.seed,
@@ -244,20 +254,12 @@ fn run_demo(a: DemoArgs) -> anyhow::Result<()> {
     let s = trm::demo::run(&opts)?;
     print_report(&s.build);
     let r = &s.train;
-    let first = r.train_log.first();
-    let last = r.train_log.last();
-    let get = |log: Option<&(u64, Vec<(String, f64)>)>, key: &str| {
-        log.and_then(|(_, m)| m.iter().find(|(k, _)| k == key).map(|(_, v)| *v))
-            .unwrap_or(f64::NAN)
-    };
+    let (early, late) = trm::demo::early_late(r, "train/lm_loss");
+    let (early_x, late_x) = trm::demo::early_late(r, "train/exact_accuracy");
     println!(
-        "training: {} steps in {:.0} s; train lm_loss {:.4} -> {:.4}, train exact accuracy {:.3} -> {:.3}",
-        r.steps_run,
-        r.seconds,
-        get(first, "train/lm_loss"),
-        get(last, "train/lm_loss"),
-        get(first, "train/exact_accuracy"),
-        get(last, "train/exact_accuracy"),
+        "training: {} steps in {:.0} s; train lm_loss {:.4} -> {:.4}, train exact accuracy {:.3} -> {:.3} \
+         (means over the first and last tenth of the steps)",
+        r.steps_run, r.seconds, early, late, early_x, late_x,
     );
     for (step, m) in &r.eval_log {
         let v = |k: &str| {
@@ -267,10 +269,12 @@ fn run_demo(a: DemoArgs) -> anyhow::Result<()> {
                 .unwrap_or(f64::NAN)
         };
         println!(
-            "  eval at step {step:>5}: accuracy {:.3}, exact accuracy {:.3}, lm_loss {:.4}",
+            "  eval at step {step:>5}: accuracy {:.3}, exact accuracy {:.3}, lm_loss {:.4}, ARC pass@1 {:.3}, pass@2 {:.3}",
             v("/accuracy"),
             v("/exact_accuracy"),
-            v("/lm_loss")
+            v("/lm_loss"),
+            v("ARC/pass@1"),
+            v("ARC/pass@2"),
         );
     }
     println!(

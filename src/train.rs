@@ -55,6 +55,8 @@ pub enum TrainError {
     Optim(#[from] OptimError),
     #[error("telemetry: {0}")]
     Telemetry(#[from] TelemetryError),
+    #[error("ARC evaluator: {0}")]
+    Eval(#[from] crate::eval::EvalError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -889,6 +891,31 @@ pub fn train_with(
     } else {
         None
     };
+    // ARC evaluators (`arc@ARC` in `evaluators`), on the first test dataset
+    // as the reference does; `pass_Ks` in its options overrides the K list.
+    let mut arc_ks: Vec<Vec<usize>> = Vec::new();
+    if test_ds.is_some() {
+        for ev in &cfg.evaluators {
+            let ks = ev
+                .options
+                .get("pass_Ks")
+                .and_then(|v| v.as_sequence())
+                .map(|seq| {
+                    seq.iter()
+                        .filter_map(|k| k.as_u64())
+                        .map(|k| k as usize)
+                        .collect()
+                })
+                .unwrap_or_else(|| crate::eval::DEFAULT_PASS_KS.to_vec());
+            arc_ks.push(ks);
+        }
+    }
+    let eval_data_dir = cfg
+        .data_paths_test
+        .first()
+        .or(cfg.data_paths.first())
+        .cloned()
+        .unwrap_or_default();
     let meta = train_ds.metadata().clone();
     let arch = cfg.arch_for_dataset(meta.seq_len, meta.vocab_size, meta.num_puzzle_identifiers)?;
     let schedule = Schedule::new(cfg, meta.total_groups, meta.mean_puzzle_examples);
@@ -1008,10 +1035,20 @@ pub fn train_with(
         let loader_state = train_ds.state().clone();
         if let Some(test) = &test_ds {
             let params = st.eval_params();
-            let (per_set, _outs) = st.evaluate(&params, test, coll)?;
+            let (per_set, outs) = st.evaluate(&params, test, coll)?;
             let mut log = Vec::new();
             for (set, m) in &per_set {
                 log.extend(m.eval_view(set));
+            }
+            if rank0 {
+                for ks in &arc_ks {
+                    let mut ev = crate::eval::ArcEvaluator::new(&eval_data_dir, ks)?;
+                    ev.add(&outs)?;
+                    let res = ev.result();
+                    let out_dir = dir.join(format!("evaluator_ARC_step_{}", st.step));
+                    crate::eval::write_results(&out_dir, &res)?;
+                    log.extend(res.metrics.iter().cloned());
+                }
             }
             if let Some(w) = &mut metrics_out {
                 w.log(st.step, &log)?;
@@ -1027,6 +1064,8 @@ pub fn train_with(
                     k.ends_with("/accuracy")
                         || k.ends_with("exact_accuracy")
                         || k.ends_with("lm_loss")
+                        || k == "ARC/pass@1"
+                        || k == "ARC/pass@2"
                 })
                 .map(|(k, v)| format!("{k} {v:.4}"))
                 .collect();

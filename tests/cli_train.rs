@@ -85,6 +85,32 @@ fn train_takes_reference_style_overrides() {
             .starts_with("step_")
     });
     assert!(has_step, "no checkpoint in {}", run.display());
+    // the ARC evaluator ran after each evaluation and logged pass@K
+    let evals: Vec<_> = std::fs::read_dir(&run)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("evaluator_ARC_step_")
+        })
+        .collect();
+    assert_eq!(evals.len(), 2, "{evals:?}");
+    for e in &evals {
+        let sub: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(e.join("submission.json")).unwrap()).unwrap();
+        let puzzles = sub.as_object().unwrap();
+        assert_eq!(puzzles.len(), 1, "one evaluation puzzle");
+        for entries in puzzles.values() {
+            for entry in entries.as_array().unwrap() {
+                assert!(entry.get("attempt_1").is_some() && entry.get("attempt_2").is_some());
+            }
+        }
+        assert!(e.join("report.json").is_file());
+    }
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert!(metrics.contains("\"ARC/pass@1\""), "{metrics}");
     // plot the run
     let out = trm().args(["plot"]).arg(&run).output().unwrap();
     assert!(
