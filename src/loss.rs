@@ -89,11 +89,14 @@ impl StepMetrics {
     }
 
     /// Training view, as the reference logs it: `train/<k>`, losses divided
-    /// by the global batch size, the rest by `max(count, 1)`.
+    /// by the global batch size, the rest by `count`. A step where no sample
+    /// halted logs only the losses: the reference logs 0 accuracies there,
+    /// which reads as a collapse in every chart.
     pub fn train_view(&self, global_batch_size: usize) -> Vec<(String, f64)> {
-        let count = self.count.max(1.0);
+        let count = self.count;
         self.named()
             .into_iter()
+            .filter(|(k, _)| count > 0.0 || k.ends_with("loss"))
             .map(|(k, v)| {
                 let div = if k.ends_with("loss") {
                     global_batch_size as f64
@@ -156,6 +159,9 @@ mod tests {
         assert!(!t.contains_key("train/q_continue_loss"));
         let e: std::collections::BTreeMap<_, _> = m.eval_view("all").into_iter().collect();
         assert_eq!(e["all/lm_loss"], 1.0);
+        let none = StepMetrics::from_step(&l, &[1.0; 4], &[false; 4], &[1; 4], false);
+        let t: Vec<String> = none.train_view(4).into_iter().map(|(k, _)| k).collect();
+        assert_eq!(t, ["train/lm_loss", "train/q_halt_loss"]);
         let mut sum = m;
         sum.add(&m);
         assert_eq!(sum.count, 4.0);
