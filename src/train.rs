@@ -570,27 +570,7 @@ impl TrainerState {
             self.sign_sgd
                 .step(&mut self.params.puzzle_emb, dm.ndim, &ids, &rows, plr)?;
         }
-        let mut sums = [
-            metrics.count,
-            metrics.accuracy,
-            metrics.exact_accuracy,
-            metrics.q_halt_accuracy,
-            metrics.steps,
-            metrics.lm_loss,
-            metrics.q_halt_loss,
-            metrics.q_continue_loss,
-        ];
-        coll.all_reduce_sum_f64(&mut sums);
-        [
-            metrics.count,
-            metrics.accuracy,
-            metrics.exact_accuracy,
-            metrics.q_halt_accuracy,
-            metrics.steps,
-            metrics.lm_loss,
-            metrics.q_halt_loss,
-            metrics.q_continue_loss,
-        ] = sums;
+        reduce_metrics(&mut metrics, coll);
         Ok(Some(metrics))
     }
 
@@ -689,27 +669,7 @@ impl TrainerState {
             }
         }
         for m in per_set.values_mut() {
-            let mut sums = [
-                m.count,
-                m.accuracy,
-                m.exact_accuracy,
-                m.q_halt_accuracy,
-                m.steps,
-                m.lm_loss,
-                m.q_halt_loss,
-                m.q_continue_loss,
-            ];
-            coll.all_reduce_sum_f64(&mut sums);
-            [
-                m.count,
-                m.accuracy,
-                m.exact_accuracy,
-                m.q_halt_accuracy,
-                m.steps,
-                m.lm_loss,
-                m.q_halt_loss,
-                m.q_continue_loss,
-            ] = sums;
+            reduce_metrics(m, coll);
         }
         Ok((per_set, outs))
     }
@@ -810,6 +770,31 @@ impl TrainerState {
     pub fn local_batch(&self) -> usize {
         self.local_batch
     }
+}
+
+/// Sums metric sums over ranks (in place).
+fn reduce_metrics(m: &mut StepMetrics, coll: &dyn Collective) {
+    let mut sums = [
+        m.count,
+        m.accuracy,
+        m.exact_accuracy,
+        m.q_halt_accuracy,
+        m.steps,
+        m.lm_loss,
+        m.q_halt_loss,
+        m.q_continue_loss,
+    ];
+    coll.all_reduce_sum_f64(&mut sums);
+    [
+        m.count,
+        m.accuracy,
+        m.exact_accuracy,
+        m.q_halt_accuracy,
+        m.steps,
+        m.lm_loss,
+        m.q_halt_loss,
+        m.q_continue_loss,
+    ] = sums;
 }
 
 fn argmax(row: &[f32]) -> usize {
