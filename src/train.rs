@@ -433,15 +433,7 @@ impl TrainerState {
         }
         let arch = &self.arch;
         let dm = self.ctx.dm;
-        if batch.batch_size != dm.b || batch.seq_len != dm.seq {
-            return Err(TrmError::BatchShape {
-                what: "inputs",
-                got: batch.inputs.len(),
-                expected: dm.b * dm.seq,
-                batch: dm.b,
-            }
-            .into());
-        }
+        check_batch_shape(&dm, batch, "inputs")?;
         self.carry.load_halted(batch, &self.params, dm.s, dm.d);
         for s in self.carry.steps.iter_mut() {
             *s += 1;
@@ -604,15 +596,7 @@ impl TrainerState {
         };
         let max = arch.halt_max_steps.max(1);
         for batch in test.test_batches() {
-            if batch.batch_size != dm.b || batch.seq_len != dm.seq {
-                return Err(TrmError::BatchShape {
-                    what: "test inputs",
-                    got: batch.inputs.len(),
-                    expected: dm.b * dm.seq,
-                    batch: dm.b,
-                }
-                .into());
-            }
+            check_batch_shape(&dm, &batch, "test inputs")?;
             crate::model::trm::Batch {
                 inputs: &batch.inputs,
                 labels: &batch.labels,
@@ -770,6 +754,25 @@ impl TrainerState {
     pub fn local_batch(&self) -> usize {
         self.local_batch
     }
+}
+
+/// A loader batch must match the local batch size and sequence length the
+/// trainer's buffers were sized for.
+fn check_batch_shape(
+    dm: &crate::model::trm::Dims,
+    batch: &LoaderBatch,
+    what: &'static str,
+) -> Result<()> {
+    if batch.batch_size != dm.b || batch.seq_len != dm.seq {
+        return Err(TrmError::BatchShape {
+            what,
+            got: batch.inputs.len(),
+            expected: dm.b * dm.seq,
+            batch: dm.b,
+        }
+        .into());
+    }
+    Ok(())
 }
 
 /// Sums metric sums over ranks (in place).

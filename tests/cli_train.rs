@@ -4,36 +4,14 @@
 use std::path::Path;
 use std::process::Command;
 
-use trm::data::builder::{build_dataset, BuildOptions, BuildUi};
-use trm::data::synthetic;
+mod common;
 
 fn trm() -> Command {
     Command::new(env!("CARGO_BIN_EXE_trm"))
 }
 
 fn tiny_dataset(root: &Path) -> std::path::PathBuf {
-    let prefix = root.join("arc").join("syn");
-    synthetic::write_arc_files(&prefix, 4, 1, 6, 1).unwrap();
-    let out = root.join("data");
-    let opts = BuildOptions {
-        num_aug: 2,
-        canvas_side: 8,
-        ..BuildOptions::new(
-            &prefix.display().to_string(),
-            &out,
-            &["training", "evaluation"],
-            "evaluation",
-        )
-    };
-    build_dataset(
-        &opts,
-        BuildUi {
-            verbose: false,
-            force: false,
-        },
-    )
-    .unwrap();
-    out
+    common::synthetic_dataset(root, "data", 4, 1, 2, (1, 42))
 }
 
 const TINY: [&str; 6] = [

@@ -5,36 +5,14 @@
 use std::path::{Path, PathBuf};
 
 use trm::checkpoint;
+
+mod common;
 use trm::config::{ConfigSource, RunConfig};
-use trm::data::builder::{build_dataset, BuildOptions, BuildUi};
-use trm::data::synthetic;
 use trm::train::{train, TrainError, TrainOptions, TrainReport};
 
 /// Builds a synthetic dataset of `n_train + n_eval` puzzles on an 8x8 canvas.
 fn dataset(root: &Path, name: &str, n_train: usize, n_eval: usize) -> PathBuf {
-    let prefix = root.join(format!("{name}-arc")).join("syn");
-    synthetic::write_arc_files(&prefix, n_train, n_eval, 6, 3).unwrap();
-    let out = root.join(name);
-    let opts = BuildOptions {
-        num_aug: 3,
-        seed: 5,
-        canvas_side: 8,
-        ..BuildOptions::new(
-            &prefix.display().to_string(),
-            &out,
-            &["training", "evaluation"],
-            "evaluation",
-        )
-    };
-    build_dataset(
-        &opts,
-        BuildUi {
-            verbose: false,
-            force: false,
-        },
-    )
-    .unwrap();
-    out
+    common::synthetic_dataset(root, name, n_train, n_eval, 3, (3, 5))
 }
 
 /// A very small model so each test runs in seconds.

@@ -1,4 +1,5 @@
-//! Helpers shared by the integration tests.
+//! Helpers shared by the integration tests (each test binary uses a subset).
+#![allow(dead_code)]
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -44,4 +45,37 @@ pub fn python_with_numpy() -> PathBuf {
          TRM_PYTHON=\"$(tools/install-test-python.sh)\" cargo test",
         tried.join(", ")
     );
+}
+
+/// Builds `n_train + n_eval` synthetic puzzles into `root/name` with the real
+/// builder on an 8x8 canvas (small, fast datasets for training tests).
+pub fn synthetic_dataset(
+    root: &std::path::Path,
+    name: &str,
+    n_train: usize,
+    n_eval: usize,
+    num_aug: usize,
+    seeds: (u64, u64),
+) -> PathBuf {
+    use trm::data::builder::{build_dataset, BuildOptions, BuildUi};
+    let prefix = root.join(format!("{name}-arc")).join("syn");
+    trm::data::synthetic::write_arc_files(&prefix, n_train, n_eval, 6, seeds.0).unwrap();
+    let out = root.join(name);
+    let opts = BuildOptions {
+        num_aug,
+        seed: seeds.1,
+        canvas_side: 8,
+        ..BuildOptions::new(
+            &prefix.display().to_string(),
+            &out,
+            &["training", "evaluation"],
+            "evaluation",
+        )
+    };
+    let ui = BuildUi {
+        verbose: false,
+        force: false,
+    };
+    build_dataset(&opts, ui).unwrap();
+    out
 }
