@@ -30,7 +30,8 @@ use crate::dist::{Collective, SingleProcess};
 use crate::loss::StepMetrics;
 use crate::model::config::ArchConfig;
 use crate::model::trm::{
-    act_loss, broadcast_init, inner_backward, inner_forward, Ctx, Params, TrmError,
+    act_loss, broadcast_init, halts, inner_backward, inner_forward, q_continue_target, Ctx, Params,
+    TrmError,
 };
 use crate::model::weights::{expected_shapes, trainable_names, Weights, PUZZLE_EMB};
 use crate::optim::{AdamAtan2, AdamAtan2Config, Ema, OptimError, SparseSignSgd};
@@ -466,13 +467,8 @@ impl TrainerState {
         for (b, h) in halted.iter_mut().enumerate() {
             let steps = self.carry.steps[b];
             let (qh, qc) = (out.q[b * 2], out.q[b * 2 + 1]);
-            *h = steps >= max;
+            *h = halts(arch, steps >= max, qh, qc);
             if arch.halt_max_steps > 1 {
-                *h |= if arch.no_act_continue {
-                    qh > 0.0
-                } else {
-                    qh > qc
-                };
                 // Both draws happen for every slot, so the stream position
                 // does not depend on the outcomes.
                 let explore = self.rng.gen::<f64>() < arch.halt_exploration_prob;
@@ -497,10 +493,8 @@ impl TrainerState {
             Some(
                 (0..dm.b)
                     .map(|b| {
-                        let (nh, nc) = (next.q[b * 2] as f64, next.q[b * 2 + 1] as f64);
                         let last = self.carry.steps[b] >= max;
-                        let t = if last { nh } else { nh.max(nc) };
-                        1.0 / (1.0 + (-t).exp())
+                        q_continue_target(next.q[b * 2], next.q[b * 2 + 1], last)
                     })
                     .collect::<Vec<f64>>(),
             )
@@ -529,13 +523,12 @@ impl TrainerState {
         let grads = inner_backward(
             &self.ctx,
             &self.params,
-            &tape,
+            tape,
             &out.z_h,
             &self.carry.inputs,
             &dlogits,
             &dq,
         );
-        drop(tape);
         self.carry.z_h = out.z_h;
         self.carry.z_l = out.z_l;
         self.carry.halted = halted;

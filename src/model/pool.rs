@@ -8,8 +8,10 @@
 
 use std::sync::Mutex;
 
-/// Most buffers kept; more than a block's worth would only hold memory.
-const MAX_FREE: usize = 32;
+/// Most buffers kept: a gradient cycle's tape (9 buffers per block call,
+/// (L_cycles + 1) x L_layers calls) comes back after the backward and serves
+/// the next step; more would only hold memory.
+const MAX_FREE: usize = 128;
 
 /// A thread-safe free list of `Vec<T>`.
 #[derive(Debug, Default)]

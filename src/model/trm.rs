@@ -718,7 +718,8 @@ pub fn l_forward<T: Real>(
         let c = block_forward(ctx, lp, h);
         match caches.as_deref_mut() {
             Some(cs) => {
-                h = c.y2.clone();
+                h = ctx.pool.take(c.y2.len());
+                h.copy_from_slice(&c.y2);
                 cs.push(c);
             }
             None => h = recycle_cache(&ctx.pool, c),
@@ -756,13 +757,15 @@ fn add_pooled<T: Real>(pool: &BufPool<T>, a: &[T], b: &[T]) -> Vec<T> {
 pub fn l_backward<T: Real>(
     ctx: &Ctx<T>,
     p: &Params<T>,
-    caches: &[BlockCache<T>],
+    caches: Vec<BlockCache<T>>,
     g: &mut Grads<T>,
     dout: Vec<T>,
 ) -> Vec<T> {
     let mut dh = dout;
-    for (i, c) in caches.iter().enumerate().rev() {
-        dh = block_backward(ctx, &p.layers[i], c, &mut g.layers[i], dh);
+    for (i, c) in caches.into_iter().enumerate().rev() {
+        dh = block_backward(ctx, &p.layers[i], &c, &mut g.layers[i], dh);
+        // the tape's buffers serve the next step's forward
+        ctx.pool.give(recycle_cache(&ctx.pool, c));
     }
     dh
 }
@@ -886,7 +889,7 @@ pub fn heads_forward<T: Real>(dm: &Dims, p: &Params<T>, z_h: &[T]) -> (Vec<T>, V
 pub fn inner_backward<T: Real>(
     ctx: &Ctx<T>,
     p: &Params<T>,
-    tape: &GradTape<T>,
+    tape: GradTape<T>,
     z_h: &[T],
     inputs: &[i32],
     dlogits: &[T],
@@ -932,16 +935,18 @@ pub fn inner_backward<T: Real>(
             2,
         );
     }
-    let mut dz_l = l_backward(ctx, p, &tape.h_call, &mut g, dz_h);
+    let GradTape { x, l_calls, h_call } = tape;
+    ctx.pool.give(x);
+    let mut dz_l = l_backward(ctx, p, h_call, &mut g, dz_h);
     let mut dx = vec![T::zero(); dm.m() * d];
-    for cs in tape.l_calls.iter().rev() {
+    for cs in l_calls.into_iter().rev() {
         let dh = l_backward(ctx, p, cs, &mut g, dz_l);
         for (a, &b) in dx.iter_mut().zip(&dh) {
             *a += b;
         }
         dz_l = dh;
     }
-    let _ = &tape.x;
+    ctx.pool.give(dz_l);
     input_embedding_backward(dm, &mut g, &dx, inputs);
     g
 }
@@ -1108,6 +1113,26 @@ pub fn nograd_cycles<T: Real>(
     Ok((z_h, z_l))
 }
 
+/// Halting before exploration (spec section 5): a sample halts at its step
+/// limit or, when it may take more than one step, when its Q head says so
+/// (`q_halt > 0` with `no_ACT_continue`, else `q_halt > q_continue`).
+pub fn halts<T: Real>(cfg: &ArchConfig, at_limit: bool, q_halt: T, q_continue: T) -> bool {
+    let by_q = if cfg.no_act_continue {
+        q_halt > T::zero()
+    } else {
+        q_halt > q_continue
+    };
+    at_limit || (cfg.halt_max_steps > 1 && by_q)
+}
+
+/// The Q-continue bootstrap target from the next step's Q logits:
+/// `sigmoid(q_halt)` at the step limit, else `sigmoid(max(q_halt, q_continue))`.
+pub fn q_continue_target<T: Real>(next_halt: T, next_continue: T, at_limit: bool) -> f64 {
+    let (nh, nc) = (next_halt.f64(), next_continue.f64());
+    let t = if at_limit { nh } else { nh.max(nc) };
+    1.0 / (1.0 + (-t).exp())
+}
+
 /// [`act_step_train_generic`] from an explicit carry `(z_h, z_l)` [B, S, D]
 /// with `n_nograd` no-gradient H cycles before the gradient cycle (the
 /// reference uses a reset carry and `H_cycles - 1`). Steps are reported as 1.
@@ -1119,10 +1144,33 @@ pub fn act_step_train_from_carry<T: Real>(
     z_l0: Vec<T>,
     n_nograd: usize,
 ) -> Result<StepResult<T>, TrmError> {
+    let ctx = Ctx::<T>::new(cfg, batch.b);
+    act_step_train_in(&ctx, cfg, p, batch, z_h0, z_l0, n_nograd)
+}
+
+/// [`act_step_train_from_carry`] in a caller's context, whose buffer pool
+/// then serves every step (as in training): no per-step allocation of the
+/// activations and the tape.
+pub fn act_step_train_in<T: Real>(
+    ctx: &Ctx<T>,
+    cfg: &ArchConfig,
+    p: &Params<T>,
+    batch: &Batch<'_>,
+    z_h0: Vec<T>,
+    z_l0: Vec<T>,
+    n_nograd: usize,
+) -> Result<StepResult<T>, TrmError> {
     check_supported(cfg)?;
     batch.validate(cfg)?;
-    let ctx = Ctx::<T>::new(cfg, batch.b);
     let dm = ctx.dm;
+    if dm.b != batch.b {
+        return Err(TrmError::BatchShape {
+            what: "context batch",
+            got: batch.b,
+            expected: dm.b,
+            batch: dm.b,
+        });
+    }
     for (what, z) in [("z_H", &z_h0), ("z_L", &z_l0)] {
         if z.len() != dm.m() * dm.d {
             return Err(TrmError::BatchShape {
@@ -1134,7 +1182,7 @@ pub fn act_step_train_from_carry<T: Real>(
         }
     }
     let (out, tape) = inner_forward(
-        &ctx,
+        ctx,
         cfg,
         p,
         batch.inputs,
@@ -1149,24 +1197,13 @@ pub fn act_step_train_from_carry<T: Real>(
     let steps = vec![1i32; dm.b];
     let is_last = 1 >= cfg.halt_max_steps;
     let halted: Vec<bool> = (0..dm.b)
-        .map(|bi| {
-            let (qh, qc) = (out.q[bi * 2], out.q[bi * 2 + 1]);
-            let mut h = is_last;
-            if cfg.halt_max_steps > 1 {
-                h |= if cfg.no_act_continue {
-                    qh > T::zero()
-                } else {
-                    qh > qc
-                };
-            }
-            h
-        })
+        .map(|bi| halts(cfg, is_last, out.q[bi * 2], out.q[bi * 2 + 1]))
         .collect();
     // Q-continue bootstrap target (only without no_ACT_continue): another
     // inner forward from the new carry, no gradient.
     let target = if !cfg.no_act_continue && cfg.halt_max_steps > 1 {
         let (next, _) = inner_forward(
-            &ctx,
+            ctx,
             cfg,
             p,
             batch.inputs,
@@ -1178,18 +1215,14 @@ pub fn act_step_train_from_carry<T: Real>(
         );
         Some(
             (0..dm.b)
-                .map(|bi| {
-                    let (nh, nc) = (next.q[bi * 2].f64(), next.q[bi * 2 + 1].f64());
-                    let t = if is_last { nh } else { nh.max(nc) };
-                    1.0 / (1.0 + (-t).exp())
-                })
+                .map(|bi| q_continue_target(next.q[bi * 2], next.q[bi * 2 + 1], is_last))
                 .collect::<Vec<f64>>(),
         )
     } else {
         None
     };
     let (loss, dlogits, dq) = act_loss(&dm, &out.logits, &out.q, batch.labels, target.as_deref());
-    let grads = inner_backward(&ctx, p, &tape, &out.z_h, batch.inputs, &dlogits, &dq);
+    let grads = inner_backward(ctx, p, tape, &out.z_h, batch.inputs, &dlogits, &dq);
     Ok(StepResult {
         out,
         loss,
