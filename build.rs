@@ -10,7 +10,10 @@
 //! 3. The GPU kernels: compiles every `kernels/*.cu` to an sm_90a cubin with
 //!    nvcc, checks ptxas' resource report (zero spills is a project rule), and
 //!    writes `OUT_DIR/kernels.rs`, which embeds the cubins and
-//!    `OUT_DIR/ptxas_report.tsv` (read by `src/backend/cuda/kernels.rs`).
+//!    `OUT_DIR/ptxas_report.tsv` (read by `src/backend/cuda/kernels.rs`). The
+//!    emulator's self-test kernels (`kernels/emu/tests/*.cu`) are compiled
+//!    and checked the same way but not embedded: some arch.cuh wrappers have
+//!    no other user yet, and this is what checks their PTX.
 //!
 //! nvcc is `$NVCC`, else `$CUDA_HOME/bin/nvcc`, else `nvcc` on `PATH`. Without
 //! one the build still succeeds, with one warning, and embeds no kernels;
@@ -125,12 +128,25 @@ fn run() -> Result<(), String> {
     let cubin_dir = out_dir.join("kernels");
     fs::create_dir_all(&cubin_dir).map_err(|e| format!("creating {}: {e}", cubin_dir.display()))?;
 
-    let compiled = compile_all(&nvcc, &manifest_dir, &sources, &cubin_dir)?;
+    let test_cubin_dir = cubin_dir.join("emu-tests");
+    fs::create_dir_all(&test_cubin_dir)
+        .map_err(|e| format!("creating {}: {e}", test_cubin_dir.display()))?;
+    let test_sources = cu_files(&kernels_dir.join("emu").join("tests"))?;
+    let mut jobs: Vec<(PathBuf, &Path)> = Vec::new();
+    for (list, dir, out) in [
+        (&sources, "kernels", cubin_dir.as_path()),
+        (&test_sources, "kernels/emu/tests", test_cubin_dir.as_path()),
+    ] {
+        for source in list {
+            jobs.push((Path::new(dir).join(format!("{}.cu", stem(source)?)), out));
+        }
+    }
+    let mut compiled = compile_all(&nvcc, &manifest_dir, &jobs)?;
+    let tests = compiled.split_off(sources.len());
 
     let mut rows = Vec::new();
     let mut spills = Vec::new();
-    for unit in &compiled {
-        let file = format!("{}.cu", unit.name);
+    for unit in compiled.iter().chain(&tests) {
         for f in &unit.functions {
             if f.spill_stores > 0 || f.spill_loads > 0 {
                 let readable = ptxas::readable_name(&f.symbol);
@@ -140,13 +156,17 @@ fn run() -> Result<(), String> {
                     format!(" ({})", f.symbol)
                 };
                 spills.push(format!(
-                    "  kernels/{file}: {} {readable}{symbol}: {} bytes spill stores, {} bytes spill loads",
+                    "  {}: {} {readable}{symbol}: {} bytes spill stores, {} bytes spill loads",
+                    unit.relative.display(),
                     if f.entry { "kernel" } else { "device function" },
                     f.spill_stores,
                     f.spill_loads
                 ));
             }
         }
+    }
+    for unit in &compiled {
+        let file = format!("{}.cu", unit.name);
         let mut kernels = ptxas::kernel_rows(&file, &unit.functions);
         kernels.sort_by(|a, b| a.kernel.cmp(&b.kernel));
         rows.extend(kernels);
@@ -414,16 +434,18 @@ fn nvcc_version(nvcc: &Path) -> Result<String, String> {
 struct Compiled {
     /// File stem (`cast` for `kernels/cast.cu`).
     name: String,
+    /// The source, relative to the crate root.
+    relative: PathBuf,
     cubin: PathBuf,
     functions: Vec<ptxas::FunctionResources>,
 }
 
-/// Compiles the sources in parallel; the first failure (in file order) wins.
+/// Compiles the sources (paths relative to the crate root, each with its
+/// cubin folder) in parallel; the first failure (in job order) wins.
 fn compile_all(
     nvcc: &Path,
     manifest_dir: &Path,
-    sources: &[PathBuf],
-    cubin_dir: &Path,
+    sources: &[(PathBuf, &Path)],
 ) -> Result<Vec<Compiled>, String> {
     let workers = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
@@ -436,7 +458,9 @@ fn compile_all(
         for _ in 0..workers {
             scope.spawn(|| loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(source) = sources.get(i) else { break };
+                let Some((source, cubin_dir)) = sources.get(i) else {
+                    break;
+                };
                 let result = compile_one(nvcc, manifest_dir, source, cubin_dir);
                 *results[i].lock().unwrap() = Some(result);
             });
@@ -448,19 +472,15 @@ fn compile_all(
         .collect()
 }
 
+/// Compiles `relative` (a path from the crate root, so that nvcc's messages
+/// read `kernels/x.cu(12): error ...`) into `cubin_dir`.
 fn compile_one(
     nvcc: &Path,
     manifest_dir: &Path,
-    source: &Path,
+    relative: &Path,
     cubin_dir: &Path,
 ) -> Result<Compiled, String> {
-    let name = source
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .ok_or_else(|| format!("kernel file name is not UTF-8: {}", source.display()))?
-        .to_string();
-    // Relative paths, so nvcc's messages read `kernels/x.cu(12): error ...`.
-    let relative = Path::new("kernels").join(format!("{name}.cu"));
+    let name = stem(relative)?;
     let cubin = cubin_dir.join(format!("{name}.cubin"));
     let out = Command::new(nvcc)
         .current_dir(manifest_dir)
@@ -469,7 +489,7 @@ fn compile_one(
         .arg("kernels")
         .arg("-o")
         .arg(&cubin)
-        .arg(&relative)
+        .arg(relative)
         .output()
         .map_err(|e| format!("cannot run {}: {e}", nvcc.display()))?;
     let log = format!(
@@ -499,6 +519,7 @@ fn compile_one(
     }
     Ok(Compiled {
         name,
+        relative: relative.to_path_buf(),
         cubin,
         functions: ptxas::parse_verbose(&log),
     })

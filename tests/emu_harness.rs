@@ -2,7 +2,11 @@
 //! (`kernels/emu/tests/selftest.cu`): warp shuffles and votes against their
 //! CUDA definitions for every lane, a block reduction with and without its
 //! barriers (a planted race), barrier and collective misuse reported as
-//! errors, atomics across blocks, and bf16 rounding.
+//! errors, atomics across blocks, and bf16 rounding; and the warp-level
+//! matrix wrappers of `kernels/arch.cuh` (`kernels/emu/tests/matrix.cu`):
+//! mma and ldmatrix against the PTX ISA's fragment layouts, written out
+//! independently here, and a tiled cp.async + ldmatrix + mma GEMM against a
+//! CPU product.
 
 use half::bf16;
 use trm::backend::cuda::abi::{LaunchConfig, ALL_KERNELS};
@@ -380,4 +384,437 @@ fn bf16_rounds_to_nearest_even_and_keeps_nan_and_inf() {
     assert_eq!(y[1].to_bits(), 0x3f82);
     assert_eq!(y[7].to_bits(), 0x7f80);
     assert_eq!(y[13].to_bits(), 0x7fff);
+}
+
+// ---------------------------------------------------------------------------
+// Warp-level matrix wrappers
+
+/// (row, column) of element i of lane `lane`'s A fragment of mma.m16n8k16
+/// (.bf16), as the PTX ISA states it.
+fn frag_a(lane: usize, i: usize) -> (usize, usize) {
+    let (group, tig) = (lane >> 2, lane % 4);
+    let row = if i < 2 || (4..6).contains(&i) {
+        group
+    } else {
+        group + 8
+    };
+    let col = if i < 4 {
+        tig * 2 + (i & 1)
+    } else {
+        tig * 2 + (i & 1) + 8
+    };
+    (row, col)
+}
+
+/// (row, column) of element i of the B fragment (16 x 8, K x N).
+fn frag_b(lane: usize, i: usize) -> (usize, usize) {
+    let (group, tig) = (lane >> 2, lane % 4);
+    let row = if i < 2 {
+        tig * 2 + (i & 1)
+    } else {
+        tig * 2 + (i & 1) + 8
+    };
+    (row, group)
+}
+
+/// (row, column) of element i of the C and D fragments (16 x 8, f32).
+fn frag_c(lane: usize, i: usize) -> (usize, usize) {
+    let (group, tig) = (lane >> 2, lane % 4);
+    let row = if i < 2 { group } else { group + 8 };
+    (row, tig * 2 + (i & 1))
+}
+
+/// Elements 2j and 2j + 1 of a fragment in register j, the lower in bits 0..15.
+fn pack(lo: bf16, hi: bf16) -> u32 {
+    lo.to_bits() as u32 | (hi.to_bits() as u32) << 16
+}
+
+/// One 16x8x16 product per warp: `a` 16x16, `b` 16x8 (K x N) and `c` 16x8
+/// row-major per warp, laid out into per-lane fragments here; returns D per
+/// warp, row-major, read back through the D layout.
+fn mma_tiles(
+    a: &[bf16],
+    b: &[bf16],
+    c: &[f32],
+    mode: i32,
+    threads: u32,
+) -> Result<Vec<f32>, EmuError> {
+    let warps = a.len() / 256;
+    let (mut fa, mut fb, mut fc) = (
+        vec![0u32; warps * 128],
+        vec![0u32; warps * 64],
+        vec![0f32; warps * 128],
+    );
+    for w in 0..warps {
+        let (a, b, c) = (&a[w * 256..], &b[w * 128..], &c[w * 128..]);
+        for lane in 0..32 {
+            let t = w * 32 + lane;
+            let at = |i| {
+                let (r, k) = frag_a(lane, i);
+                a[r * 16 + k]
+            };
+            let bt = |i| {
+                let (k, n) = frag_b(lane, i);
+                b[k * 8 + n]
+            };
+            for j in 0..4 {
+                fa[t * 4 + j] = pack(at(2 * j), at(2 * j + 1));
+                let (r, n) = frag_c(lane, j);
+                fc[t * 4 + j] = c[r * 8 + n];
+            }
+            for j in 0..2 {
+                fb[t * 2 + j] = pack(bt(2 * j), bt(2 * j + 1));
+            }
+        }
+    }
+    let mut fd = vec![f32::NAN; warps * 128];
+    let args = MmaFragmentsArgs {
+        a: fa.as_ptr(),
+        b: fb.as_ptr(),
+        c: fc.as_ptr(),
+        d: fd.as_mut_ptr(),
+        mode,
+    };
+    run(
+        EMU_MMA_FRAGMENTS,
+        LaunchConfig::linear(1, threads, 0),
+        &args,
+        EmuOptions::default(),
+    )?;
+    let mut d = vec![f32::NAN; warps * 128];
+    for w in 0..warps {
+        for lane in 0..32 {
+            for i in 0..4 {
+                let (r, n) = frag_c(lane, i);
+                d[w * 128 + r * 8 + n] = fd[(w * 32 + lane) * 4 + i];
+            }
+        }
+    }
+    Ok(d)
+}
+
+/// D = A B + C in f64 per warp, and sum |a b| + |c| per element (the scale of
+/// its rounding error).
+fn mma_reference(a: &[bf16], b: &[bf16], c: &[f32]) -> (Vec<f64>, Vec<f64>) {
+    let warps = a.len() / 256;
+    let (mut d, mut scale) = (vec![0f64; warps * 128], vec![0f64; warps * 128]);
+    for w in 0..warps {
+        for r in 0..16 {
+            for n in 0..8 {
+                let o = w * 128 + r * 8 + n;
+                d[o] = c[o] as f64;
+                scale[o] = (c[o] as f64).abs();
+                for k in 0..16 {
+                    let p = a[w * 256 + r * 16 + k].to_f64() * b[w * 128 + k * 8 + n].to_f64();
+                    d[o] += p;
+                    scale[o] += p.abs();
+                }
+            }
+        }
+    }
+    (d, scale)
+}
+
+#[test]
+fn mma_computes_the_tile_product_in_the_documented_fragment_layouts() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(16816);
+    let warps = 2;
+    // Small integers: every sum is exact in f32, so D must match exactly.
+    let a: Vec<bf16> = (0..warps * 256)
+        .map(|_| bf16::from_f32(rng.gen_range(-8i32..=8) as f32))
+        .collect();
+    let b: Vec<bf16> = (0..warps * 128)
+        .map(|_| bf16::from_f32(rng.gen_range(-8i32..=8) as f32))
+        .collect();
+    let c: Vec<f32> = (0..warps * 128)
+        .map(|_| rng.gen_range(-100i32..=100) as f32)
+        .collect();
+    let d = mma_tiles(&a, &b, &c, 0, 64).unwrap();
+    let (want, _) = mma_reference(&a, &b, &c);
+    for (i, (&got, &want)) in d.iter().zip(&want).enumerate() {
+        assert_eq!(
+            got as f64,
+            want,
+            "element {i} (warp {}, row {}, col {})",
+            i / 128,
+            i % 128 / 8,
+            i % 8
+        );
+    }
+
+    // General values: the emulator rounds each exact sum once to f32, so the
+    // error is at most 2^-24 of |c| + sum |a b|; allow twice that.
+    let a: Vec<bf16> = (0..warps * 256)
+        .map(|_| bf16::from_f32(rng.gen_range(-2.0f32..2.0)))
+        .collect();
+    let b: Vec<bf16> = (0..warps * 128)
+        .map(|_| bf16::from_f32(rng.gen_range(-2.0f32..2.0)))
+        .collect();
+    let c: Vec<f32> = (0..warps * 128)
+        .map(|_| rng.gen_range(-4.0f32..4.0))
+        .collect();
+    let d = mma_tiles(&a, &b, &c, 0, 64).unwrap();
+    let (want, scale) = mma_reference(&a, &b, &c);
+    for i in 0..d.len() {
+        let tol = 2f64.powi(-23) * scale[i];
+        assert!(
+            (d[i] as f64 - want[i]).abs() <= tol,
+            "element {i}: {} vs {} (tolerance {tol:e})",
+            d[i],
+            want[i]
+        );
+    }
+}
+
+#[test]
+fn divergent_or_partial_warp_mma_is_an_error() {
+    let a = vec![bf16::ONE; 256];
+    let b = vec![bf16::ONE; 128];
+    let c = vec![0.0f32; 128];
+    // Lanes 16..31 return instead of joining the mma.
+    let err = mma_tiles(&a, &b, &c, 1, 32).unwrap_err();
+    assert!(matches!(err, EmuError::Deadlock { .. }), "{err}");
+    assert!(err.to_string().contains("mma.sync.m16n8k16"), "{err}");
+    // Lanes 16..31 call it from another line: not the same instruction.
+    let err = mma_tiles(&a, &b, &c, 2, 32).unwrap_err();
+    assert!(matches!(err, EmuError::WarpMisuse { .. }), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("mismatched") && text.contains("matrix.cu:"),
+        "{text}"
+    );
+    // A 48-thread block: warp 1 has 16 lanes, too few for an mma.
+    let a = vec![bf16::ONE; 512];
+    let b = vec![bf16::ONE; 256];
+    let c = vec![0.0f32; 256];
+    let err = mma_tiles(&a, &b, &c, 0, 48).unwrap_err();
+    assert!(matches!(err, EmuError::WarpMisuse { .. }), "{err}");
+    assert!(err.to_string().contains("do not exist"), "{err}");
+    // The same launch with whole warps succeeds: 16 * 1 * 1 per element.
+    let d = mma_tiles(&a, &b, &c, 0, 64).unwrap();
+    assert!(d.iter().all(|&v| v == 16.0), "{d:?}");
+}
+
+/// 64 shared rows of 8 u16, 16-byte aligned as cp.async and ldmatrix need.
+#[repr(C, align(16))]
+struct Rows([u16; 512]);
+
+fn ldmatrix(src: &Rows, slot: &[i32; 32], variant: i32, misuse: i32) -> Result<Vec<u32>, EmuError> {
+    let mut out = vec![0u32; 128];
+    let args = LdmatrixArgs {
+        src: src.0.as_ptr(),
+        slot: slot.as_ptr(),
+        out: out.as_mut_ptr(),
+        variant,
+        misuse,
+    };
+    run(
+        EMU_LDMATRIX,
+        LaunchConfig::linear(1, 32, 0),
+        &args,
+        EmuOptions::default(),
+    )?;
+    Ok(out)
+}
+
+#[test]
+fn ldmatrix_gives_every_lane_its_documented_elements() {
+    let mut src = Rows([0; 512]);
+    for (i, v) in src.0.iter_mut().enumerate() {
+        *v = (i as u16).wrapping_mul(40503) ^ 0x1357; // distinct, both bytes vary
+    }
+    // Rows scattered over the buffer: lane l points at row slot[l].
+    let slot: [i32; 32] = std::array::from_fn(|l| ((l * 37 + 11) % 64) as i32);
+    for variant in 0..6 {
+        let matrices = [1, 2, 4][variant as usize % 3];
+        let trans = variant >= 3;
+        let out = ldmatrix(&src, &slot, variant, 0).unwrap();
+        // Matrix j's row r is the row lane 8j + r points at.
+        let element = |j: usize, r: usize, c: usize| src.0[slot[8 * j + r] as usize * 8 + c] as u32;
+        for lane in 0..32 {
+            for j in 0..4 {
+                let want = if j >= matrices {
+                    0xdead_beef
+                } else if trans {
+                    element(j, 2 * (lane % 4), lane / 4)
+                        | element(j, 2 * (lane % 4) + 1, lane / 4) << 16
+                } else {
+                    element(j, lane / 4, 2 * (lane % 4))
+                        | element(j, lane / 4, 2 * (lane % 4) + 1) << 16
+                };
+                assert_eq!(
+                    out[lane * 4 + j],
+                    want,
+                    "variant {variant} lane {lane} register {j}: {:#010x} vs {want:#010x}",
+                    out[lane * 4 + j]
+                );
+            }
+        }
+    }
+
+    let err = ldmatrix(&src, &slot, 2, 1).unwrap_err();
+    assert!(matches!(err, EmuError::BadAddress { .. }), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("ldmatrix.x4")
+            && text.contains("lane 3]")
+            && text.contains("16-byte aligned"),
+        "{text}"
+    );
+    let err = ldmatrix(&src, &slot, 3, 2).unwrap_err();
+    assert!(matches!(err, EmuError::BadAddress { .. }), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("lane 5]") && text.contains("not in shared memory"),
+        "{text}"
+    );
+}
+
+struct Gemm {
+    m: usize,
+    n: usize,
+    k: usize,
+    b_kn: bool,
+    vec_bytes: i32,
+}
+
+/// Runs emu_gemm_tile on random bf16 inputs; returns (c, reference in f64,
+/// sum |a b| per element), c read back with 16 guard values after it.
+#[allow(clippy::type_complexity)]
+fn gemm_tile(
+    g: &Gemm,
+    skip_wait: bool,
+    reverse: bool,
+) -> Result<(Vec<f32>, Vec<f64>, Vec<f64>), EmuError> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64((g.m * 10_000 + g.n * 100 + g.k) as u64);
+    let (m, n, k) = (g.m, g.n, g.k);
+    let a: Vec<bf16> = (0..m * k)
+        .map(|_| bf16::from_f32(rng.gen_range(-1.0f32..1.0)))
+        .collect();
+    let b: Vec<bf16> = (0..n * k)
+        .map(|_| bf16::from_f32(rng.gen_range(-1.0f32..1.0)))
+        .collect(); // [n][k]
+    let stored: Vec<bf16> = if g.b_kn {
+        (0..k * n).map(|i| b[(i % n) * k + i / n]).collect()
+    } else {
+        b.clone()
+    };
+    let mut c = vec![f32::NAN; m * n + 16];
+    for v in &mut c[m * n..] {
+        *v = 12345.0;
+    }
+    let args = GemmTileArgs {
+        a: a.as_ptr(),
+        b: stored.as_ptr(),
+        c: c.as_mut_ptr(),
+        m: m as i32,
+        n: n as i32,
+        k: k as i32,
+        b_kn: g.b_kn as i32,
+        vec_bytes: g.vec_bytes,
+        skip_wait: skip_wait as i32,
+    };
+    let cfg = LaunchConfig {
+        grid: trm::backend::cuda::abi::Dim3 {
+            x: n.div_ceil(64) as u32,
+            y: m.div_ceil(64) as u32,
+            z: 1,
+        },
+        block: trm::backend::cuda::abi::Dim3 { x: 128, y: 1, z: 1 },
+        shared_bytes: 0,
+    };
+    run(
+        EMU_GEMM_TILE,
+        cfg,
+        &args,
+        EmuOptions {
+            reverse_order: reverse,
+        },
+    )?;
+    assert!(c[m * n..].iter().all(|&v| v == 12345.0), "write past c");
+    c.truncate(m * n);
+    let (mut want, mut scale) = (vec![0f64; m * n], vec![0f64; m * n]);
+    for i in 0..m {
+        for j in 0..n {
+            for p in 0..k {
+                let prod = a[i * k + p].to_f64() * b[j * k + p].to_f64();
+                want[i * n + j] += prod;
+                scale[i * n + j] += prod.abs();
+            }
+        }
+    }
+    Ok((c, want, scale))
+}
+
+#[test]
+fn tiled_gemm_with_cp_async_ldmatrix_and_mma_matches_a_cpu_product() {
+    let cases = [
+        // (m, n, k, b is [k][n], cp.async bytes): edges in m, n and k
+        (77, 45, 72, false, 16),
+        (50, 70, 52, false, 8),
+        (33, 19, 46, false, 4),
+        (64, 64, 32, false, 16),
+        (77, 72, 40, true, 16),
+        (130, 8, 16, true, 8),
+        (65, 30, 34, true, 4),
+    ];
+    for (i, &(m, n, k, b_kn, vec_bytes)) in cases.iter().enumerate() {
+        let g = Gemm {
+            m,
+            n,
+            k,
+            b_kn,
+            vec_bytes,
+        };
+        let (c, want, scale) = gemm_tile(&g, false, i % 2 == 1).unwrap();
+        // Each mma rounds its exact sum once to f32 (error <= 2^-24 of the
+        // sum so far, at most sum |a b|), once per 16 of k rounded up to the
+        // 32-wide tiles; one rounding of slack.
+        let roundings = (k.div_ceil(32) * 2 + 1) as f64;
+        for e in 0..m * n {
+            let tol = roundings * 2f64.powi(-24) * scale[e];
+            assert!(
+                (c[e] as f64 - want[e]).abs() <= tol,
+                "m {m} n {n} k {k} b_kn {b_kn} vec {vec_bytes}: c[{}][{}] = {} vs {} (tolerance {tol:e})",
+                e / n,
+                e % n,
+                c[e],
+                want[e]
+            );
+        }
+    }
+}
+
+#[test]
+fn gemm_misuse_of_cp_async_is_caught() {
+    // No cp_async_wait: the tiles are read before the copies land, which the
+    // emulator makes visible as the NaN poison of unwritten shared memory.
+    let g = Gemm {
+        m: 40,
+        n: 40,
+        k: 40,
+        b_kn: false,
+        vec_bytes: 16,
+    };
+    let (c, _, _) = gemm_tile(&g, true, false).unwrap();
+    assert!(c.iter().all(|v| v.is_nan()), "{:?}", &c[..8]);
+    // k = 36: rows of 72 bytes, so 16-byte copies are misaligned.
+    let g = Gemm {
+        m: 40,
+        n: 40,
+        k: 36,
+        b_kn: false,
+        vec_bytes: 16,
+    };
+    let err = gemm_tile(&g, false, false).unwrap_err();
+    assert!(matches!(err, EmuError::BadAddress { .. }), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("cp.async of 16 bytes")
+            && text.contains("source")
+            && text.contains("misaligned"),
+        "{text}"
+    );
 }

@@ -22,7 +22,10 @@
 //   copies of `inline`/template functions with external linkage.
 // - Dynamic shared memory is reached through `dynamic_shared<T>()` (arch.cuh),
 //   not `extern __shared__` (which has no host equivalent).
-// - Architecture-specific instructions go through arch.cuh wrappers.
+// - Architecture-specific instructions go through arch.cuh wrappers. Its
+//   matrix instructions (mma, ldmatrix) are collectives of all 32 lanes from
+//   one source line; its cp.async copies land only at the cp_async_wait that
+//   covers them (reads before it see the poison).
 // - One emulated launch runs at a time in a process (a mutex in the runtime),
 //   so atomics are plain read-modify-writes.
 #pragma once
@@ -111,6 +114,14 @@ enum WarpOp : int {
     kReduceMaxU,
     kReduceMinI,
     kReduceMaxI,
+    // Warp-level matrix instructions (arch.cuh): the whole warp, one call site.
+    kMmaM16n8k16Bf16,
+    kLdmatrixX1,
+    kLdmatrixX2,
+    kLdmatrixX4,
+    kLdmatrixX1Trans,
+    kLdmatrixX2Trans,
+    kLdmatrixX4Trans,
 };
 // __syncthreads variants.
 enum BarrierOp : int { kBarrier, kBarrierCount, kBarrierAnd, kBarrierOr };
@@ -119,6 +130,22 @@ int barrier(int op, int predicate, const char* file, int line);
 uint64_t warp_collective(int op, unsigned mask, uint64_t value, int arg, int width, const char* name);
 [[noreturn]] void trap(const char* file, int line);
 unsigned char* dynamic_shared_base();
+
+// mma.sync.m16n8k16.row.col.f32.bf16.bf16.f32 and ldmatrix (op: kLdmatrix*)
+// with PTX's fragment layouts, as collectives of all 32 lanes of the warp
+// that also check every lane calls from the same source line (the `.aligned`
+// rule). `file`/`line`: the wrapper's call site.
+void mma_m16n8k16_bf16(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4], const char* file,
+                       int line);
+void ldmatrix(int op, uint32_t* regs, const void* row, const char* file, int line);
+// cp.async of `bytes` (4, 8 or 16) from global `src` to shared `dst`, zeros
+// instead when !valid. The copy is deferred until a cp_async_wait completes
+// its group, so shared memory read before the wait still holds what it held
+// (the 0xff poison at first), as a missing wait would show on the GPU.
+void cp_async(void* dst, const void* src, int bytes, bool valid, const char* file, int line);
+void cp_async_commit();
+// Completes every committed group but the `pending` most recent ones.
+void cp_async_wait(int pending);
 
 // One kernel body: calls the kernel with its argument struct.
 typedef void (*KernelBody)(const void* args);
@@ -151,6 +178,7 @@ static inline T from_bits(uint64_t b) {
 #define TRM_EMU_ERR_WARP 3      // a warp collective used against its rules
 #define TRM_EMU_ERR_TRAP 4      // __trap() in a kernel
 #define TRM_EMU_ERR_HOST 5      // the emulator itself failed (out of memory)
+#define TRM_EMU_ERR_ADDRESS 6   // an address the instruction cannot use (misaligned, wrong memory)
 
 // Registers an emulator entry point for `extern "C" __global__ void kernel(Args)`
 // declared with `__launch_bounds__(max_threads)` (0: without):

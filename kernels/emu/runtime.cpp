@@ -6,7 +6,9 @@
 // different __syncthreads, a warp collective whose lanes disagree on the
 // operation or mask, a mask naming lanes that do not exist or have exited, and
 // a shuffle reading a lane outside its mask all fail the launch with a message
-// naming the thread, instead of passing silently or hanging.
+// naming the thread, instead of passing silently or hanging. Warp-level
+// matrix instructions are collectives of the whole warp from one call site,
+// and their shared-memory operands must be shared memory, aligned as on the GPU.
 #include <sys/mman.h>
 #include <ucontext.h>
 #include <stdarg.h>
@@ -39,6 +41,14 @@ constexpr unsigned char kPoison = 0xff;  // NaN as f32 and bf16, -1 as integers
 
 enum class State : uint8_t { Ready, Barrier, Warp, Done };
 
+// One cp.async not yet completed: its group is 0 until cp_async_commit.
+struct PendingCopy {
+    void* dst;
+    const void* src;  // null: zero fill
+    int bytes;
+    uint32_t group;
+};
+
 struct Thread {
     ucontext_t ctx;
     State state;
@@ -48,9 +58,27 @@ struct Thread {
     unsigned mask;
     int width;
     int arg;
-    uint64_t value;
+    uint64_t value;  // matrix instructions: the address of the lane's record
     uint64_t result;
     const char* what;
+    const char* site_file;  // matrix instructions: the call site; else null
+    int site_line;
+    // This thread's cp.async copies in flight, and the groups it committed.
+    std::vector<PendingCopy> copies;
+    uint32_t committed;
+};
+
+// A lane's operands and results in a matrix-instruction collective, on the
+// lane's own fiber stack while it waits.
+struct MmaRecord {
+    uint32_t a[4];
+    uint32_t b[2];
+    float c[4];
+    float d[4];
+};
+struct LdmatrixRecord {
+    const unsigned char* row;
+    uint32_t r[4];
 };
 
 struct Launch {
@@ -166,9 +194,115 @@ int shuffle_source(int op, int lane, int b, int width) {
     return ok ? j : lane;
 }
 
+// Whether [p, p + bytes) lies in the block's shared memory (static or dynamic).
+bool is_shared(const void* p, size_t bytes) {
+    const Launch& L = *g_launch;
+    const uintptr_t a = (uintptr_t)p;
+    const auto inside = [&](const unsigned char* lo, const unsigned char* hi) {
+        return lo != nullptr && a >= (uintptr_t)lo && a + bytes <= (uintptr_t)hi;
+    };
+    return inside(__start_trm_emu_shared, __stop_trm_emu_shared) ||
+           inside(L.dynamic_shared, L.dynamic_shared + L.dynamic_bytes);
+}
+
+bool is_ldmatrix(int op) { return op >= kLdmatrixX1 && op <= kLdmatrixX4Trans; }
+
+// Matrices of an ldmatrix variant (1, 2 or 4).
+int ldmatrix_count(int op) {
+    switch (op) {
+        case kLdmatrixX1:
+        case kLdmatrixX1Trans: return 1;
+        case kLdmatrixX2:
+        case kLdmatrixX2Trans: return 2;
+        default: return 4;
+    }
+}
+
+const char* ldmatrix_name(int op) {
+    switch (op) {
+        case kLdmatrixX1: return "ldmatrix.x1";
+        case kLdmatrixX2: return "ldmatrix.x2";
+        case kLdmatrixX4: return "ldmatrix.x4";
+        case kLdmatrixX1Trans: return "ldmatrix.x1.trans";
+        case kLdmatrixX2Trans: return "ldmatrix.x2.trans";
+        default: return "ldmatrix.x4.trans";
+    }
+}
+
+double bf16_value(uint32_t bits) { return (double)from_bits<float>((bits & 0xffffu) << 16); }
+
+// D = A B + C for the whole warp, with the m16n8k16 fragment layouts of the
+// PTX ISA (g = lane / 4, t = lane % 4; element i of a register pair is bits
+// 16 * (i % 2) of register i / 2):
+//   A 16x16: a_i at row g + 8 * (i / 2 % 2), column 2t + i % 2 + 8 * (i / 4)
+//   B 16x8:  b_i at row 2t + i % 2 + 8 * (i / 2), column g
+//   C, D 16x8: c_i at row g + 8 * (i / 2), column 2t + i % 2
+// The bf16 products are exact in double; each element is the exact sum
+// rounded once to f32. Tensor cores round their internal sums their own way,
+// so GPU and emulator agree to a tolerance, not bit for bit.
+void complete_mma(Launch& L, uint32_t base) {
+    MmaRecord* rec[32];
+    double a[16][16], b[16][8], c[16][8];
+    for (int l = 0; l < 32; l++) {
+        rec[l] = reinterpret_cast<MmaRecord*>(L.threads[base + l].value);
+        const int g = l / 4, t = l % 4;
+        for (int i = 0; i < 8; i++)
+            a[g + 8 * (i / 2 % 2)][2 * t + i % 2 + 8 * (i / 4)] = bf16_value(rec[l]->a[i / 2] >> 16 * (i % 2));
+        for (int i = 0; i < 4; i++) {
+            b[2 * t + i % 2 + 8 * (i / 2)][g] = bf16_value(rec[l]->b[i / 2] >> 16 * (i % 2));
+            c[g + 8 * (i / 2)][2 * t + i % 2] = rec[l]->c[i];
+        }
+    }
+    for (int l = 0; l < 32; l++) {
+        const int g = l / 4, t = l % 4;
+        for (int i = 0; i < 4; i++) {
+            const int row = g + 8 * (i / 2), col = 2 * t + i % 2;
+            double sum = c[row][col];
+            for (int k = 0; k < 16; k++) sum += a[row][k] * b[k][col];
+            rec[l]->d[i] = (float)sum;
+        }
+    }
+}
+
+// ldmatrix.m8n8.b16: lanes 8j..8j+7 give the row addresses of matrix j; lane
+// l receives in register j the elements (l / 4, 2 (l % 4)) and (l / 4,
+// 2 (l % 4) + 1) of matrix j, low half first; .trans gives the same of the
+// transposed matrix.
+void complete_ldmatrix(Launch& L, uint32_t base, int op) {
+    const int n = ldmatrix_count(op);
+    const bool trans = op >= kLdmatrixX1Trans;
+    LdmatrixRecord* rec[32];
+    for (int l = 0; l < 32; l++) rec[l] = reinterpret_cast<LdmatrixRecord*>(L.threads[base + l].value);
+    for (int l = 0; l < 8 * n; l++) {
+        const void* row = rec[l]->row;
+        if ((uintptr_t)row % 16 != 0)
+            fail(TRM_EMU_ERR_ADDRESS, "%s: %s gives the row address %p, which is not 16-byte aligned", ldmatrix_name(op),
+                 thread_name(L, base + l).c_str(), row);
+        if (!is_shared(row, 16))
+            fail(TRM_EMU_ERR_ADDRESS, "%s: %s gives the row address %p, which is not in shared memory",
+                 ldmatrix_name(op), thread_name(L, base + l).c_str(), row);
+    }
+    for (int l = 0; l < 32; l++) {
+        const int q = l % 4, r = l / 4;
+        for (int j = 0; j < n; j++) {
+            uint16_t lo, hi;
+            if (trans) {
+                memcpy(&lo, rec[8 * j + 2 * q]->row + 2 * r, 2);
+                memcpy(&hi, rec[8 * j + 2 * q + 1]->row + 2 * r, 2);
+            } else {
+                memcpy(&lo, rec[8 * j + r]->row + 4 * q, 2);
+                memcpy(&hi, rec[8 * j + r]->row + 4 * q + 2, 2);
+            }
+            rec[l]->r[j] = (uint32_t)lo | (uint32_t)hi << 16;
+        }
+    }
+}
+
 // All lanes of `mask` in warp `base/32` have called the collective: compute
 // every lane's result and wake them.
 void complete_collective(Launch& L, uint32_t base, unsigned mask, int op) {
+    if (op == kMmaM16n8k16Bf16) complete_mma(L, base);
+    if (is_ldmatrix(op)) complete_ldmatrix(L, base, op);
     uint64_t common = 0;
     switch (op) {
         case kBallot:
@@ -275,6 +409,9 @@ void run_block(Launch& L) {
         t.idx = uint3{i % bx, i / bx % by, i / (bx * by)};
         t.op = 0;
         t.mask = 0;
+        t.site_file = nullptr;
+        t.copies.clear();
+        t.committed = 0;
         getcontext(&t.ctx);
         t.ctx.uc_stack.ss_sp = (unsigned char*)g_stacks[i] + g_page;
         t.ctx.uc_stack.ss_size = kStackBytes;
@@ -340,7 +477,21 @@ int barrier(int op, int predicate, const char* file, int line) {
     return L.barrier_result;
 }
 
-uint64_t warp_collective(int op, unsigned mask, uint64_t value, int arg, int width, const char* name) {
+namespace {
+
+bool same_site(const Thread& t, const char* file, int line) {
+    if (t.site_file == nullptr || file == nullptr) return t.site_file == file;
+    return t.site_line == line && strcmp(t.site_file, file) == 0;
+}
+
+std::string site_text(const char* file, int line) {
+    return file == nullptr ? std::string() : " at " + std::string(file) + ":" + std::to_string(line);
+}
+
+// A warp collective; `file`/`line` (null for shuffles and votes, which may
+// meet across call sites) must agree between the lanes when given.
+uint64_t collective(int op, unsigned mask, uint64_t value, int arg, int width, const char* name, const char* file,
+                    int line) {
     Launch& L = *g_launch;
     const uint32_t me = L.current;
     const uint32_t base = me / 32 * 32;
@@ -362,6 +513,8 @@ uint64_t warp_collective(int op, unsigned mask, uint64_t value, int arg, int wid
     t.arg = arg;
     t.value = value;
     t.what = name;
+    t.site_file = file;
+    t.site_line = line;
     t.state = State::Warp;
     bool all = true;
     for (int l = 0; l < (int)lanes; l++) {
@@ -370,11 +523,12 @@ uint64_t warp_collective(int op, unsigned mask, uint64_t value, int arg, int wid
         const bool mine = mask >> l & 1u;
         // A waiting lane that names me, or that I name, must be in the same collective.
         if (o.state == State::Warp && (mine || (o.mask >> lane & 1u)) &&
-            (o.op != op || o.mask != mask || o.width != width))
+            (o.op != op || o.mask != mask || o.width != width || !same_site(o, file, line)))
             fail(TRM_EMU_ERR_WARP,
-                 "mismatched warp collectives: %s calls %s (mask 0x%08x, width %d) while lane %d waits in %s "
-                 "(mask 0x%08x, width %d)",
-                 thread_name(L, me).c_str(), name, mask, width, l, o.what, o.mask, o.width);
+                 "mismatched warp collectives: %s calls %s (mask 0x%08x, width %d)%s while lane %d waits in %s "
+                 "(mask 0x%08x, width %d)%s",
+                 thread_name(L, me).c_str(), name, mask, width, site_text(file, line).c_str(), l, o.what, o.mask,
+                 o.width, site_text(o.site_file, o.site_line).c_str());
         if (!mine) continue;
         if (o.state != State::Warp) {
             all = false;
@@ -389,6 +543,66 @@ uint64_t warp_collective(int op, unsigned mask, uint64_t value, int arg, int wid
         yield();
     }
     return t.result;
+}
+
+}  // namespace
+
+uint64_t warp_collective(int op, unsigned mask, uint64_t value, int arg, int width, const char* name) {
+    return collective(op, mask, value, arg, width, name, nullptr, 0);
+}
+
+void mma_m16n8k16_bf16(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4], const char* file,
+                       int line) {
+    MmaRecord rec;
+    memcpy(rec.a, a, sizeof rec.a);
+    memcpy(rec.b, b, sizeof rec.b);
+    memcpy(rec.c, c, sizeof rec.c);
+    (void)collective(kMmaM16n8k16Bf16, 0xffffffffu, (uint64_t)(uintptr_t)&rec, 0, 32,
+                     "mma.sync.m16n8k16.row.col.f32.bf16.bf16.f32", file, line);
+    memcpy(d, rec.d, sizeof rec.d);
+}
+
+void ldmatrix(int op, uint32_t* regs, const void* row, const char* file, int line) {
+    LdmatrixRecord rec{static_cast<const unsigned char*>(row), {0, 0, 0, 0}};
+    (void)collective(op, 0xffffffffu, (uint64_t)(uintptr_t)&rec, 0, 32, ldmatrix_name(op), file, line);
+    memcpy(regs, rec.r, sizeof(uint32_t) * (size_t)ldmatrix_count(op));
+}
+
+void cp_async(void* dst, const void* src, int bytes, bool valid, const char* file, int line) {
+    Launch& L = *g_launch;
+    const auto bad = [&](const char* which, const void* p, const char* why) {
+        fail(TRM_EMU_ERR_ADDRESS, "cp.async of %d bytes at %s:%d in %s: the %s %p is %s", bytes, file, line,
+             thread_name(L, L.current).c_str(), which, p, why);
+    };
+    if ((uintptr_t)dst % (uintptr_t)bytes != 0) bad("destination", dst, "misaligned");
+    if (!is_shared(dst, (size_t)bytes)) bad("destination", dst, "not in shared memory");
+    if (valid && (uintptr_t)src % (uintptr_t)bytes != 0) bad("source", src, "misaligned");
+    if (valid && is_shared(src, 1)) bad("source", src, "in shared memory, not global");
+    L.threads[L.current].copies.push_back(PendingCopy{dst, valid ? src : nullptr, bytes, 0});
+}
+
+void cp_async_commit() {
+    Thread& t = g_launch->threads[g_launch->current];
+    t.committed++;
+    for (PendingCopy& c : t.copies)
+        if (c.group == 0) c.group = t.committed;
+}
+
+void cp_async_wait(int pending) {
+    Thread& t = g_launch->threads[g_launch->current];
+    size_t kept = 0;
+    for (const PendingCopy& c : t.copies) {
+        if (c.group != 0 && c.group + (uint32_t)pending <= t.committed) {
+            if (c.src != nullptr) {
+                memcpy(c.dst, c.src, (size_t)c.bytes);
+            } else {
+                memset(c.dst, 0, (size_t)c.bytes);
+            }
+        } else {
+            t.copies[kept++] = c;
+        }
+    }
+    t.copies.resize(kept);
 }
 
 void trap(const char* file, int line) {

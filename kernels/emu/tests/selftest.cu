@@ -1,7 +1,8 @@
 // Self-test kernels of the CPU emulator (tests/emu_harness.rs): warp
 // shuffles and votes, a shared-memory block reduction with and without its
 // barriers (a planted race), barrier and collective misuse, atomics across
-// blocks, and bf16 conversions. Compiled only into the emulator.
+// blocks, and bf16 conversions. Built into the emulator; build.rs also
+// compiles this folder with nvcc (checked, not embedded).
 //
 // Design rule: each kernel exercises one mechanism and writes what every
 // thread observed, so the Rust side checks it against the definition.

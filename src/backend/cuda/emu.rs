@@ -31,6 +31,11 @@ pub enum EmuError {
     /// The kernel executed `__trap()`.
     #[error("emulated launch of {kernel}: {message}")]
     Trap { kernel: String, message: String },
+    /// An address an instruction cannot use, where the GPU would fault or
+    /// misbehave: a misaligned or non-shared `ldmatrix` row or `cp.async`
+    /// operand.
+    #[error("emulated launch of {kernel}: bad address: {message}")]
+    BadAddress { kernel: String, message: String },
     /// The emulator itself failed (memory for stacks or shared memory).
     #[error("emulated launch of {kernel}: emulator failure: {message}")]
     Host { kernel: String, message: String },
@@ -125,6 +130,7 @@ pub unsafe fn launch_with<A: KernelArgs>(
         2 => Err(EmuError::Deadlock { kernel, message }),
         3 => Err(EmuError::WarpMisuse { kernel, message }),
         4 => Err(EmuError::Trap { kernel, message }),
+        6 => Err(EmuError::BadAddress { kernel, message }),
         _ => Err(EmuError::Host { kernel, message }),
     }
 }
