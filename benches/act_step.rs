@@ -2,7 +2,8 @@
 //! H_cycles x (L_cycles + 1) L-calls, no tape) and one training step
 //! (forward with tape + loss + backward), at the TRM shapes of the brief.
 //! Run: `cargo bench --bench act_step` (env `BENCH_REPS` overrides repeats,
-//! `BENCH_ONLY=a|b|c` picks a case, `BENCH_B=1|4` a batch of case a). Reports the median in ms.
+//! `BENCH_ONLY=a|b|c` picks a case, `BENCH_B=1|4` a batch of case a,
+//! `BENCH_PARTS=fwd|step` one of the two measurements). Reports the median in ms.
 
 use std::time::Instant;
 
@@ -81,10 +82,24 @@ fn bench_case(label: &str, cfg: &ArchConfig, b: usize, reps: usize) {
         std::hint::black_box(&r.grads);
         t.elapsed().as_secs_f64() * 1e3
     };
-    fwd();
-    let f: Vec<f64> = (0..reps).map(|_| fwd()).collect();
-    step();
-    let s: Vec<f64> = (0..reps).map(|_| step()).collect();
+    let parts = std::env::var("BENCH_PARTS").unwrap_or_default();
+    let (do_fwd, do_step) = match parts.as_str() {
+        "fwd" => (true, false),
+        "step" => (false, true),
+        _ => (true, true),
+    };
+    let f: Vec<f64> = if do_fwd {
+        fwd();
+        (0..reps).map(|_| fwd()).collect()
+    } else {
+        vec![f64::NAN]
+    };
+    let s: Vec<f64> = if do_step {
+        step();
+        (0..reps).map(|_| step()).collect()
+    } else {
+        vec![f64::NAN]
+    };
     let (s_tok, d) = (cfg.total_seq_len(), cfg.hidden_size);
     // GEMM flops of one forward: 15 L-calls x layers x 2*M*(D*(3D+D+2F) + F*D) + attention 4*M*S*D
     let m = (b * s_tok) as f64;
@@ -94,8 +109,9 @@ fn bench_case(label: &str, cfg: &ArchConfig, b: usize, reps: usize) {
     let calls = (cfg.h_cycles * (cfg.l_cycles + 1) * cfg.l_layers) as f64;
     let gflop = per_block * calls / 1e9;
     let fm = median(f);
+    let smin = s.iter().copied().fold(f64::INFINITY, f64::min);
     println!(
-        "{label:<28} B {b:>3}  forward {fm:>9.1} ms ({:>5.1} GFLOP/s)  fwd+bwd {:>9.1} ms",
+        "{label:<28} B {b:>3}  forward {fm:>9.1} ms ({:>5.1} GFLOP/s)  fwd+bwd {:>9.1} ms (min {smin:.1})",
         gflop / fm * 1e3,
         median(s)
     );

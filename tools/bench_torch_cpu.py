@@ -158,6 +158,9 @@ def main():
     ap.add_argument("--iters", type=int, default=3, help="timed runs per measurement")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--only", default="", help="comma-separated config names (a,b,c)")
+    ap.add_argument("--batch", type=int, default=0, help="only this batch size (0 = all)")
+    ap.add_argument("--parts", default="both", choices=["both", "fwd", "step"],
+                    help="time the forward, the training step, or both")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, "
@@ -171,6 +174,8 @@ def main():
         gen = torch.Generator().manual_seed(0)
         net = Net(hidden, heads, tokens, gen)
         for batch in batches:
+            if args.batch and batch != args.batch:
+                continue
             seq = tokens - PUZZLE_LEN
             inputs = torch.randint(0, VOCAB, (batch, seq), generator=gen)
             labels = torch.randint(0, VOCAB, (batch, seq), generator=gen)
@@ -186,8 +191,9 @@ def main():
                     p.grad = None
                 net.step(inputs, rows, labels, grad=True).backward()
 
-            fwd_ms, _ = time_ms(fwd, args.warmup, args.iters)
-            fb_ms, fb_min = time_ms(fwd_bwd, args.warmup, args.iters)
+            nan = (float("nan"), float("nan"))
+            fwd_ms, _ = time_ms(fwd, args.warmup, args.iters) if args.parts != "step" else nan
+            fb_ms, fb_min = time_ms(fwd_bwd, args.warmup, args.iters) if args.parts != "fwd" else nan
             gf = forward_gflop(hidden, tokens, batch)
             print(f"{name:<4}{hidden:>5}{heads:>6}{tokens:>5}{batch:>4}{gf:>8.1f}"
                   f"{fwd_ms:>10.1f}{gf / fwd_ms * 1e3:>9.1f}{fb_ms:>12.1f}{fb_min:>9.1f}", flush=True)
