@@ -3,9 +3,10 @@
 //! docs/optimizer.md written here), on random inputs at several shapes,
 //! including odd sizes and unaligned pointers (which take the scalar paths).
 //!
-//! Each op has one test body, generic over [`Device`]: today it runs on the
-//! CPU emulator of the kernels ([`Emu`]); once the CUDA runtime exists, a GPU
-//! `Device` runs the same bodies on the H200 (tools/gpu-check.sh).
+//! Each op has one test body over a launch target (`tests/device`): the
+//! `_emu` test runs it on the CPU emulator of the kernels, the `_gpu` test on
+//! GPU 0 when there is one (tools/gpu-check.sh runs them on the H200; without
+//! a GPU they print "no CUDA device: GPU variant not run").
 //!
 //! Tolerances: outputs stored as bf16 are compared with a relative 1e-2
 //! (bf16 keeps 8 significant bits, 2^-9 relative per rounding, and the
@@ -15,90 +16,14 @@
 //! compared with relative 1e-5 (stablemax: the f64 reference, see
 //! kernels/stablemax_ce.cu) or tighter where stated.
 
-use std::cell::UnsafeCell;
-
 use half::bf16;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use trm::backend::cpu::{embedding, rmsnorm, rope, stablemax_ce, swiglu};
 use trm::backend::cuda::abi::*;
 
-// ---------------------------------------------------------------------------
-// Devices
-
-/// Element types of device buffers.
-trait Elem: Copy + Default + 'static {}
-impl Elem for f32 {}
-impl Elem for i32 {}
-impl Elem for bf16 {}
-
-/// Where kernels run: memory and launches. Argument structs hold device
-/// addresses from [`Device::ptr`].
-trait Device {
-    type Buf<T: Elem>;
-    fn name(&self) -> &'static str;
-    fn upload<T: Elem>(&self, host: &[T]) -> Self::Buf<T>;
-    fn download<T: Elem>(&self, buf: &Self::Buf<T>) -> Vec<T>;
-    /// The device address of element `offset` of `buf`.
-    fn ptr<T: Elem>(&self, buf: &Self::Buf<T>, offset: usize) -> *mut T;
-    /// # Safety
-    /// The pointers in `args` come from live buffers of this device, sized
-    /// for what the kernel touches with this configuration.
-    unsafe fn launch<A: KernelArgs>(
-        &self,
-        kernel: Kernel<A>,
-        cfg: LaunchConfig,
-        args: &A,
-    ) -> Result<(), String>;
-
-    fn zeros<T: Elem>(&self, n: usize) -> Self::Buf<T> {
-        self.upload(&vec![T::default(); n])
-    }
-    fn cptr<T: Elem>(&self, buf: &Self::Buf<T>, offset: usize) -> *const T {
-        self.ptr(buf, offset).cast_const()
-    }
-    /// Launches and panics with the device's message on failure.
-    fn run<A: KernelArgs>(&self, kernel: Kernel<A>, cfg: LaunchConfig, args: &A) {
-        // SAFETY: every test builds `args` from its own live buffers.
-        if let Err(e) = unsafe { self.launch(kernel, cfg, args) } {
-            panic!("{}: {kernel:?}: {e}", self.name());
-        }
-    }
-}
-
-/// The CPU emulator: buffers are host vectors, device addresses host pointers.
-struct Emu;
-
-struct EmuBuf<T>(UnsafeCell<Vec<T>>);
-
-impl Device for Emu {
-    type Buf<T: Elem> = EmuBuf<T>;
-    fn name(&self) -> &'static str {
-        "emulator"
-    }
-    fn upload<T: Elem>(&self, host: &[T]) -> EmuBuf<T> {
-        EmuBuf(UnsafeCell::new(host.to_vec()))
-    }
-    fn download<T: Elem>(&self, buf: &EmuBuf<T>) -> Vec<T> {
-        // SAFETY: no launch is running (launches are synchronous).
-        unsafe { (*buf.0.get()).clone() }
-    }
-    fn ptr<T: Elem>(&self, buf: &EmuBuf<T>, offset: usize) -> *mut T {
-        // SAFETY: only the address is taken; writes happen inside launches.
-        let v = unsafe { &mut *buf.0.get() };
-        assert!(offset <= v.len());
-        v.as_mut_ptr().wrapping_add(offset)
-    }
-    unsafe fn launch<A: KernelArgs>(
-        &self,
-        kernel: Kernel<A>,
-        cfg: LaunchConfig,
-        args: &A,
-    ) -> Result<(), String> {
-        // SAFETY: forwarded from the caller.
-        unsafe { trm::backend::cuda::emu::launch(kernel, &cfg, args) }.map_err(|e| e.to_string())
-    }
-}
+mod device;
+use device::Dev;
 
 // ---------------------------------------------------------------------------
 // Helpers
@@ -157,7 +82,7 @@ fn grid_for(n: usize, block: u32, cap: u32) -> LaunchConfig {
 // ---------------------------------------------------------------------------
 // cast
 
-fn cast_matches_half<D: Device>(dev: &D) {
+fn cast_matches_half(dev: &Dev) {
     let mut r = rng(1);
     for (n, offset) in [
         (0usize, 0usize),
@@ -237,15 +162,12 @@ fn cast_matches_half<D: Device>(dev: &D) {
     }
 }
 
-#[test]
-fn cast_emu() {
-    cast_matches_half(&Emu);
-}
+on_both!(cast_emu, cast_gpu, cast_matches_half);
 
 // ---------------------------------------------------------------------------
 // rmsnorm
 
-fn rmsnorm_matches_cpu<D: Device>(dev: &D) {
+fn rmsnorm_matches_cpu(dev: &Dev) {
     let eps = 1e-5;
     // (M, D, residual, pointer offset in elements, in place, grid cap)
     let cases = [
@@ -349,15 +271,12 @@ fn rmsnorm_matches_cpu<D: Device>(dev: &D) {
     }
 }
 
-#[test]
-fn rmsnorm_emu() {
-    rmsnorm_matches_cpu(&Emu);
-}
+on_both!(rmsnorm_emu, rmsnorm_gpu, rmsnorm_matches_cpu);
 
 // ---------------------------------------------------------------------------
 // swiglu
 
-fn swiglu_matches_cpu<D: Device>(dev: &D) {
+fn swiglu_matches_cpu(dev: &Dev) {
     let mut r = rng(3);
     // (M, F, pointer offset, in-place backward)
     for (m, f, off, in_place) in [
@@ -421,15 +340,12 @@ fn swiglu_matches_cpu<D: Device>(dev: &D) {
     }
 }
 
-#[test]
-fn swiglu_emu() {
-    swiglu_matches_cpu(&Emu);
-}
+on_both!(swiglu_emu, swiglu_gpu, swiglu_matches_cpu);
 
 // ---------------------------------------------------------------------------
 // rope
 
-fn rope_matches_cpu<D: Device>(dev: &D) {
+fn rope_matches_cpu(dev: &Dev) {
     let mut r = rng(4);
     // (B, S, H, d, pointer offset)
     for (b, s, h, d, off) in [
@@ -484,10 +400,7 @@ fn rope_matches_cpu<D: Device>(dev: &D) {
     }
 }
 
-#[test]
-fn rope_emu() {
-    rope_matches_cpu(&Emu);
-}
+on_both!(rope_emu, rope_gpu, rope_matches_cpu);
 
 // ---------------------------------------------------------------------------
 // stablemax_ce
@@ -503,7 +416,7 @@ fn argmax(row: &[f32]) -> i32 {
     best as i32
 }
 
-fn stablemax_ce_matches_cpu<D: Device>(dev: &D) {
+fn stablemax_ce_matches_cpu(dev: &Dev) {
     let ignore = stablemax_ce::IGNORE_LABEL;
     let mut r = rng(5);
     for (b, t, v) in [
@@ -650,12 +563,9 @@ fn stablemax_ce_matches_cpu<D: Device>(dev: &D) {
     }
 }
 
-#[test]
-fn stablemax_ce_emu() {
-    stablemax_ce_matches_cpu(&Emu);
-}
+on_both!(stablemax_ce_emu, stablemax_ce_gpu, stablemax_ce_matches_cpu);
 
-fn q_bce_matches_cpu<D: Device>(dev: &D) {
+fn q_bce_matches_cpu(dev: &Dev) {
     let mut r = rng(6);
     let b = 7;
     let mut q = uniform(&mut r, 2 * b, 6.0);
@@ -718,15 +628,12 @@ fn q_bce_matches_cpu<D: Device>(dev: &D) {
     }
 }
 
-#[test]
-fn q_bce_emu() {
-    q_bce_matches_cpu(&Emu);
-}
+on_both!(q_bce_emu, q_bce_gpu, q_bce_matches_cpu);
 
 // ---------------------------------------------------------------------------
 // embedding
 
-fn embedding_matches_cpu<D: Device>(dev: &D) {
+fn embedding_matches_cpu(dev: &Dev) {
     let mut r = rng(7);
     // (B, T, P, D, V, ndim, puzzle ids)
     for (b, t, p, d, v, ndim, n_ids) in [
@@ -876,10 +783,7 @@ fn embedding_matches_cpu<D: Device>(dev: &D) {
     }
 }
 
-#[test]
-fn embedding_emu() {
-    embedding_matches_cpu(&Emu);
-}
+on_both!(embedding_emu, embedding_gpu, embedding_matches_cpu);
 
 // ---------------------------------------------------------------------------
 // optim
@@ -910,7 +814,7 @@ impl AdamRef {
     }
 }
 
-fn adam_atan2_matches_f64<D: Device>(dev: &D) {
+fn adam_atan2_matches_f64(dev: &Dev) {
     let mut r = rng(8);
     for (n, off) in [(1003usize, 0usize), (37, 1), (8, 0)] {
         let w0 = uniform(&mut r, n, 1.0);
@@ -978,12 +882,9 @@ fn adam_atan2_matches_f64<D: Device>(dev: &D) {
     }
 }
 
-#[test]
-fn adam_atan2_emu() {
-    adam_atan2_matches_f64(&Emu);
-}
+on_both!(adam_atan2_emu, adam_atan2_gpu, adam_atan2_matches_f64);
 
-fn puzzle_sign_sgd_matches_f64<D: Device>(dev: &D) {
+fn puzzle_sign_sgd_matches_f64(dev: &Dev) {
     let mut r = rng(9);
     let (lr, wd) = (1e-2f64, 0.1f64);
     for (d, block) in [(5usize, 32u32), (600, 256), (1300, 256)] {
@@ -1057,12 +958,13 @@ fn puzzle_sign_sgd_matches_f64<D: Device>(dev: &D) {
     }
 }
 
-#[test]
-fn puzzle_sign_sgd_emu() {
-    puzzle_sign_sgd_matches_f64(&Emu);
-}
+on_both!(
+    puzzle_sign_sgd_emu,
+    puzzle_sign_sgd_gpu,
+    puzzle_sign_sgd_matches_f64
+);
 
-fn ema_matches_f64<D: Device>(dev: &D) {
+fn ema_matches_f64(dev: &Dev) {
     let mut r = rng(10);
     let rate = 0.999f64;
     for (n, off) in [(1001usize, 0usize), (13, 3)] {
@@ -1090,7 +992,4 @@ fn ema_matches_f64<D: Device>(dev: &D) {
     }
 }
 
-#[test]
-fn ema_emu() {
-    ema_matches_f64(&Emu);
-}
+on_both!(ema_emu, ema_gpu, ema_matches_f64);

@@ -5,15 +5,18 @@
 #      fails on any warning or register spill) and the kernel test binaries;
 #   2. prints and saves ptxas' resources of every kernel (registers, spills,
 #      static shared memory, stack);
-#   3. runs the kernel test suites: today the CPU-emulator suites (the same
-#      kernel sources and test bodies the GPU will run); the GPU suites join
-#      through GPU_SUITES below once the CUDA runtime exists;
-#   4. writes bench/results/gpu-check-<date>.md (and, when $OUT names a
+#   3. runs the kernel test suites: each suite's tests run twice, the `_gpu`
+#      variants (GPU_SUITES: on GPU 0, with TRM_REQUIRE_GPU=1 when nvidia-smi
+#      lists a GPU, so a missing device fails rather than skips) and the rest
+#      (EMU_SUITES: the CPU emulator, the probe, error paths);
+#   4. runs the kernel microbenchmarks (benches/kernels.rs; without a GPU
+#      they print so and make one tiny emulator pass);
+#   5. writes bench/results/gpu-check-<date>.md (and, when $OUT names a
 #      folder, a copy and the logs there).
 # It stops itself before 8 minutes.
 #
 #   tools/gpu-check.sh                  # build and run here (needs cargo)
-#   tools/gpu-check.sh --prepare DIR    # build here; put the test binaries and
+#   tools/gpu-check.sh --prepare DIR    # build here; put the test and bench binaries and
 #                                       # the ptxas report into DIR (git-ignored
 #                                       # as .gpu-check)
 #   tools/gpu-check.sh --prebuilt DIR   # run what --prepare put into DIR
@@ -28,9 +31,12 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 # Test targets (tests/<name>.rs) this check runs.
-EMU_SUITES=(emu_harness kernel_ops) # kernels on the CPU emulator
-BUILD_SUITES=(kernels_build)        # cubins and ptxas report (reads kernels/, so not in --prebuilt)
-GPU_SUITES=()                       # kernels on the GPU: add the runtime's test target, e.g. (kernel_ops_gpu)
+# A suite in EMU_SUITES runs its tests except the `_gpu` ones; in GPU_SUITES,
+# only the `_gpu` ones (the same bodies on GPU 0).
+EMU_SUITES=(emu_harness kernel_ops cuda_runtime) # kernels on the CPU emulator
+BUILD_SUITES=(kernels_build)                     # cubins and ptxas report (reads kernels/, so not in --prebuilt)
+GPU_SUITES=(kernel_ops cuda_runtime)             # kernels, launchers and GEMMs on the GPU
+BENCHES=(kernels)                                # benches/<name>.rs, harness = false
 
 LIMIT_S=470 # 8 minutes, less a margin for the report
 START=$(date +%s)
@@ -81,7 +87,8 @@ build() {
   NVCC_VERSION=$("$NVCC" --version | grep release || true)
   log "nvcc: $NVCC ($NVCC_VERSION)"
   local targets=()
-  for s in "${EMU_SUITES[@]}" "${BUILD_SUITES[@]}" "${GPU_SUITES[@]}"; do targets+=(--test "$s"); done
+  for s in $(printf '%s\n' "${EMU_SUITES[@]}" "${BUILD_SUITES[@]}" "${GPU_SUITES[@]}" | sort -u); do targets+=(--test "$s"); done
+  for b in "${BENCHES[@]}"; do targets+=(--bench "$b"); done
   log "building: cargo test --no-run ${targets[*]}"
   local status=0
   timeout "$(left)" cargo test --no-run --message-format=json "${targets[@]}" \
@@ -105,7 +112,8 @@ for line in open(sys.argv[1]):
         m = json.loads(line)
     except ValueError:
         continue
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and "test" in m["target"]["kind"]:
+    kinds = m.get("target", {}).get("kind", [])
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and ("test" in kinds or "bench" in kinds):
         print("exe", m["target"]["name"], m["executable"])
     elif m.get("reason") == "build-script-executed" and "#trm@" in m.get("package_id", ""):
         print("out", "trm", m["out_dir"])
@@ -116,16 +124,21 @@ PY
 
 # --- modes -------------------------------------------------------------------
 
+# What runs: "kind:target" with kind emu, build or gpu.
 SUITES_RUN=()
+for s in "${EMU_SUITES[@]}"; do SUITES_RUN+=("emu:$s"); done
+if [[ $mode == local ]]; then
+  for s in "${BUILD_SUITES[@]}"; do SUITES_RUN+=("build:$s"); done
+fi
+for s in "${GPU_SUITES[@]}"; do SUITES_RUN+=("gpu:$s"); done
 case $mode in
   local)
     build
-    SUITES_RUN=("${EMU_SUITES[@]}" "${BUILD_SUITES[@]}" "${GPU_SUITES[@]}")
     ;;
   prepare)
     build
     mkdir -p "$dir/bin"
-    for s in "${EMU_SUITES[@]}" "${GPU_SUITES[@]}"; do
+    for s in $(printf '%s\n' "${EMU_SUITES[@]}" "${GPU_SUITES[@]}" "${BENCHES[@]}" | sort -u); do
       cp "${EXE[$s]}" "$dir/bin/$s"
       strip --strip-debug "$dir/bin/$s" 2>/dev/null || true
     done
@@ -138,9 +151,8 @@ case $mode in
     [[ -f "$dir/ptxas_report.tsv" && -f "$dir/manifest" ]] || die "$dir was not made by --prepare"
     REPORT="$dir/ptxas_report.tsv"
     NVCC_VERSION="$(sed -n 1p "$dir/manifest") (built where --prepare ran)"
-    for s in "${EMU_SUITES[@]}" "${GPU_SUITES[@]}"; do
+    for s in "${EMU_SUITES[@]}" "${GPU_SUITES[@]}" "${BENCHES[@]}"; do
       EXE[$s]="$dir/bin/$s"
-      SUITES_RUN+=("$s")
     done
     ;;
 esac
@@ -160,35 +172,62 @@ echo "$PTXAS"
 
 # --- tests ---------------------------------------------------------------------
 
-is_gpu_suite() {
-  local s
-  for s in "${GPU_SUITES[@]}"; do [[ $s == "$1" ]] && return 0; done
-  return 1
-}
+# A GPU present: the GPU variants must run (a missing device fails them).
+HAVE_GPU=0
+if nvidia-smi -L 2>/dev/null | grep -q '^GPU '; then HAVE_GPU=1; fi
 
 ROWS=()
 FAILED=0
-for s in "${SUITES_RUN[@]}"; do
+for entry in "${SUITES_RUN[@]}"; do
+  kind=${entry%%:*}
+  s=${entry#*:}
   exe=${EXE[$s]:-}
   [[ -n "$exe" && -x "$exe" ]] || die "no test binary for suite $s"
-  where="CPU emulator"
-  is_gpu_suite "$s" && where="GPU"
-  [[ " ${BUILD_SUITES[*]} " == *" $s "* ]] && where="build check"
+  filter=(--skip _gpu)
+  env_vars=()
+  case $kind in
+    emu) where="CPU emulator" ;;
+    build) where="build check" filter=() ;;
+    gpu)
+      where="GPU"
+      filter=(_gpu)
+      if ((HAVE_GPU)); then env_vars=(TRM_REQUIRE_GPU=1); else where="GPU (none here: not run)"; fi
+      ;;
+  esac
   budget=$(left)
   ((budget > 10)) || die "out of time before suite $s"
   log "running $s ($where)"
   t0=$(date +%s%N)
   status=0
-  timeout "$budget" "$exe" --test-threads=2 >"$LOGS/$s.log" 2>&1 || status=$?
+  timeout "$budget" env "${env_vars[@]}" "$exe" --test-threads=2 "${filter[@]}" >"$LOGS/$kind-$s.log" 2>&1 || status=$?
   ms=$((($(date +%s%N) - t0) / 1000000))
-  summary=$(grep -E '^test result:' "$LOGS/$s.log" | tail -n 1 | sed -E 's/^test result: //; s/; finished in .*//')
+  summary=$(grep -E '^test result:' "$LOGS/$kind-$s.log" | tail -n 1 | sed -E 's/^test result: //; s/; finished in .*//')
   if ((status != 0)); then
     FAILED=1
     ((status == 124)) && summary="timed out; $summary"
-    grep -E '^(test .* FAILED|---- |thread .* panicked)' "$LOGS/$s.log" | head -n 20 >&2 || true
-    log "$s FAILED"
+    grep -E '^(test .* FAILED|---- |thread .* panicked)' "$LOGS/$kind-$s.log" | head -n 20 >&2 || true
+    log "$s ($where) FAILED"
   fi
   ROWS+=("| $s | $where | ${summary:-no result line} | $((ms / 1000)).$((ms % 1000 / 100)) s |")
+done
+
+# --- benchmarks ------------------------------------------------------------------
+
+BENCH_OUT=()
+for b in "${BENCHES[@]}"; do
+  exe=${EXE[$b]:-}
+  [[ -n "$exe" && -x "$exe" ]] || die "no bench binary for $b"
+  budget=$(left)
+  ((budget > 10)) || die "out of time before bench $b"
+  log "running bench $b"
+  status=0
+  timeout "$budget" "$exe" >"$LOGS/bench-$b.log" 2>&1 || status=$?
+  cat "$LOGS/bench-$b.log"
+  if ((status != 0)); then
+    FAILED=1
+    log "bench $b FAILED (status $status)"
+  fi
+  BENCH_OUT+=("### $b" "" '```' "$(cat "$LOGS/bench-$b.log")" '```' "")
 done
 
 # --- results file -------------------------------------------------------------
@@ -217,11 +256,15 @@ mkdir -p bench/results
   echo "| suite | runs on | result | time |"
   echo "| --- | --- | --- | --- |"
   printf '%s\n' "${ROWS[@]}"
-  if ((${#GPU_SUITES[@]} == 0)); then
+  if ((HAVE_GPU == 0)); then
     echo
-    echo "No GPU suite yet: the CUDA runtime does not exist, so the kernels ran on the"
-    echo "CPU emulator only; the GPU suites join through GPU_SUITES in tools/gpu-check.sh."
+    echo "No GPU on this machine: the \`_gpu\` variants printed \"no CUDA device\" and"
+    echo "asserted nothing; only the emulator suites checked the kernels."
   fi
+  echo
+  echo "## Kernel benchmarks"
+  echo
+  printf '%s\n' "${BENCH_OUT[@]}"
   echo
   echo "## ptxas resources (sm_90a)"
   echo

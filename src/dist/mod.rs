@@ -4,7 +4,10 @@
 //! many processes there are. Dense gradients arrive as ONE flat buffer (one
 //! all-reduce per step), puzzle-embedding rows as (ids, rows) pairs to
 //! all-gather, metrics as a few f64 sums. [`SingleProcess`] is the world of
-//! one rank (CPU runs, tests); NCCL ranks implement the same trait.
+//! one rank (CPU runs, tests); NCCL ranks implement the same trait
+//! ([`nccl::NcclCollective`]).
+
+pub mod nccl;
 
 /// What data-parallel training needs from the other ranks.
 pub trait Collective {

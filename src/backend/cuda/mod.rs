@@ -1,23 +1,43 @@
-//! CUDA backend. For now: the SM90 kernels build.rs compiled from `kernels/`
-//! and embedded in the binary, their ptxas resource report, the kernel ABI
+//! CUDA backend: the SM90 kernels build.rs compiled from `kernels/` and
+//! embedded in the binary, their ptxas resource report, the kernel ABI
 //! (argument structs and typed kernel handles generated from `kernels/abi.h`),
-//! and, with the `emu` feature (tests), the CPU emulator that runs the same
-//! kernel sources. The runtime (context, streams, launches) comes later and
-//! loads modules from [`embedded_modules`].
+//! and the runtime that runs them:
+//!
+//! - [`runtime`]: the probe ([`probe`]), a GPU context with its stream, module
+//!   loading from the embedded cubins, events and typed launches ([`Gpu`]);
+//! - [`memory`]: typed buffers ([`Buffer`] of f32, bf16, i32, u8);
+//! - [`device`]: a launch target, [`Device::Gpu`] or (feature `emu`)
+//!   [`Device::Emu`], the CPU emulator, so one test or caller body runs on both;
+//! - [`gemm`]: the three linear-layer GEMMs (cuBLASLt on the GPU, the CPU
+//!   GEMM on the emulator target);
+//! - [`ops`]: one typed launcher per kernel, grid and block from the shapes.
+//!
+//! The CUDA libraries (driver, cuBLASLt, NCCL) are loaded at run time, so
+//! this compiles and runs without CUDA; [`probe`] reports a missing library or
+//! device as [`CudaError::NoDevice`], and the caller can fall back to the CPU.
 
 pub mod abi;
 #[cfg(test)]
 mod abigen;
+pub mod device;
 #[cfg(feature = "emu")]
 pub mod emu;
+pub mod gemm;
 pub mod kernels;
+pub mod memory;
+pub mod ops;
 pub mod ptxas;
+pub mod runtime;
 
+pub use device::Device;
+pub use gemm::GemmOut;
 pub use kernels::{
     embedded_modules, kernels_compiled, module, ptxas_report, EmbeddedModule, NVCC_FLAGS,
     NVCC_VERSION,
 };
+pub use memory::{Buffer, Elem};
 pub use ptxas::KernelResources;
+pub use runtime::{probe, DeviceInfo, Event, Gpu, Stream};
 
 /// Errors of the CUDA backend.
 #[derive(Debug, thiserror::Error)]
@@ -36,4 +56,49 @@ pub enum CudaError {
     /// The embedded ptxas report does not parse (a build.rs bug).
     #[error("embedded ptxas report is malformed: {0}")]
     BadReport(String),
+    /// CUDA was asked for but cannot be used here: no driver library, the
+    /// driver does not start, or it sees no device (or not this ordinal).
+    #[error("no CUDA device: {0}; use the CPU backend instead")]
+    NoDevice(String),
+    /// The kernels are sm_90a cubins: they load on compute capability 9.0 only.
+    #[error(
+        "CUDA device {ordinal} ({name}) has compute capability {major}.{minor}; \
+         the embedded kernels are built for sm_90a (H100/H200) only"
+    )]
+    UnsupportedDevice {
+        ordinal: usize,
+        name: String,
+        major: i32,
+        minor: i32,
+    },
+    /// A CUDA driver call failed.
+    #[error("CUDA driver: {op}: {source}")]
+    Driver {
+        op: String,
+        #[source]
+        source: cudarc::driver::DriverError,
+    },
+    /// A cuBLASLt call failed, or the library is missing.
+    #[error("cuBLASLt: {0}")]
+    Blas(String),
+    /// The emulator rejected or failed a launch.
+    #[cfg(feature = "emu")]
+    #[error(transparent)]
+    Emu(#[from] emu::EmuError),
+    /// Buffer sizes, offsets or shapes that do not fit the operation.
+    #[error("{0}")]
+    Shape(String),
+    /// A buffer used with a device it does not belong to.
+    #[error("{0}")]
+    WrongDevice(String),
+}
+
+impl CudaError {
+    /// A driver error with the call that failed.
+    pub(crate) fn driver(op: impl Into<String>, source: cudarc::driver::DriverError) -> Self {
+        CudaError::Driver {
+            op: op.into(),
+            source,
+        }
+    }
 }

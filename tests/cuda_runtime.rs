@@ -1,0 +1,630 @@
+//! The CUDA runtime: the probe and its errors, the typed launchers of
+//! `backend::cuda::ops` (one per kernel) and the linear-layer GEMMs of
+//! `backend::cuda::gemm`, each on the emulator target always and on GPU 0
+//! when there is one (`tests/device`).
+//!
+//! Tolerances: bf16 outputs relative 1e-2 plus 1e-2 of the largest magnitude
+//! (as tests/kernel_ops.rs: 8 significant bits, roundings where the bf16
+//! reference rounds); f32 outputs of f32 math relative 1e-5. GEMMs against an
+//! f64 product of the same bf16 inputs: |got - want| <= 2^-8 |want| (one bf16
+//! rounding of the output, bf16 outputs only) + 1e-4 * sum_k |a_ik b_kj|
+//! (f32 accumulation over K <= 2048 terms in any order or split: K * 2^-24
+//! = 1.2e-4 at worst, far less in practice).
+
+use half::bf16;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use trm::backend::cpu::{embedding, rmsnorm, rope, stablemax_ce, swiglu};
+use trm::backend::cuda::{gemm, ops, runtime, CudaError, Device, GemmOut};
+
+mod device;
+use device::Dev;
+
+fn rng(seed: u64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(seed)
+}
+fn uniform(r: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| r.gen_range(-scale..scale)).collect()
+}
+fn to_bf16(x: &[f32]) -> Vec<bf16> {
+    x.iter().map(|&v| bf16::from_f32(v)).collect()
+}
+fn to_f32(x: &[bf16]) -> Vec<f32> {
+    x.iter().map(|v| v.to_f32()).collect()
+}
+/// Values exactly representable in bf16.
+fn bf16_values(r: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
+    to_f32(&to_bf16(&uniform(r, n, scale)))
+}
+
+/// |got - want| <= rtol |want| + atol_frac max|want|, element-wise.
+fn assert_close(what: &str, got: &[f32], want: &[f32], rtol: f64, atol_frac: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let scale = want.iter().fold(0.0f64, |m, &w| m.max((w as f64).abs()));
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let (g, w) = (g as f64, w as f64);
+        let allowed = rtol * w.abs() + atol_frac * scale;
+        assert!(
+            (g - w).abs() <= allowed,
+            "{what}: element {i}: got {g}, want {w} (allowed {allowed:.3e})"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// probe and errors
+
+#[test]
+fn probe_without_gpu_is_a_typed_error() {
+    match runtime::probe() {
+        Ok(devices) => {
+            // A machine with a GPU: the probe lists it and a bad ordinal is
+            // still a typed error.
+            assert!(!devices.is_empty());
+            eprintln!("probe: {devices:?}");
+            match Device::gpu(devices.len() + 7) {
+                Err(CudaError::NoDevice(m)) => assert!(m.contains("requested"), "{m}"),
+                other => panic!("expected NoDevice for a missing ordinal, got {other:?}"),
+            }
+        }
+        Err(e) => {
+            assert!(
+                matches!(e, CudaError::NoDevice(_)),
+                "expected NoDevice, got {e:?}"
+            );
+            let msg = e.to_string();
+            assert!(msg.starts_with("no CUDA device: "), "{msg}");
+            assert!(msg.contains("CPU backend"), "{msg}");
+            // Requesting a GPU fails the same way, without a panic.
+            assert!(matches!(Device::gpu(0), Err(CudaError::NoDevice(_))));
+            assert!(matches!(
+                runtime::device_count(),
+                Err(CudaError::NoDevice(_))
+            ));
+            if !runtime::driver_library_present() {
+                assert!(msg.contains("libcuda"), "{msg}");
+            }
+        }
+    }
+}
+
+#[test]
+fn kernels_missing_says_how_to_build_them() {
+    let msg = CudaError::KernelsMissing.to_string();
+    assert!(msg.contains("without nvcc"), "{msg}");
+    assert!(msg.contains("tools/install-nvcc.sh"), "{msg}");
+    assert!(msg.contains("NVCC="), "{msg}");
+    if trm::backend::cuda::kernels_compiled() {
+        assert!(!trm::backend::cuda::embedded_modules().unwrap().is_empty());
+    } else {
+        assert!(matches!(
+            trm::backend::cuda::embedded_modules(),
+            Err(CudaError::KernelsMissing)
+        ));
+        assert!(matches!(
+            trm::backend::cuda::module("rmsnorm"),
+            Err(CudaError::KernelsMissing)
+        ));
+    }
+}
+
+#[test]
+fn launchers_reject_short_buffers() {
+    let dev = Device::Emu;
+    let x = dev.upload(&[bf16::ONE; 10]).unwrap();
+    let y = dev.zeros::<bf16>(9).unwrap();
+    let rstd = dev.zeros::<f32>(2).unwrap();
+    let e = ops::rmsnorm_forward(&dev, &y, &rstd, &x, None, 2, 5, 1e-5).unwrap_err();
+    assert!(
+        matches!(&e, CudaError::Shape(m) if m.contains("rmsnorm_forward: y")),
+        "{e}"
+    );
+    let e = gemm::linear_forward(&dev, GemmOut::Bf16(&y), &x, &x, 3, 5, 3, false).unwrap_err();
+    assert!(
+        matches!(&e, CudaError::Shape(m) if m.contains("linear_forward")),
+        "{e}"
+    );
+    assert!(matches!(x.ptr_at(11), Err(CudaError::Shape(_))));
+    let e =
+        ops::stablemax_ce_forward(&dev, &x, None, ops::CeOutputs::default(), 1, 1, 40).unwrap_err();
+    assert!(e.to_string().contains("vocabulary 40"), "{e}");
+}
+
+// ---------------------------------------------------------------------------
+// launchers vs the CPU reference
+
+fn cast_and_fill(dev: &Dev) {
+    let d = dev.device();
+    let mut r = rng(11);
+    let x = uniform(&mut r, 1003, 100.0);
+    let xb = dev.upload(&x);
+    let yb = dev.zeros::<bf16>(1003);
+    dev.ok("cast_f32_to_bf16", ops::cast_f32_to_bf16(d, &yb, &xb));
+    let y = dev.download(&yb);
+    assert_eq!(y, to_bf16(&x));
+    let back = dev.zeros::<f32>(1003);
+    dev.ok("cast_bf16_to_f32", ops::cast_bf16_to_f32(d, &back, &yb));
+    assert_eq!(dev.download(&back), to_f32(&y));
+    dev.ok("fill_f32", ops::fill_f32(d, &back, -1.5));
+    assert!(dev.download(&back).iter().all(|&v| v == -1.5));
+    dev.ok("fill_bf16", ops::fill_bf16(d, &yb, bf16::from_f32(0.25)));
+    assert!(dev.download(&yb).iter().all(|&v| v.to_f32() == 0.25));
+    dev.ok("zero", d.zero(&yb));
+    assert!(dev.download(&yb).iter().all(|&v| v.to_f32() == 0.0));
+}
+on_both!(cast_launchers_emu, cast_launchers_gpu, cast_and_fill);
+
+fn rmsnorm_launchers(dev: &Dev) {
+    let d = dev.device();
+    let mut r = rng(12);
+    let (m, w) = (37usize, 512usize);
+    let x = bf16_values(&mut r, m * w, 2.0);
+    let res = bf16_values(&mut r, m * w, 2.0);
+    let dy = bf16_values(&mut r, m * w, 1.0);
+    let mut y_ref = vec![0.0f32; m * w];
+    let mut rstd_ref = vec![0.0f32; m];
+    rmsnorm::rmsnorm_forward(&mut y_ref, &mut rstd_ref, &x, Some(&res), w, 1e-5);
+    let mut dx_ref = dy.clone();
+    rmsnorm::rmsnorm_backward(&mut dx_ref, &y_ref, &rstd_ref, w);
+
+    let (xb, rb, dyb) = (
+        dev.upload(&to_bf16(&x)),
+        dev.upload(&to_bf16(&res)),
+        dev.upload(&to_bf16(&dy)),
+    );
+    let yb = dev.zeros::<bf16>(m * w);
+    let rstd = dev.zeros::<f32>(m);
+    dev.ok(
+        "rmsnorm_forward",
+        ops::rmsnorm_forward(d, &yb, &rstd, &xb, Some(&rb), m, w, 1e-5),
+    );
+    assert_close("rmsnorm y", &to_f32(&dev.download(&yb)), &y_ref, 1e-2, 1e-2);
+    assert_close("rmsnorm rstd", &dev.download(&rstd), &rstd_ref, 5e-3, 0.0);
+    // in place: dx over dy
+    dev.ok(
+        "rmsnorm_backward",
+        ops::rmsnorm_backward(d, &dyb, &dyb, &yb, &rstd, m, w),
+    );
+    assert_close(
+        "rmsnorm dx",
+        &to_f32(&dev.download(&dyb)),
+        &dx_ref,
+        1e-2,
+        1e-2,
+    );
+}
+on_both!(
+    rmsnorm_launchers_emu,
+    rmsnorm_launchers_gpu,
+    rmsnorm_launchers
+);
+
+fn swiglu_launchers(dev: &Dev) {
+    let d = dev.device();
+    let mut r = rng(13);
+    let (m, f) = (9usize, 1536usize);
+    let gu = bf16_values(&mut r, m * 2 * f, 6.0);
+    let da = bf16_values(&mut r, m * f, 1.0);
+    let mut a_ref = vec![0.0f32; m * f];
+    swiglu::swiglu_forward(&mut a_ref, &gu, f);
+    let mut dgu_ref = vec![0.0f32; m * 2 * f];
+    swiglu::swiglu_backward(&mut dgu_ref, &da, &gu, f);
+    let gub = dev.upload(&to_bf16(&gu));
+    let ab = dev.zeros::<bf16>(m * f);
+    dev.ok("swiglu_forward", ops::swiglu_forward(d, &ab, &gub, m, f));
+    assert_close("swiglu a", &to_f32(&dev.download(&ab)), &a_ref, 1e-2, 1e-2);
+    let dab = dev.upload(&to_bf16(&da));
+    let dgub = dev.zeros::<bf16>(m * 2 * f);
+    dev.ok(
+        "swiglu_backward",
+        ops::swiglu_backward(d, &dgub, &dab, &gub, m, f),
+    );
+    assert_close(
+        "swiglu dgu",
+        &to_f32(&dev.download(&dgub)),
+        &dgu_ref,
+        1e-2,
+        1e-2,
+    );
+}
+on_both!(swiglu_launchers_emu, swiglu_launchers_gpu, swiglu_launchers);
+
+fn rope_launchers(dev: &Dev) {
+    let d = dev.device();
+    let mut r = rng(14);
+    let shape = ops::RopeShape {
+        batch: 2,
+        seq: 9,
+        heads: 4,
+        head_dim: 64,
+    };
+    let tables = rope::rope_tables::<f32>(shape.seq, shape.head_dim, 10000.0);
+    let n = shape.batch * shape.seq * 3 * shape.heads * shape.head_dim;
+    let x = bf16_values(&mut r, n, 2.0);
+    let (cos, sin) = (dev.upload(&tables.cos), dev.upload(&tables.sin));
+    let mut fwd = x.clone();
+    rope::rope_forward(&mut fwd, &tables, shape.heads);
+    let mut bwd = x.clone();
+    rope::rope_backward(&mut bwd, &tables, shape.heads);
+    let q = dev.upload(&to_bf16(&x));
+    dev.ok("rope_forward", ops::rope_forward(d, &q, &cos, &sin, shape));
+    assert_close("rope forward", &to_f32(&dev.download(&q)), &fwd, 1e-2, 1e-2);
+    let q = dev.upload(&to_bf16(&x));
+    dev.ok(
+        "rope_backward",
+        ops::rope_backward(d, &q, &cos, &sin, shape),
+    );
+    assert_close(
+        "rope backward",
+        &to_f32(&dev.download(&q)),
+        &bwd,
+        1e-2,
+        1e-2,
+    );
+}
+on_both!(rope_launchers_emu, rope_launchers_gpu, rope_launchers);
+
+fn stablemax_launchers(dev: &Dev) {
+    let d = dev.device();
+    let mut r = rng(15);
+    let (b, t, v) = (3usize, 50usize, 12usize);
+    let ignore = stablemax_ce::IGNORE_LABEL;
+    let logits = bf16_values(&mut r, b * t * v, 4.0);
+    let labels: Vec<i32> = (0..b * t)
+        .map(|_| {
+            if r.gen_bool(0.3) {
+                ignore
+            } else {
+                r.gen_range(0..v as i32)
+            }
+        })
+        .collect();
+    let mut loss_ref = vec![0.0f64; b * t];
+    stablemax_ce::stablemax_ce_forward(&mut loss_ref, &logits, &labels, v);
+    let mut count = vec![0i32; b];
+    for (i, &l) in labels.iter().enumerate() {
+        count[i / t] += (l != ignore) as i32;
+    }
+    let grad_scale = 0.5f32;
+    let dloss: Vec<f64> = (0..b * t)
+        .map(|i| grad_scale as f64 / count[i / t].max(1) as f64)
+        .collect();
+    let mut dlogits_ref = vec![0.0f32; b * t * v];
+    stablemax_ce::stablemax_ce_backward(&mut dlogits_ref, &dloss, &logits, &labels, v);
+
+    let lb = dev.upload(&to_bf16(&logits));
+    let labb = dev.upload(&labels);
+    let loss = dev.zeros::<f32>(b * t);
+    let countb = dev.zeros::<i32>(b);
+    let out = ops::CeOutputs {
+        loss: Some(&loss),
+        count: Some(&countb),
+        ..Default::default()
+    };
+    dev.ok(
+        "stablemax_ce_forward",
+        ops::stablemax_ce_forward(d, &lb, Some(&labb), out, b, t, v),
+    );
+    let want: Vec<f32> = loss_ref.iter().map(|&x| x as f32).collect();
+    assert_close("stablemax loss", &dev.download(&loss), &want, 1e-5, 1e-6);
+    assert_eq!(dev.download(&countb), count);
+    let dl = dev.zeros::<bf16>(b * t * v);
+    dev.ok(
+        "stablemax_ce_backward",
+        ops::stablemax_ce_backward(d, &dl, &lb, &labb, &countb, grad_scale, b, t, v),
+    );
+    assert_close(
+        "stablemax dlogits",
+        &to_f32(&dev.download(&dl)),
+        &dlogits_ref,
+        1e-2,
+        1e-2,
+    );
+
+    // Q head: BCE of q_halt against seq_correct, q_continue against a target.
+    let q = uniform(&mut r, 2 * b, 3.0);
+    let seq = vec![1i32, 0, 1];
+    let target = uniform(&mut r, b, 0.5)
+        .iter()
+        .map(|x| x + 0.5)
+        .collect::<Vec<_>>();
+    let (qb, sb, tb) = (dev.upload(&q), dev.upload(&seq), dev.upload(&target));
+    let lossq = dev.zeros::<f32>(2 * b);
+    dev.ok(
+        "q_bce_forward",
+        ops::q_bce_forward(d, &lossq, &qb, &sb, Some(&tb), b),
+    );
+    let dq = dev.zeros::<f32>(2 * b);
+    dev.ok(
+        "q_bce_backward",
+        ops::q_bce_backward(d, &dq, &qb, &sb, Some(&tb), 2.0, b),
+    );
+    let (mut lw, mut dw) = (vec![0.0f32; 2 * b], vec![0.0f32; 2 * b]);
+    for i in 0..b {
+        let y = [seq[i] as f32, target[i]];
+        for j in 0..2 {
+            lw[2 * i + j] = stablemax_ce::bce_with_logits_forward(q[2 * i + j], y[j]);
+            dw[2 * i + j] = 2.0 * stablemax_ce::bce_with_logits_backward(q[2 * i + j], y[j]);
+        }
+    }
+    assert_close("q bce loss", &dev.download(&lossq), &lw, 1e-5, 1e-6);
+    assert_close("q bce dq", &dev.download(&dq), &dw, 1e-5, 1e-6);
+}
+on_both!(
+    stablemax_launchers_emu,
+    stablemax_launchers_gpu,
+    stablemax_launchers
+);
+
+fn embedding_launchers(dev: &Dev) {
+    let d = dev.device();
+    let mut r = rng(16);
+    let s = ops::EmbeddingShape {
+        b: 2,
+        t: 30,
+        p: 2,
+        d: 64,
+        v: 12,
+        ndim: 100,
+        num_puzzle_ids: 5,
+    };
+    let scale = (s.d as f32).sqrt();
+    let table = bf16_values(&mut r, s.v * s.d, 1.0);
+    let tokens: Vec<i32> = (0..s.b * s.t).map(|_| r.gen_range(0..s.v as i32)).collect();
+    let pemb = uniform(&mut r, s.num_puzzle_ids * s.ndim, 1.0);
+    let pids = vec![3i32, 0];
+    let rows = s.p + s.t;
+    // Reference: the token rows through the CPU op, the puzzle rows by hand.
+    let mut x_ref = vec![0.0f32; s.b * rows * s.d];
+    for bi in 0..s.b {
+        let base = bi * rows * s.d;
+        for k in 0..s.ndim {
+            let v = bf16::from_f32(pemb[pids[bi] as usize * s.ndim + k]).to_f32();
+            x_ref[base + k] = v * scale;
+        }
+        embedding::embedding_forward(
+            &mut x_ref[base + s.p * s.d..base + rows * s.d],
+            &table,
+            &tokens[bi * s.t..(bi + 1) * s.t],
+            s.d,
+            scale,
+        );
+    }
+    let (tb, tokb) = (dev.upload(&to_bf16(&table)), dev.upload(&tokens));
+    let (pe, pi) = (dev.upload(&pemb), dev.upload(&pids));
+    let xb = dev.zeros::<bf16>(s.b * rows * s.d);
+    dev.ok(
+        "input_embedding_forward",
+        ops::input_embedding_forward(d, &xb, &tb, &tokb, Some((&pe, &pi)), scale, s),
+    );
+    assert_close(
+        "embedding x",
+        &to_f32(&dev.download(&xb)),
+        &x_ref,
+        1e-2,
+        1e-2,
+    );
+
+    let dx = bf16_values(&mut r, s.b * rows * s.d, 1.0);
+    let mut dembed_ref = vec![0.0f32; s.v * s.d];
+    let mut dpuzzle_ref = vec![0.0f32; s.b * s.ndim];
+    for bi in 0..s.b {
+        let base = bi * rows * s.d;
+        embedding::embedding_backward(
+            &mut dembed_ref,
+            &dx[base + s.p * s.d..base + rows * s.d],
+            &tokens[bi * s.t..(bi + 1) * s.t],
+            s.d,
+            scale,
+        );
+        for k in 0..s.ndim {
+            dpuzzle_ref[bi * s.ndim + k] = scale * dx[base + k];
+        }
+    }
+    let dxb = dev.upload(&to_bf16(&dx));
+    let de = dev.zeros::<f32>(s.v * s.d);
+    let dp = dev.zeros::<f32>(s.b * s.ndim);
+    dev.ok(
+        "input_embedding_backward",
+        ops::input_embedding_backward(d, &de, Some(&dp), &dxb, &tokb, scale, s),
+    );
+    assert_close(
+        "embedding dembed",
+        &dev.download(&de),
+        &dembed_ref,
+        1e-5,
+        1e-6,
+    );
+    assert_close(
+        "embedding dpuzzle",
+        &dev.download(&dp),
+        &dpuzzle_ref,
+        1e-6,
+        0.0,
+    );
+}
+on_both!(
+    embedding_launchers_emu,
+    embedding_launchers_gpu,
+    embedding_launchers
+);
+
+fn optim_launchers(dev: &Dev) {
+    let d = dev.device();
+    let mut r = rng(17);
+    let n = 2053usize;
+    let h = ops::AdamAtan2Step {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.95,
+        weight_decay: 0.1,
+        step: 1,
+    };
+    let w0 = uniform(&mut r, n, 1.0);
+    let g = uniform(&mut r, n, 0.1);
+    // One step from zero moments, in f64 (docs/optimizer.md).
+    let want: Vec<f32> = (0..n)
+        .map(|i| {
+            let (w, g) = (w0[i] as f64, g[i] as f64);
+            let m = (1.0 - h.beta1) * g;
+            let v = (1.0 - h.beta2) * g * g;
+            let (bc1, bc2) = (1.0 - h.beta1, 1.0 - h.beta2);
+            (w * (1.0 - h.lr * h.weight_decay) - h.lr / bc1 * m.atan2(v.sqrt() / bc2.sqrt())) as f32
+        })
+        .collect();
+    let (wb, mb, vb, gb) = (
+        dev.upload(&w0),
+        dev.zeros::<f32>(n),
+        dev.zeros::<f32>(n),
+        dev.upload(&g),
+    );
+    let hb = dev.zeros::<bf16>(n);
+    dev.ok(
+        "adam_atan2",
+        ops::adam_atan2(d, &wb, &mb, &vb, &gb, Some(&hb), h),
+    );
+    let w = dev.download(&wb);
+    assert_close("adam w", &w, &want, 1e-6, 1e-5 * h.lr);
+    assert_eq!(dev.download(&hb), to_bf16(&w));
+
+    let rate = 0.999;
+    let shadow0 = uniform(&mut r, n, 1.0);
+    let sb = dev.upload(&shadow0);
+    dev.ok("ema", ops::ema(d, &sb, &wb, rate));
+    let want: Vec<f32> = (0..n)
+        .map(|i| ((1.0 - rate) * w[i] as f64 + rate * shadow0[i] as f64) as f32)
+        .collect();
+    assert_close("ema", &dev.download(&sb), &want, 1e-6, 1e-7);
+
+    let (rows, width, ids) = (5usize, 300usize, vec![2i32, 0, 2, 7, -1]);
+    let table0 = uniform(&mut r, 4 * width, 1.0);
+    let grad = uniform(&mut r, rows * width, 1.0);
+    let (lr, wd) = (1e-2f64, 0.1f64);
+    let mut want: Vec<f32> = table0.clone();
+    for id in [0usize, 2] {
+        for c in 0..width {
+            let gsum: f32 = (0..rows)
+                .filter(|&j| ids[j] == id as i32)
+                .map(|j| grad[j * width + c])
+                .sum();
+            want[id * width + c] = (table0[id * width + c] as f64 * (1.0 - lr * wd)
+                - lr * gsum.signum() as f64) as f32;
+        }
+    }
+    let (tb, grb, ib) = (dev.upload(&table0), dev.upload(&grad), dev.upload(&ids));
+    dev.ok(
+        "puzzle_sign_sgd",
+        ops::puzzle_sign_sgd(d, &tb, &grb, &ib, rows, width, 4, lr, wd),
+    );
+    assert_close("puzzle_sign_sgd", &dev.download(&tb), &want, 1e-6, 1e-7);
+}
+on_both!(optim_launchers_emu, optim_launchers_gpu, optim_launchers);
+
+// ---------------------------------------------------------------------------
+// GEMMs
+
+/// `c[i, j] = sum_k a(i, k) b(k, j)` in f64, and the bound's `sum |a b|`.
+fn product(
+    rows: usize,
+    cols: usize,
+    inner: usize,
+    a: impl Fn(usize, usize) -> f64,
+    b: impl Fn(usize, usize) -> f64,
+) -> (Vec<f64>, Vec<f64>) {
+    let mut c = vec![0.0; rows * cols];
+    let mut abs = vec![0.0; rows * cols];
+    for i in 0..rows {
+        for j in 0..cols {
+            for k in 0..inner {
+                let p = a(i, k) * b(k, j);
+                c[i * cols + j] += p;
+                abs[i * cols + j] += p.abs();
+            }
+        }
+    }
+    (c, abs)
+}
+
+fn assert_gemm(what: &str, got: &[f32], want: &[f64], abs: &[f64], bf16_out: bool) {
+    let rel = if bf16_out { 1.0 / 256.0 } else { 0.0 };
+    for i in 0..want.len() {
+        let allowed = rel * want[i].abs() + 1e-4 * abs[i] + 1e-30;
+        let err = (got[i] as f64 - want[i]).abs();
+        assert!(
+            err <= allowed,
+            "{what}: element {i}: got {}, want {} (error {err:.3e}, allowed {allowed:.3e})",
+            got[i],
+            want[i]
+        );
+    }
+}
+
+fn gemm_layouts(dev: &Dev) {
+    let d = dev.device();
+    let mut r = rng(18);
+    for (m, k, n) in [(7usize, 5usize, 3usize), (64, 128, 96), (37, 512, 130)] {
+        let x = bf16_values(&mut r, m * k, 1.0);
+        let w = bf16_values(&mut r, n * k, 1.0);
+        let dy = bf16_values(&mut r, m * n, 1.0);
+        let (xb, wb, dyb) = (
+            dev.upload(&to_bf16(&x)),
+            dev.upload(&to_bf16(&w)),
+            dev.upload(&to_bf16(&dy)),
+        );
+        let xv = |i: usize, j: usize| x[i * k + j] as f64;
+        let wv = |i: usize, j: usize| w[i * k + j] as f64;
+        let dyv = |i: usize, j: usize| dy[i * n + j] as f64;
+        // y = x W^T; dx = dy W; dW = dy^T x
+        let (y, y_abs) = product(m, n, k, xv, |kk, j| wv(j, kk));
+        let (dx, dx_abs) = product(m, k, n, dyv, wv);
+        let (dw, dw_abs) = product(n, k, m, |i, kk| dyv(kk, i), xv);
+        let shape = format!("M {m} K {k} N {n}");
+
+        for bf16_out in [false, true] {
+            let run =
+                |name: &str,
+                 len: usize,
+                 want: &[f64],
+                 abs: &[f64],
+                 call: &dyn Fn(GemmOut<'_>, bool) -> Result<(), CudaError>| {
+                    let init = uniform(&mut rng(len as u64), len, 1.0);
+                    let init = to_f32(&to_bf16(&init));
+                    for accumulate in [false, true] {
+                        let what =
+                            format!("{name} {shape} bf16 out {bf16_out} accumulate {accumulate}");
+                        let (want, abs): (Vec<f64>, Vec<f64>) = if accumulate {
+                            (
+                                want.iter().zip(&init).map(|(w, &c)| w + c as f64).collect(),
+                                abs.iter()
+                                    .zip(&init)
+                                    .map(|(a, &c)| a + (c as f64).abs())
+                                    .collect(),
+                            )
+                        } else {
+                            (want.to_vec(), abs.to_vec())
+                        };
+                        let got = if bf16_out {
+                            let out = dev.upload(&to_bf16(&init));
+                            dev.ok(&what, call(GemmOut::Bf16(&out), accumulate));
+                            to_f32(&dev.download(&out))
+                        } else {
+                            let out = dev.upload(&init);
+                            dev.ok(&what, call(GemmOut::F32(&out), accumulate));
+                            dev.download(&out)
+                        };
+                        assert_gemm(&what, &got, &want, &abs, bf16_out);
+                    }
+                };
+            run("linear_forward", m * n, &y, &y_abs, &|o, acc| {
+                gemm::linear_forward(d, o, &xb, &wb, m, k, n, acc)
+            });
+            run("linear_backward_input", m * k, &dx, &dx_abs, &|o, acc| {
+                gemm::linear_backward_input(d, o, &dyb, &wb, m, k, n, acc)
+            });
+            run("linear_backward_weight", n * k, &dw, &dw_abs, &|o, acc| {
+                gemm::linear_backward_weight(d, o, &dyb, &xb, m, k, n, acc)
+            });
+        }
+    }
+}
+on_both!(gemm_layouts_emu, gemm_layouts_gpu, gemm_layouts);
