@@ -59,7 +59,7 @@ pub enum CheckpointError {
     MissingFolder { path: PathBuf },
     #[error("no checkpoint (step_N folder) found in {root}")]
     NoCheckpoint { root: PathBuf },
-    #[error("checkpoint file {path} is missing")]
+    #[error("file {path} is missing")]
     MissingFile { path: PathBuf },
     #[error("{path}: {source}")]
     Io {
@@ -73,13 +73,13 @@ pub enum CheckpointError {
         #[source]
         source: SafetensorsError,
     },
-    #[error("checkpoint file {path} has {actual} bytes, the manifest says {expected}")]
+    #[error("file {path} has {actual} bytes, the manifest says {expected}")]
     SizeMismatch {
         path: PathBuf,
         expected: u64,
         actual: u64,
     },
-    #[error("checkpoint file {path} has SHA-256 {actual}, the manifest says {expected}")]
+    #[error("file {path} has SHA-256 {actual}, the manifest says {expected} (altered or damaged)")]
     HashMismatch {
         path: PathBuf,
         expected: String,
@@ -366,7 +366,7 @@ fn sync_dir(dir: &Path) -> Result<()> {
 }
 
 /// Streams a file through SHA-256 (the puzzle table can be gigabytes).
-fn hash_file(path: &Path) -> Result<FileEntry> {
+pub fn hash_file(path: &Path) -> Result<FileEntry> {
     let mut f = File::open(path).map_err(|e| missing_or_io(path, e))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -597,10 +597,18 @@ fn verify_file(dir: &Path, name: &str, entry: &FileEntry) -> Result<()> {
 /// Verifies every file of a checkpoint folder against its manifest.
 pub fn verify(dir: &Path) -> Result<Manifest> {
     let manifest = read_manifest(dir)?;
-    for (name, entry) in &manifest.files {
+    verify_files(dir, &manifest.files)?;
+    Ok(manifest)
+}
+
+/// Checks every listed file of `dir` (size, then SHA-256); the first
+/// missing, truncated or altered file is named in the error. Shared with
+/// the model folders of `trm package`.
+pub fn verify_files(dir: &Path, files: &BTreeMap<String, FileEntry>) -> Result<()> {
+    for (name, entry) in files {
         verify_file(dir, name, entry)?;
     }
-    Ok(manifest)
+    Ok(())
 }
 
 fn load_map(path: &Path) -> Result<BTreeMap<String, Tensor>> {

@@ -60,6 +60,29 @@ enum Command {
     Train(TrainArgs),
     /// Draw PNG charts (losses, accuracies, lr) of a run folder's metrics.jsonl.
     Plot(PlotArgs),
+    /// Make a model folder for `trm infer` from a training checkpoint.
+    #[command(
+        long_about = "Make a self-contained model folder for `trm infer` from a training checkpoint \
+            (RUN/step_N): model.safetensors (the EMA weights when the run had EMA, reference names, \
+            with the puzzle-embedding table), config.json (the network, how the dataset was built, \
+            pass_Ks), the dataset's identifiers.json and a manifest of SHA-256s.\n\n\
+            The checkpoint is verified first. The folder is written atomically; an existing --out \
+            is replaced only when it is empty or a model folder.\n\n\
+            Example:\n  trm package --checkpoint checkpoints/data-ACT-trm/run/step_2723 --out model"
+    )]
+    Package(PackageArgs),
+    /// Solve an ARC challenges file with a packaged model: writes the Kaggle submission.json.
+    #[command(
+        long_about = "Solve an ARC challenges file with a model folder made by `trm package`, offline.\n\n\
+            Builds the augmented test set in memory with the dataset builder's rules and the model's \
+            build seed (puzzles the model was trained on get their trained embeddings), runs every \
+            example for halt_max_steps ACT steps, votes over the augmentations as the ARC evaluator does, \
+            and writes submission.json (Kaggle format). With --solutions it also prints pass@K.\n\n\
+            Puzzles the model has not seen have blank embeddings unless --fit-steps N first fits them on \
+            their demonstration pairs with the weights frozen.\n\n\
+            Example:\n  trm infer --model model --challenges arc-agi_test_challenges.json --out submission.json --fit-steps 200"
+    )]
+    Infer(InferArgs),
     /// One ACT training step from a fresh carry; writes outputs and gradients (parity checks against PyTorch).
     StepDump(trm::stepdump::StepDumpArgs),
 }
@@ -77,6 +100,56 @@ struct TrainArgs {
     quiet: bool,
     /// Hydra-style overrides: key=value, +key=value, arch.key=value.
     overrides: Vec<String>,
+}
+
+#[derive(Args)]
+struct PackageArgs {
+    /// A checkpoint folder (RUN/step_N).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// The model folder to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// The dataset the run trained on (default: the run config's data_paths).
+    #[arg(long)]
+    dataset: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct InferArgs {
+    /// A model folder made by `trm package`.
+    #[arg(long)]
+    model: PathBuf,
+    /// ARC challenges JSON (puzzle id -> {"train": [...], "test": [...]}).
+    #[arg(long)]
+    challenges: PathBuf,
+    /// Solutions JSON for the challenges: pass@K is printed.
+    #[arg(long)]
+    solutions: Option<PathBuf>,
+    /// Where to write the Kaggle submission.
+    #[arg(long, default_value = "submission.json")]
+    out: PathBuf,
+    /// Augmented copies per puzzle that vote.
+    #[arg(long, default_value_t = trm::infer::DEFAULT_NUM_AUG)]
+    num_aug: usize,
+    /// Augmentation seed (default: the seed the model's dataset was built with).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Examples per batch (default: the training run's global batch size).
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Fit the embeddings of puzzles the model does not know for N steps first.
+    #[arg(long, default_value_t = 0)]
+    fit_steps: u64,
+    /// K values of pass@K (default: the model's pass_Ks).
+    #[arg(long, num_args = 1..)]
+    pass_ks: Option<Vec<usize>>,
+    /// Only errors and the final summary (no progress bar).
+    #[arg(long)]
+    quiet: bool,
 }
 
 #[derive(Args)]
@@ -325,6 +398,70 @@ fn run_train(a: TrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn run_package(a: PackageArgs) -> anyhow::Result<()> {
+    let r = trm::package::package(&a.checkpoint, &a.out, a.dataset.as_deref())?;
+    println!(
+        "model folder: {} (step {}, {} weights, {} puzzle embeddings, dataset {})",
+        r.out.display(),
+        r.step,
+        if r.ema { "EMA" } else { "live" },
+        r.num_puzzle_identifiers,
+        r.dataset.display()
+    );
+    Ok(())
+}
+
+fn run_infer(a: InferArgs) -> anyhow::Result<()> {
+    if a.threads == Some(0) {
+        anyhow::bail!("--threads must be at least 1");
+    }
+    init_threads(a.threads.unwrap_or(0))?;
+    let opts = trm::infer::InferOptions {
+        solutions: a.solutions,
+        num_aug: a.num_aug,
+        seed: a.seed,
+        batch_size: a.batch_size,
+        fit_steps: a.fit_steps,
+        pass_ks: a.pass_ks,
+        progress: !a.quiet,
+        verbose: !a.quiet,
+        ..trm::infer::InferOptions::new(&a.model, &a.challenges)
+    };
+    let out = trm::infer::infer(&opts)?;
+    if a.quiet {
+        // Printed as they came when not quiet.
+        for w in &out.warnings {
+            eprintln!("{w}");
+        }
+    }
+    trm::infer::write_submission(&a.out, &out.result)?;
+    println!(
+        "submission: {} ({} puzzles, {} test examples with augmentations)",
+        a.out.display(),
+        out.puzzle_ids.len(),
+        out.examples
+    );
+    if !out.unknown_puzzles.is_empty() {
+        println!(
+            "{} puzzles had no trained embedding{}",
+            out.unknown_puzzles.len(),
+            match &out.fit {
+                Some(f) => format!(
+                    "; fitted {} rows in {} steps (demonstration lm_loss {:.4} -> {:.4})",
+                    f.rows, f.steps, f.loss_before, f.loss_after
+                ),
+                None => " (blank embeddings)".to_string(),
+            }
+        );
+    }
+    if out.scored {
+        for (k, v) in &out.result.metrics {
+            println!("{k} {v:.4}");
+        }
+    }
+    Ok(())
+}
+
 fn run_plot(a: PlotArgs) -> anyhow::Result<()> {
     let files = trm::telemetry::plot::plot_run(&a.run_dir)?;
     for f in files {
@@ -340,6 +477,8 @@ fn main() -> ExitCode {
         Command::Demo(a) => run_demo(a),
         Command::Train(a) => run_train(a),
         Command::Plot(a) => run_plot(a),
+        Command::Package(a) => run_package(a),
+        Command::Infer(a) => run_infer(a),
         Command::StepDump(a) => trm::stepdump::run(&a),
     };
     match result {

@@ -580,75 +580,15 @@ impl TrainerState {
         test: &PuzzleDataset,
         coll: &dyn Collective,
     ) -> Result<(BTreeMap<String, StepMetrics>, EvalOutputs)> {
-        let arch = &self.arch;
-        let dm = self.ctx.dm;
-        let mut per_set: BTreeMap<String, StepMetrics> = BTreeMap::new();
-        let mut outs = EvalOutputs {
-            seq_len: dm.seq,
-            ..EvalOutputs::default()
-        };
-        let max = arch.halt_max_steps.max(1);
-        for batch in test.test_batches() {
-            check_batch_shape(&dm, &batch, "test inputs")?;
-            crate::model::trm::Batch {
-                inputs: &batch.inputs,
-                labels: &batch.labels,
-                puzzle_ids: &batch.puzzle_identifiers,
-                b: dm.b,
-            }
-            .validate(arch)?;
-            let mut z_h = broadcast_init(&dm, &params.h_init);
-            let mut z_l = broadcast_init(&dm, &params.l_init);
-            let mut last = None;
-            for step in 1..=max {
-                let (out, _) = inner_forward(
-                    &self.ctx,
-                    arch,
-                    params,
-                    &batch.inputs,
-                    &batch.puzzle_identifiers,
-                    z_h,
-                    z_l,
-                    arch.h_cycles.saturating_sub(1),
-                    false,
-                );
-                if step == max {
-                    last = Some(out);
-                    break;
-                }
-                z_h = out.z_h;
-                z_l = out.z_l;
-            }
-            let out = last.expect("halt_max_steps >= 1");
-            let (loss, _, _) = act_loss(&dm, &out.logits, &out.q, &batch.labels, None);
-            let q_halt: Vec<f32> = (0..dm.b).map(|b| out.q[b * 2]).collect();
-            let steps = vec![max as i32; dm.b];
-            let m = StepMetrics::from_step(&loss, &q_halt, &vec![true; dm.b], &steps, false);
-            per_set.entry(batch.set_name.clone()).or_default().add(&m);
-            // outputs of real (non-padding) rows
-            for (b, &qh) in q_halt.iter().enumerate() {
-                let lab = &batch.labels[b * dm.seq..(b + 1) * dm.seq];
-                let pad = lab
-                    .iter()
-                    .all(|&l| l == crate::data::loader::IGNORE_LABEL_ID)
-                    && batch.puzzle_identifiers[b] as i64 == test.metadata().blank_identifier_id;
-                if pad {
-                    continue;
-                }
-                outs.puzzle_ids.push(batch.puzzle_identifiers[b]);
-                outs.inputs
-                    .extend_from_slice(&batch.inputs[b * dm.seq..(b + 1) * dm.seq]);
-                for t in 0..dm.seq {
-                    let row = &out.logits[(b * dm.seq + t) * dm.v..(b * dm.seq + t + 1) * dm.v];
-                    outs.preds.push(argmax(row) as i32);
-                }
-                outs.q_halt.push(qh);
-            }
-        }
-        for m in per_set.values_mut() {
-            reduce_metrics(m, coll);
-        }
-        Ok((per_set, outs))
+        evaluate_batches(
+            &self.ctx,
+            &self.arch,
+            params,
+            test.test_batches(),
+            test.metadata().blank_identifier_id,
+            coll,
+            &mut |_| {},
+        )
     }
 
     /// The checkpoint contents of this state.
@@ -747,6 +687,92 @@ impl TrainerState {
     pub fn local_batch(&self) -> usize {
         self.local_batch
     }
+}
+
+/// Runs every batch of `batches` (test batches: every example once, the last
+/// padded with `blank_id` rows) for `halt_max_steps` steps (spec section 5,
+/// evaluation) and returns per-set metric sums and the outputs of the
+/// non-padding rows. `ctx` fixes the batch size; `after_batch` is told the
+/// real rows of each batch done (for progress).
+pub fn evaluate_batches(
+    ctx: &Ctx<f32>,
+    arch: &ArchConfig,
+    params: &Params<f32>,
+    batches: impl IntoIterator<Item = LoaderBatch>,
+    blank_id: i64,
+    coll: &dyn Collective,
+    after_batch: &mut dyn FnMut(usize),
+) -> Result<(BTreeMap<String, StepMetrics>, EvalOutputs)> {
+    let dm = ctx.dm;
+    let mut per_set: BTreeMap<String, StepMetrics> = BTreeMap::new();
+    let mut outs = EvalOutputs {
+        seq_len: dm.seq,
+        ..EvalOutputs::default()
+    };
+    let max = arch.halt_max_steps.max(1);
+    for batch in batches {
+        check_batch_shape(&dm, &batch, "test inputs")?;
+        crate::model::trm::Batch {
+            inputs: &batch.inputs,
+            labels: &batch.labels,
+            puzzle_ids: &batch.puzzle_identifiers,
+            b: dm.b,
+        }
+        .validate(arch)?;
+        let mut z_h = broadcast_init(&dm, &params.h_init);
+        let mut z_l = broadcast_init(&dm, &params.l_init);
+        let mut last = None;
+        for step in 1..=max {
+            let (out, _) = inner_forward(
+                ctx,
+                arch,
+                params,
+                &batch.inputs,
+                &batch.puzzle_identifiers,
+                z_h,
+                z_l,
+                arch.h_cycles.saturating_sub(1),
+                false,
+            );
+            if step == max {
+                last = Some(out);
+                break;
+            }
+            z_h = out.z_h;
+            z_l = out.z_l;
+        }
+        let out = last.expect("halt_max_steps >= 1");
+        let (loss, _, _) = act_loss(&dm, &out.logits, &out.q, &batch.labels, None);
+        let q_halt: Vec<f32> = (0..dm.b).map(|b| out.q[b * 2]).collect();
+        let steps = vec![max as i32; dm.b];
+        let m = StepMetrics::from_step(&loss, &q_halt, &vec![true; dm.b], &steps, false);
+        per_set.entry(batch.set_name.clone()).or_default().add(&m);
+        // outputs of real (non-padding) rows
+        let before = outs.q_halt.len();
+        for (b, &qh) in q_halt.iter().enumerate() {
+            let lab = &batch.labels[b * dm.seq..(b + 1) * dm.seq];
+            let pad = lab
+                .iter()
+                .all(|&l| l == crate::data::loader::IGNORE_LABEL_ID)
+                && batch.puzzle_identifiers[b] as i64 == blank_id;
+            if pad {
+                continue;
+            }
+            outs.puzzle_ids.push(batch.puzzle_identifiers[b]);
+            outs.inputs
+                .extend_from_slice(&batch.inputs[b * dm.seq..(b + 1) * dm.seq]);
+            for t in 0..dm.seq {
+                let row = &out.logits[(b * dm.seq + t) * dm.v..(b * dm.seq + t + 1) * dm.v];
+                outs.preds.push(argmax(row) as i32);
+            }
+            outs.q_halt.push(qh);
+        }
+        after_batch(outs.q_halt.len() - before);
+    }
+    for m in per_set.values_mut() {
+        reduce_metrics(m, coll);
+    }
+    Ok((per_set, outs))
 }
 
 /// A loader batch must match the local batch size and sequence length the
@@ -874,23 +900,11 @@ pub fn train_with(
     };
     // ARC evaluators (`arc@ARC` in `evaluators`), on the first test dataset
     // as the reference does; `pass_Ks` in its options overrides the K list.
-    let mut arc_ks: Vec<Vec<usize>> = Vec::new();
-    if test_ds.is_some() {
-        for ev in &cfg.evaluators {
-            let ks = ev
-                .options
-                .get("pass_Ks")
-                .and_then(|v| v.as_sequence())
-                .map(|seq| {
-                    seq.iter()
-                        .filter_map(|k| k.as_u64())
-                        .map(|k| k as usize)
-                        .collect()
-                })
-                .unwrap_or_else(|| crate::eval::DEFAULT_PASS_KS.to_vec());
-            arc_ks.push(ks);
-        }
-    }
+    let arc_ks = if test_ds.is_some() {
+        arc_pass_ks(cfg)
+    } else {
+        Vec::new()
+    };
     let eval_data_dir = cfg
         .data_paths_test
         .first()
@@ -1075,6 +1089,26 @@ pub fn train_with(
     Ok(report)
 }
 
+/// The K lists of the config's ARC evaluators (`arc@ARC` entries of
+/// `evaluators`): each one's `pass_Ks` option, else the reference's default.
+pub fn arc_pass_ks(cfg: &RunConfig) -> Vec<Vec<usize>> {
+    cfg.evaluators
+        .iter()
+        .map(|ev| {
+            ev.options
+                .get("pass_Ks")
+                .and_then(|v| v.as_sequence())
+                .map(|seq| {
+                    seq.iter()
+                        .filter_map(|k| k.as_u64())
+                        .map(|k| k as usize)
+                        .collect()
+                })
+                .unwrap_or_else(|| crate::eval::DEFAULT_PASS_KS.to_vec())
+        })
+        .collect()
+}
+
 /// `+load_checkpoint=PATH`: a checkpoint folder (its EMA weights when it has
 /// them, as the reference saves the EMA model) or a reference-named
 /// safetensors file. A puzzle-embedding table of another size is replaced by
@@ -1100,14 +1134,8 @@ fn load_initial_weights(arch: &ArchConfig, path: &Path) -> Result<Weights> {
         let want = [arch.num_puzzle_identifiers, arch.puzzle_emb_ndim];
         if let Some(t) = map.get(PUZZLE_EMB) {
             if t.shape != want && t.shape.len() == 2 && t.shape[1] == want[1] && t.shape[0] > 0 {
-                let (rows, nd) = (t.shape[0], t.shape[1]);
-                let mut mean = vec![0.0f64; nd];
-                for row in t.data.chunks_exact(nd) {
-                    for (m, &x) in mean.iter_mut().zip(row) {
-                        *m += x as f64;
-                    }
-                }
-                let mean: Vec<f32> = mean.iter().map(|&x| (x / rows as f64) as f32).collect();
+                let nd = t.shape[1];
+                let mean = mean_row(&t.data, nd);
                 let mut data = Vec::with_capacity(want[0] * nd);
                 for _ in 0..want[0] {
                     data.extend_from_slice(&mean);
@@ -1124,4 +1152,19 @@ fn load_initial_weights(arch: &ArchConfig, path: &Path) -> Result<Weights> {
         path: path.to_path_buf(),
         reason: e.to_string(),
     })
+}
+
+/// The mean row of a `[rows, nd]` table (accumulated in f64): what the
+/// reference fills a resized puzzle-embedding table with.
+pub fn mean_row(table: &[f32], nd: usize) -> Vec<f32> {
+    let rows = table.len() / nd.max(1);
+    let mut mean = vec![0.0f64; nd];
+    for row in table.chunks_exact(nd.max(1)) {
+        for (m, &x) in mean.iter_mut().zip(row) {
+            *m += x as f64;
+        }
+    }
+    mean.iter()
+        .map(|&x| (x / rows.max(1) as f64) as f32)
+        .collect()
 }

@@ -27,6 +27,7 @@ use sha2::{Digest, Sha256};
 use super::arc::{self, ArcError, Example, Puzzle, Solutions};
 use super::augment::{draw_group, Augmentation};
 use super::grid::{MAX_SIDE, VOCAB_SIZE};
+use super::loader::MemorySplit;
 use super::metadata::{DatasetMetadata, MetadataError};
 use super::npy::{self, Dtype, NpyArray, NpyError};
 
@@ -337,6 +338,116 @@ fn check_grids_fit(prefix: &str, subsets: &[arc::Subset], side: usize) -> Result
     }
 }
 
+/// The augmentation group of the puzzle at position `index` of the build
+/// order (every subset's puzzles, each subset shuffled, in subset order):
+/// the identity, then up to `num_aug` distinct augmentations drawn from the
+/// puzzle's own seeded stream. `trm infer` calls this with the same index to
+/// get the same group.
+pub fn puzzle_group(puzzle: &Puzzle, index: usize, seed: u64, num_aug: usize) -> Vec<Augmentation> {
+    let examples: Vec<Example> = puzzle.train.iter().chain(&puzzle.test).cloned().collect();
+    let mut rng = rng_for(seed, STREAM_AUGMENT + index as u64);
+    draw_group(&examples, num_aug, &mut rng)
+}
+
+/// Per original puzzle of a split, in order: its build-order index, its
+/// examples in this split, and the augmentations and identifiers of its group.
+pub struct SplitMember<'a> {
+    pub index: usize,
+    pub examples: Vec<&'a Example>,
+    pub group: &'a [Augmentation],
+    pub ids: &'a [i32],
+}
+
+impl SplitMember<'_> {
+    /// Canvas bytes of the member's rendered examples (inputs or labels).
+    fn bytes(&self, seq_len: usize) -> usize {
+        self.group.len() * self.examples.len() * seq_len
+    }
+}
+
+/// A split's index arrays: identifiers, puzzle offsets and group offsets.
+fn split_layout(members: &[SplitMember]) -> (Vec<i32>, Vec<i32>, Vec<i32>, usize) {
+    let mut puzzle_indices = vec![0i32];
+    let mut group_indices = vec![0i32];
+    let mut puzzle_identifiers = Vec::new();
+    let mut examples_total = 0usize;
+    for m in members {
+        for &id in m.ids {
+            examples_total += m.examples.len();
+            puzzle_indices.push(examples_total as i32);
+            puzzle_identifiers.push(id);
+        }
+        group_indices.push(puzzle_identifiers.len() as i32);
+    }
+    (
+        puzzle_identifiers,
+        puzzle_indices,
+        group_indices,
+        examples_total,
+    )
+}
+
+/// Render one member into its slices of the inputs and labels: the test
+/// split at offset (0, 0), the train split at the positions drawn from the
+/// member's layout stream.
+fn render_member(
+    m: &SplitMember,
+    test_split: bool,
+    side: usize,
+    seed: u64,
+    inputs: &mut [u8],
+    labels: &mut [u8],
+) {
+    let base = if test_split {
+        STREAM_TEST_LAYOUT
+    } else {
+        STREAM_TRAIN_LAYOUT
+    };
+    let mut rng = rng_for(seed, base + m.index as u64);
+    render_group(
+        &m.examples,
+        m.group,
+        !test_split,
+        side,
+        &mut rng,
+        inputs,
+        labels,
+    );
+}
+
+/// A whole split in memory, exactly as the builder writes it to
+/// `{split}/all__*.npy` (for `trm infer`, which builds its test set from a
+/// challenges file). Every grid must fit the `side` x `side` canvas.
+pub fn render_split(
+    members: &[SplitMember],
+    test_split: bool,
+    side: usize,
+    seed: u64,
+) -> MemorySplit {
+    let (puzzle_identifiers, puzzle_indices, group_indices, examples) = split_layout(members);
+    let seq_len = side * side;
+    let mut inputs = vec![0u8; examples * seq_len];
+    let mut labels = vec![0u8; examples * seq_len];
+    let mut jobs = Vec::with_capacity(members.len());
+    let (mut rest_in, mut rest_lab) = (&mut inputs[..], &mut labels[..]);
+    for m in members {
+        let (a, b) = std::mem::take(&mut rest_in).split_at_mut(m.bytes(seq_len));
+        let (c, d) = std::mem::take(&mut rest_lab).split_at_mut(m.bytes(seq_len));
+        jobs.push((m, a, c));
+        rest_in = b;
+        rest_lab = d;
+    }
+    jobs.into_par_iter()
+        .for_each(|(m, ib, lb)| render_member(m, test_split, side, seed, ib, lb));
+    MemorySplit {
+        inputs,
+        labels,
+        puzzle_identifiers,
+        puzzle_indices,
+        group_indices,
+    }
+}
+
 /// Build the dataset. Progress and messages go to stderr when `ui.verbose`.
 pub fn build_dataset(opts: &BuildOptions, ui: BuildUi) -> Result<BuildReport, BuildError> {
     let start = Instant::now();
@@ -442,15 +553,7 @@ pub fn build_dataset(opts: &BuildOptions, ui: BuildUi) -> Result<BuildReport, Bu
         .par_iter()
         .enumerate()
         .map(|(i, e)| {
-            let examples: Vec<Example> = e
-                .puzzle
-                .train
-                .iter()
-                .chain(&e.puzzle.test)
-                .cloned()
-                .collect();
-            let mut rng = rng_for(opts.seed, STREAM_AUGMENT + i as u64);
-            let g = draw_group(&examples, opts.num_aug, &mut rng);
+            let g = puzzle_group(e.puzzle, i, opts.seed, opts.num_aug);
             pb.inc(1);
             g
         })
@@ -663,25 +766,20 @@ fn write_split(ctx: &WriteCtx, dir: &Path, test_split: bool) -> Result<SplitStat
     std::fs::create_dir_all(&split_dir).map_err(io_err(&split_dir))?;
 
     // Layout: which entries are in this split and how many examples each has.
-    let members: Vec<(usize, Vec<&Example>)> = ctx
+    let members: Vec<SplitMember> = ctx
         .entries
         .iter()
         .enumerate()
         .filter(|(_, e)| !test_split || e.is_test)
-        .map(|(i, e)| (i, split_examples(e, test_split)))
+        .map(|(i, e)| SplitMember {
+            index: i,
+            examples: split_examples(e, test_split),
+            group: &ctx.groups[i],
+            ids: &ctx.ids_of[i],
+        })
         .collect();
-    let mut puzzle_indices = vec![0i32];
-    let mut group_indices = vec![0i32];
-    let mut puzzle_identifiers = Vec::new();
-    let mut examples_total = 0usize;
-    for (i, exs) in &members {
-        for &id in &ctx.ids_of[*i] {
-            examples_total += exs.len();
-            puzzle_indices.push(examples_total as i32);
-            puzzle_identifiers.push(id);
-        }
-        group_indices.push(puzzle_identifiers.len() as i32);
-    }
+    let (puzzle_identifiers, puzzle_indices, group_indices, examples_total) =
+        split_layout(&members);
     if examples_total > i32::MAX as usize {
         return Err(BuildError::Options(format!(
             "{split} split has more than 2^31 examples"
@@ -706,12 +804,6 @@ fn write_split(ctx: &WriteCtx, dir: &Path, test_split: bool) -> Result<SplitStat
         .write_all(&npy::header_bytes(Dtype::U8, &shape))
         .map_err(io_err(&lab_path))?;
 
-    let stream_base = if test_split {
-        STREAM_TEST_LAYOUT
-    } else {
-        STREAM_TRAIN_LAYOUT
-    };
-    let group_bytes = |m: &(usize, Vec<&Example>)| ctx.groups[m.0].len() * m.1.len() * seq_len;
     let pb = progress(ctx.verbose, members.len(), &format!("writing {split}"));
     let mut in_buf: Vec<u8> = Vec::new();
     let mut lab_buf: Vec<u8> = Vec::new();
@@ -719,9 +811,9 @@ fn write_split(ctx: &WriteCtx, dir: &Path, test_split: bool) -> Result<SplitStat
     while start < members.len() {
         // At least one group per window, however large.
         let mut end = start + 1;
-        let mut bytes = group_bytes(&members[start]);
-        while end < members.len() && bytes + group_bytes(&members[end]) <= WINDOW_BYTES / 2 {
-            bytes += group_bytes(&members[end]);
+        let mut bytes = members[start].bytes(seq_len);
+        while end < members.len() && bytes + members[end].bytes(seq_len) <= WINDOW_BYTES / 2 {
+            bytes += members[end].bytes(seq_len);
             end += 1;
         }
         in_buf.resize(bytes, 0);
@@ -730,23 +822,14 @@ fn write_split(ctx: &WriteCtx, dir: &Path, test_split: bool) -> Result<SplitStat
         let mut jobs = Vec::with_capacity(end - start);
         let (mut rest_in, mut rest_lab) = (&mut in_buf[..], &mut lab_buf[..]);
         for m in &members[start..end] {
-            let (a, b) = std::mem::take(&mut rest_in).split_at_mut(group_bytes(m));
-            let (c, d) = std::mem::take(&mut rest_lab).split_at_mut(group_bytes(m));
+            let (a, b) = std::mem::take(&mut rest_in).split_at_mut(m.bytes(seq_len));
+            let (c, d) = std::mem::take(&mut rest_lab).split_at_mut(m.bytes(seq_len));
             jobs.push((m, a, c));
             rest_in = b;
             rest_lab = d;
         }
-        jobs.into_par_iter().for_each(|((i, exs), ib, lb)| {
-            let mut rng = rng_for(ctx.seed, stream_base + *i as u64);
-            render_group(
-                exs,
-                &ctx.groups[*i],
-                !test_split,
-                ctx.canvas_side,
-                &mut rng,
-                ib,
-                lb,
-            );
+        jobs.into_par_iter().for_each(|(m, ib, lb)| {
+            render_member(m, test_split, ctx.canvas_side, ctx.seed, ib, lb);
             pb.inc(1);
         });
         in_w.write_all(&in_buf).map_err(io_err(&in_path))?;

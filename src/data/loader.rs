@@ -125,6 +125,22 @@ pub struct Batch {
     pub effective_global_size: usize,
 }
 
+/// One split's arrays in memory, as a built dataset stores them in
+/// `{split}/all__*.npy` (tokens as u8).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MemorySplit {
+    /// `[N, seq_len]`
+    pub inputs: Vec<u8>,
+    /// `[N, seq_len]`
+    pub labels: Vec<u8>,
+    /// Per puzzle.
+    pub puzzle_identifiers: Vec<i32>,
+    /// Example offsets of the puzzles (`puzzles + 1` entries from 0).
+    pub puzzle_indices: Vec<i32>,
+    /// Puzzle offsets of the groups (`groups + 1` entries from 0).
+    pub group_indices: Vec<i32>,
+}
+
 /// Where the training walk stands; save it with a checkpoint to resume.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct LoaderState {
@@ -165,12 +181,14 @@ fn inconsistent(path: &Path, what: String) -> LoaderError {
     }
 }
 
-/// Read an index array (int32 or int64) of non-decreasing offsets that
-/// starts at 0 and ends at `last`.
-fn offsets(path: &Path, last: usize, what: &str) -> Result<Vec<usize>, LoaderError> {
-    let a = NpyArray::open(path)?;
-    a.expect(&[Dtype::I32, Dtype::I64], 1)?;
-    let v = a.to_i64_vec();
+/// Check an index array of non-decreasing offsets that starts at 0 and ends
+/// at `last`.
+fn check_offsets(
+    path: &Path,
+    v: Vec<i64>,
+    last: usize,
+    what: &str,
+) -> Result<Vec<usize>, LoaderError> {
     if v.first() != Some(&0) {
         return Err(inconsistent(path, format!("{what} must start at 0")));
     }
@@ -208,9 +226,38 @@ fn load_set(dir: &Path, set: &str, name: String, seq_len: usize) -> Result<SetDa
         file("group_indices")?,
     ];
     let [inputs_path, labels_path, ids_path, pidx_path, gidx_path] = paths;
-
     let inputs = NpyArray::open(&inputs_path)?;
     let labels = NpyArray::open(&labels_path)?;
+    let ids = NpyArray::open(&ids_path)?;
+    ids.expect(&[Dtype::I32, Dtype::I64], 1)?;
+    let index = |path: &Path| -> Result<(PathBuf, Vec<i64>), LoaderError> {
+        let a = NpyArray::open(path)?;
+        a.expect(&[Dtype::I32, Dtype::I64], 1)?;
+        Ok((path.to_path_buf(), a.to_i64_vec()))
+    };
+    assemble_set(
+        name,
+        inputs,
+        labels,
+        (ids_path, ids.to_i64_vec()),
+        index(&pidx_path)?,
+        index(&gidx_path)?,
+        seq_len,
+    )
+}
+
+/// Checks a set's arrays against each other and `seq_len`. The index arrays
+/// come with the path their messages name.
+fn assemble_set(
+    name: String,
+    inputs: NpyArray,
+    labels: NpyArray,
+    (ids_path, ids): (PathBuf, Vec<i64>),
+    (pidx_path, pidx): (PathBuf, Vec<i64>),
+    (gidx_path, gidx): (PathBuf, Vec<i64>),
+    seq_len: usize,
+) -> Result<SetData, LoaderError> {
+    let labels_path = labels.path().to_path_buf();
     for a in [&inputs, &labels] {
         a.expect(&[Dtype::U8, Dtype::I32, Dtype::I64], 2)?;
         if a.shape[1] != seq_len {
@@ -233,16 +280,14 @@ fn load_set(dir: &Path, set: &str, name: String, seq_len: usize) -> Result<SetDa
         ));
     }
 
-    let ids = NpyArray::open(&ids_path)?;
-    ids.expect(&[Dtype::I32, Dtype::I64], 1)?;
     let mut puzzle_identifiers = Vec::with_capacity(ids.len());
-    for (i, v) in ids.to_i64_vec().into_iter().enumerate() {
+    for (i, v) in ids.into_iter().enumerate() {
         let v = i32::try_from(v)
             .map_err(|_| inconsistent(&ids_path, format!("identifier {i} ({v}) exceeds int32")))?;
         puzzle_identifiers.push(v);
     }
 
-    let puzzle_indices = offsets(&pidx_path, inputs.shape[0], "puzzle_indices")?;
+    let puzzle_indices = check_offsets(&pidx_path, pidx, inputs.shape[0], "puzzle_indices")?;
     if puzzle_indices.len() != puzzle_identifiers.len() + 1 {
         return Err(inconsistent(
             &ids_path,
@@ -254,7 +299,7 @@ fn load_set(dir: &Path, set: &str, name: String, seq_len: usize) -> Result<SetDa
             ),
         ));
     }
-    let group_indices = offsets(&gidx_path, puzzle_identifiers.len(), "group_indices")?;
+    let group_indices = check_offsets(&gidx_path, gidx, puzzle_identifiers.len(), "group_indices")?;
     // Training draws one puzzle per visited group, so a group without
     // puzzles cannot be sampled (the reference fails on it mid-run).
     if let Some(g) = group_indices.windows(2).position(|w| w[1] == w[0]) {
@@ -433,6 +478,52 @@ impl PuzzleDataset {
             split,
             metadata,
             sets,
+            local_batch_size,
+            state,
+        })
+    }
+
+    /// A split held in memory (one set, `all`), checked as [`open`] checks
+    /// files; `name` stands in for the dataset folder in messages. The
+    /// config's dataset paths are replaced by `name`.
+    ///
+    /// [`open`]: PuzzleDataset::open
+    pub fn from_memory(
+        mut config: PuzzleDatasetConfig,
+        split: Split,
+        metadata: DatasetMetadata,
+        name: &Path,
+        data: MemorySplit,
+    ) -> Result<PuzzleDataset, LoaderError> {
+        config.dataset_paths = vec![name.to_path_buf()];
+        check_config(&config)?;
+        let seq_len = metadata.seq_len;
+        let dir = name.join(split.dir_name());
+        let file = |f: &str| dir.join(format!("all__{f}.npy"));
+        let rows = data.inputs.len().checked_div(seq_len).unwrap_or(0);
+        let array = |f: &str, bytes: Vec<u8>| {
+            NpyArray::from_bytes(file(f), Dtype::U8, &[rows, seq_len], bytes)
+        };
+        let widen = |v: Vec<i32>| v.into_iter().map(i64::from).collect::<Vec<i64>>();
+        let set = assemble_set(
+            "all".to_string(),
+            array("inputs", data.inputs)?,
+            array("labels", data.labels)?,
+            (file("puzzle_identifiers"), widen(data.puzzle_identifiers)),
+            (file("puzzle_indices"), widen(data.puzzle_indices)),
+            (file("group_indices"), widen(data.group_indices)),
+            seq_len,
+        )?;
+        let local_batch_size = config.global_batch_size / config.num_replicas;
+        let state = LoaderState {
+            seed: config.seed,
+            ..LoaderState::default()
+        };
+        Ok(PuzzleDataset {
+            config,
+            split,
+            metadata,
+            sets: vec![set],
             local_batch_size,
             state,
         })
@@ -797,6 +888,12 @@ impl Iterator for Batches<'_> {
 mod tests {
     use super::*;
     use crate::data::npy::write_i32;
+
+    fn offsets(path: &Path, last: usize, what: &str) -> Result<Vec<usize>, LoaderError> {
+        let a = NpyArray::open(path)?;
+        a.expect(&[Dtype::I32, Dtype::I64], 1)?;
+        check_offsets(path, a.to_i64_vec(), last, what)
+    }
 
     #[test]
     fn offsets_are_checked() {

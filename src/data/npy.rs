@@ -193,10 +193,18 @@ impl NpyWriter {
     }
 }
 
-/// A read-only, memory-mapped `.npy` array.
+/// Where an array's bytes live.
+enum Backing {
+    /// A mapped file; `None` for an empty array (nothing to map).
+    Map(Option<Mmap>),
+    /// Bytes in memory (a split built on the fly, e.g. by `trm infer`).
+    Owned(Vec<u8>),
+}
+
+/// A read-only `.npy` array: memory-mapped from a file, or held in memory.
 pub struct NpyArray {
     path: PathBuf,
-    mmap: Option<Mmap>,
+    backing: Backing,
     offset: usize,
     pub dtype: Dtype,
     pub shape: Vec<usize>,
@@ -266,10 +274,38 @@ impl NpyArray {
         }
         Ok(NpyArray {
             path: path.to_path_buf(),
-            mmap: if n > 0 { Some(mmap) } else { None },
+            backing: Backing::Map(if n > 0 { Some(mmap) } else { None }),
             offset,
             dtype,
             shape,
+        })
+    }
+
+    /// An array held in memory: `data` are the little-endian element
+    /// bytes of `shape`; `name` stands in for the path in messages.
+    pub fn from_bytes(
+        name: PathBuf,
+        dtype: Dtype,
+        shape: &[usize],
+        data: Vec<u8>,
+    ) -> Result<NpyArray, NpyError> {
+        let n = shape.iter().product::<usize>() * dtype.size();
+        if data.len() != n {
+            return Err(NpyError::Format {
+                path: name,
+                why: format!(
+                    "shape {shape:?} of {} needs {n} data bytes, got {}",
+                    dtype.descr(),
+                    data.len()
+                ),
+            });
+        }
+        Ok(NpyArray {
+            path: name,
+            backing: Backing::Owned(data),
+            offset: 0,
+            dtype,
+            shape: shape.to_vec(),
         })
     }
 
@@ -279,9 +315,10 @@ impl NpyArray {
 
     /// The raw element bytes.
     pub fn bytes(&self) -> &[u8] {
-        match &self.mmap {
-            Some(m) => &m[self.offset..],
-            None => &[],
+        match &self.backing {
+            Backing::Map(Some(m)) => &m[self.offset..],
+            Backing::Map(None) => &[],
+            Backing::Owned(v) => v,
         }
     }
 

@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::data::arc::{grid_to_json, parse_grid};
+use crate::data::arc::{grid_to_json, parse_grid, Puzzle};
 use crate::data::augment::Augmentation;
 use crate::data::grid::{canvas_side, Grid};
 use crate::data::metadata::DatasetMetadata;
@@ -259,6 +259,23 @@ fn load_identifiers(
     let names = v
         .as_array()
         .ok_or_else(|| file_err("expected a list of puzzle names".into()))?;
+    let names = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            n.as_str()
+                .ok_or_else(|| file_err(format!("entry {i} is not a string")))
+        })
+        .collect::<Result<Vec<&str>, EvalError>>()?;
+    index_identifiers(&names, puzzles).map_err(file_err)
+}
+
+/// Per identifier: its original puzzle's index in `puzzles` (None for
+/// blanks and puzzles outside the test set) and its augmentation.
+fn index_identifiers<S: AsRef<str>>(
+    names: &[S],
+    puzzles: &[TestPuzzle],
+) -> Result<Vec<(Option<usize>, Augmentation)>, String> {
     let index: HashMap<&str, usize> = puzzles
         .iter()
         .enumerate()
@@ -267,12 +284,9 @@ fn load_identifiers(
     names
         .iter()
         .enumerate()
-        .map(|(i, n)| {
-            let name = n
-                .as_str()
-                .ok_or_else(|| file_err(format!("entry {i} is not a string")))?;
+        .map(|(i, name)| {
             let (base, aug) =
-                Augmentation::parse_name(name).map_err(|e| file_err(format!("entry {i}: {e}")))?;
+                Augmentation::parse_name(name.as_ref()).map_err(|e| format!("entry {i}: {e}"))?;
             Ok((
                 index.get(base).copied(),
                 aug.unwrap_or(Augmentation::IDENTITY),
@@ -311,7 +325,46 @@ impl ArcEvaluator {
         } else {
             0
         };
-        Ok(ArcEvaluator {
+        Ok(Self::with_parts(ks, blank_id, identifiers, puzzles))
+    }
+
+    /// The evaluator of a test set held in memory (what `trm infer` builds
+    /// from a challenges file): `identifiers` as in `identifiers.json`
+    /// (index = puzzle id), `puzzles` in the order of `test_puzzles.json`,
+    /// each test example with its true output (any grid when unknown; the
+    /// submission does not depend on it).
+    pub fn from_memory<S: AsRef<str>>(
+        identifiers: &[S],
+        puzzles: &[Puzzle],
+        blank_id: i64,
+        ks: &[usize],
+    ) -> Result<ArcEvaluator, EvalError> {
+        let puzzles: Vec<TestPuzzle> = puzzles
+            .iter()
+            .map(|p| TestPuzzle {
+                id: p.id.clone(),
+                tests: p
+                    .test
+                    .iter()
+                    .map(|e| TestCase {
+                        input_hash: e.input.hash(),
+                        output_hash: e.output.hash(),
+                    })
+                    .collect(),
+            })
+            .collect();
+        let identifiers = index_identifiers(identifiers, &puzzles)
+            .map_err(|what| EvalError::Outputs(format!("puzzle identifiers: {what}")))?;
+        Ok(Self::with_parts(ks, blank_id, identifiers, puzzles))
+    }
+
+    fn with_parts(
+        ks: &[usize],
+        blank_id: i64,
+        identifiers: Vec<(Option<usize>, Augmentation)>,
+        puzzles: Vec<TestPuzzle>,
+    ) -> ArcEvaluator {
+        ArcEvaluator {
             ks: ks.to_vec(),
             blank_id,
             identifiers,
@@ -320,7 +373,7 @@ impl ArcEvaluator {
             grids: HashMap::new(),
             examples: 0,
             unmatched: 0,
-        })
+        }
     }
 
     /// Forget every vote (the reference with `aggregated_voting=False`).
