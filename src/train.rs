@@ -77,6 +77,8 @@ pub enum TrainError {
     },
     #[error("cannot resume from {path}: {reason}")]
     Resume { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Collective(#[from] crate::dist::CollectiveError),
     #[error("global_batch_size {global} is not divisible by the {world} ranks")]
     BatchSplit { global: usize, world: usize },
 }
@@ -541,7 +543,7 @@ impl TrainerState {
                 let g = grads.dense(n).expect("layout names come from the config");
                 flat.extend(g.iter().map(|&x| x * scale));
             }
-            coll.all_reduce_sum(&mut flat);
+            coll.all_reduce_sum(&mut flat)?;
             self.adam.step(&mut self.master, &flat, lr)?;
             self.layout.unflatten(&self.master, &mut self.params);
             if let Some(ema) = &mut self.ema {
@@ -550,12 +552,12 @@ impl TrainerState {
         }
         if dm.ndim > 0 {
             let rows: Vec<f32> = grads.puzzle_local.iter().map(|&x| x * scale).collect();
-            let (ids, rows) = coll.all_gather_rows(&self.carry.puzzle_ids, &rows);
+            let (ids, rows) = coll.all_gather_rows(&self.carry.puzzle_ids, &rows)?;
             let plr = schedule.puzzle_emb_lr_at(self.step);
             self.sign_sgd
                 .step(&mut self.params.puzzle_emb, dm.ndim, &ids, &rows, plr)?;
         }
-        reduce_metrics(&mut metrics, coll);
+        reduce_metrics(&mut metrics, coll)?;
         Ok(Some(metrics))
     }
 
@@ -770,7 +772,7 @@ pub fn evaluate_batches(
         after_batch(outs.q_halt.len() - before);
     }
     for m in per_set.values_mut() {
-        reduce_metrics(m, coll);
+        reduce_metrics(m, coll)?;
     }
     Ok((per_set, outs))
 }
@@ -795,7 +797,7 @@ fn check_batch_shape(
 }
 
 /// Sums metric sums over ranks (in place).
-fn reduce_metrics(m: &mut StepMetrics, coll: &dyn Collective) {
+fn reduce_metrics(m: &mut StepMetrics, coll: &dyn Collective) -> Result<()> {
     let mut sums = [
         m.count,
         m.accuracy,
@@ -806,7 +808,7 @@ fn reduce_metrics(m: &mut StepMetrics, coll: &dyn Collective) {
         m.q_halt_loss,
         m.q_continue_loss,
     ];
-    coll.all_reduce_sum_f64(&mut sums);
+    coll.all_reduce_sum_f64(&mut sums)?;
     [
         m.count,
         m.accuracy,
@@ -817,6 +819,7 @@ fn reduce_metrics(m: &mut StepMetrics, coll: &dyn Collective) {
         m.q_halt_loss,
         m.q_continue_loss,
     ] = sums;
+    Ok(())
 }
 
 fn argmax(row: &[f32]) -> usize {

@@ -287,3 +287,74 @@ fn copy_dir(src: &Path, dst: &Path) {
         }
     }
 }
+
+/// A collective that fails on its Nth gradient all-reduce (a rank lost).
+struct FailingCollective {
+    calls: std::cell::Cell<usize>,
+    fail_at: usize,
+}
+
+impl trm::dist::Collective for FailingCollective {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&self, _buf: &mut [f32]) -> Result<(), trm::dist::CollectiveError> {
+        let n = self.calls.get() + 1;
+        self.calls.set(n);
+        if n == self.fail_at {
+            return Err(trm::dist::CollectiveError {
+                op: "test all-reduce",
+                rank: 0,
+                world: 2,
+                message: "peer closed the connection".into(),
+            });
+        }
+        Ok(())
+    }
+    fn all_reduce_sum_f64(&self, _buf: &mut [f64]) -> Result<(), trm::dist::CollectiveError> {
+        Ok(())
+    }
+    fn all_gather_rows(
+        &self,
+        ids: &[i32],
+        rows: &[f32],
+    ) -> Result<(Vec<i32>, Vec<f32>), trm::dist::CollectiveError> {
+        Ok((ids.to_vec(), rows.to_vec()))
+    }
+}
+
+/// A failed collective stops training with a typed error (no panic, no
+/// update from a partial sum) and the checkpoints written before it stay
+/// valid and `latest`.
+#[test]
+fn failed_collective_stops_training_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path(), "data", 4, 1);
+    let run = tmp.path().join("run");
+    let cfg = config(&data, &run, &["epochs=4"]);
+    // the step count from a full run of the same config
+    let full = train(&cfg, &quiet(None)).unwrap();
+    assert!(!full.checkpoints.is_empty());
+    let run2 = tmp.path().join("run2");
+    let cfg2 = config(&data, &run2, &["epochs=4"]);
+    let total_steps = full.train_log.len();
+    let coll = FailingCollective {
+        calls: std::cell::Cell::new(0),
+        fail_at: total_steps - 1,
+    };
+    let err = trm::train::train_with(&cfg2, &quiet(None), &coll).unwrap_err();
+    match &err {
+        TrainError::Collective(e) => {
+            assert_eq!(e.op, "test all-reduce");
+            assert!(err.to_string().contains("peer closed the connection"));
+        }
+        other => panic!("expected a collective error, got {other}"),
+    }
+    let latest = checkpoint::latest(&run2)
+        .unwrap()
+        .expect("earlier checkpoints kept");
+    checkpoint::verify(&latest).unwrap();
+}

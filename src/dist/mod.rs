@@ -9,6 +9,17 @@
 
 pub mod nccl;
 
+/// A collective that did not complete (a rank died, the network failed):
+/// training stops with this error instead of continuing on partial sums.
+#[derive(Debug, thiserror::Error)]
+#[error("{op} on rank {rank} of {world} failed: {message}")]
+pub struct CollectiveError {
+    pub op: &'static str,
+    pub rank: usize,
+    pub world: usize,
+    pub message: String,
+}
+
 /// What data-parallel training needs from the other ranks.
 pub trait Collective {
     /// This process's rank, `0..world_size`.
@@ -16,12 +27,16 @@ pub trait Collective {
     /// Number of ranks.
     fn world_size(&self) -> usize;
     /// In place: every rank ends with the element-wise sum over ranks.
-    fn all_reduce_sum(&self, buf: &mut [f32]);
+    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<(), CollectiveError>;
     /// In place, f64 (metric sums).
-    fn all_reduce_sum_f64(&self, buf: &mut [f64]);
+    fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<(), CollectiveError>;
     /// Every rank's `(ids, rows)` concatenated in rank order; `rows` holds
     /// `ids.len()` rows of equal width.
-    fn all_gather_rows(&self, ids: &[i32], rows: &[f32]) -> (Vec<i32>, Vec<f32>);
+    fn all_gather_rows(
+        &self,
+        ids: &[i32],
+        rows: &[f32],
+    ) -> Result<(Vec<i32>, Vec<f32>), CollectiveError>;
 }
 
 /// The world of one rank: every collective is the identity.
@@ -35,9 +50,17 @@ impl Collective for SingleProcess {
     fn world_size(&self) -> usize {
         1
     }
-    fn all_reduce_sum(&self, _buf: &mut [f32]) {}
-    fn all_reduce_sum_f64(&self, _buf: &mut [f64]) {}
-    fn all_gather_rows(&self, ids: &[i32], rows: &[f32]) -> (Vec<i32>, Vec<f32>) {
-        (ids.to_vec(), rows.to_vec())
+    fn all_reduce_sum(&self, _buf: &mut [f32]) -> Result<(), CollectiveError> {
+        Ok(())
+    }
+    fn all_reduce_sum_f64(&self, _buf: &mut [f64]) -> Result<(), CollectiveError> {
+        Ok(())
+    }
+    fn all_gather_rows(
+        &self,
+        ids: &[i32],
+        rows: &[f32],
+    ) -> Result<(Vec<i32>, Vec<f32>), CollectiveError> {
+        Ok((ids.to_vec(), rows.to_vec()))
     }
 }

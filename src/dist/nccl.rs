@@ -11,9 +11,8 @@
 //!
 //! libnccl is loaded at run time; [`NcclCollective::from_env`] checks that it
 //! loads before any call into it, so a missing library is an error, not a
-//! panic. [`super::Collective`]'s methods cannot return errors (the trainer
-//! treats a failed collective as fatal): a failure there panics with NCCL's
-//! message.
+//! panic; a collective that fails returns a [`super::CollectiveError`] with
+//! NCCL's message, which stops training.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -178,9 +177,21 @@ impl NcclCollective {
         })
     }
 
-    fn all_reduce<T: cudarc::nccl::NcclType + cudarc::driver::DeviceRepr>(&self, buf: &mut [T]) {
+    fn fail(&self, op: &'static str, message: String) -> super::CollectiveError {
+        super::CollectiveError {
+            op,
+            rank: self.comm.rank(),
+            world: self.comm.world_size(),
+            message,
+        }
+    }
+
+    fn all_reduce<T: cudarc::nccl::NcclType + cudarc::driver::DeviceRepr>(
+        &self,
+        buf: &mut [T],
+    ) -> Result<(), super::CollectiveError> {
         if buf.is_empty() || self.comm.world_size() == 1 {
-            return;
+            return Ok(());
         }
         let result = (|| -> Result<(), String> {
             let mut dev = self.stream.clone_htod(&*buf).map_err(|e| e.to_string())?;
@@ -192,9 +203,7 @@ impl NcclCollective {
                 .map_err(|e| e.to_string())?;
             self.stream.synchronize().map_err(|e| e.to_string())
         })();
-        if let Err(e) = result {
-            panic!("NCCL all-reduce of {} values failed: {e}", buf.len());
-        }
+        result.map_err(|e| self.fail("NCCL all-reduce", format!("{} values: {e}", buf.len())))
     }
 
     fn all_gather<
@@ -225,13 +234,17 @@ impl super::Collective for NcclCollective {
     fn world_size(&self) -> usize {
         self.comm.world_size()
     }
-    fn all_reduce_sum(&self, buf: &mut [f32]) {
+    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<(), super::CollectiveError> {
         self.all_reduce(buf)
     }
-    fn all_reduce_sum_f64(&self, buf: &mut [f64]) {
+    fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<(), super::CollectiveError> {
         self.all_reduce(buf)
     }
-    fn all_gather_rows(&self, ids: &[i32], rows: &[f32]) -> (Vec<i32>, Vec<f32>) {
+    fn all_gather_rows(
+        &self,
+        ids: &[i32],
+        rows: &[f32],
+    ) -> Result<(Vec<i32>, Vec<f32>), super::CollectiveError> {
         let world = self.comm.world_size();
         let width = if ids.is_empty() {
             0
@@ -262,7 +275,7 @@ impl super::Collective for NcclCollective {
             }
             Ok((out_ids, out_rows))
         })();
-        result.unwrap_or_else(|e| panic!("NCCL all-gather of {} rows failed: {e}", ids.len()))
+        result.map_err(|e| self.fail("NCCL all-gather", format!("{} rows: {e}", ids.len())))
     }
 }
 
