@@ -914,6 +914,16 @@ pub fn train_with(
         .or(cfg.data_paths.first())
         .cloned()
         .unwrap_or_default();
+    // Loaded once (identifiers and test puzzles), so a broken evaluator file
+    // fails the run at start, not at the first evaluation.
+    let mut arc_evals = if coll.rank() == 0 {
+        arc_ks
+            .iter()
+            .map(|ks| crate::eval::ArcEvaluator::new(&eval_data_dir, ks))
+            .collect::<std::result::Result<Vec<_>, _>>()?
+    } else {
+        Vec::new()
+    };
     let meta = train_ds.metadata().clone();
     let arch = cfg.arch_for_dataset(meta.seq_len, meta.vocab_size, meta.num_puzzle_identifiers)?;
     let schedule = Schedule::new(cfg, meta.total_groups, meta.mean_puzzle_examples);
@@ -1039,8 +1049,8 @@ pub fn train_with(
                 log.extend(m.eval_view(set));
             }
             if rank0 {
-                for ks in &arc_ks {
-                    let mut ev = crate::eval::ArcEvaluator::new(&eval_data_dir, ks)?;
+                for ev in &mut arc_evals {
+                    ev.clear();
                     ev.add(&outs)?;
                     let res = ev.result();
                     let out_dir = dir.join(format!("evaluator_ARC_step_{}", st.step));

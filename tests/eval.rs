@@ -726,3 +726,31 @@ fn built_dataset_corrupted_labels_score_lower() {
     assert!(metric(&r, 1) < 1.0);
     assert_eq!(metric(&r, 1000), 1.0);
 }
+
+/// One evaluator reused across evaluations (as the trainer keeps it): after
+/// `clear`, a second evaluation's result equals a fresh evaluator's, with
+/// nothing left over from the first.
+#[test]
+fn a_cleared_evaluator_equals_a_fresh_one() {
+    let input = g23(0);
+    let (a, t) = (g23(1), g23(2));
+    let f = fixture(&names(&["p"]), &[("p", vec![(input, t)])]);
+    let mut first = outputs();
+    for _ in 0..3 {
+        push(&mut first, 1, &input, &a, 1.0);
+    }
+    let mut second = outputs();
+    push(&mut second, 1, &input, &t, 0.5);
+    let mut reused = ArcEvaluator::new(&f.dir, &DEFAULT_PASS_KS).unwrap();
+    reused.add(&first).unwrap();
+    assert_eq!(metric(&reused.result(), 1), 0.0);
+    reused.clear();
+    reused.add(&second).unwrap();
+    let mut fresh = ArcEvaluator::new(&f.dir, &DEFAULT_PASS_KS).unwrap();
+    fresh.add(&second).unwrap();
+    let (r, w) = (reused.result(), fresh.result());
+    assert_eq!(metric(&r, 1), 1.0);
+    assert_eq!(r.metrics, w.metrics);
+    assert_eq!(r.submission, w.submission);
+    assert_eq!(r.report.puzzles[0].tests[0].votes, 1);
+}
