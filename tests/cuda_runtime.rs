@@ -12,26 +12,14 @@
 //! = 1.2e-4 at worst, far less in practice).
 
 use half::bf16;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use trm::backend::cpu::{embedding, rmsnorm, rope, stablemax_ce, swiglu};
 use trm::backend::cuda::{gemm, ops, runtime, CudaError, Device, GemmOut};
 
 mod device;
-use device::Dev;
+use device::{rng, to_bf16, to_f32, uniform, Dev};
 
-fn rng(seed: u64) -> ChaCha8Rng {
-    ChaCha8Rng::seed_from_u64(seed)
-}
-fn uniform(r: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
-    (0..n).map(|_| r.gen_range(-scale..scale)).collect()
-}
-fn to_bf16(x: &[f32]) -> Vec<bf16> {
-    x.iter().map(|&v| bf16::from_f32(v)).collect()
-}
-fn to_f32(x: &[bf16]) -> Vec<f32> {
-    x.iter().map(|v| v.to_f32()).collect()
-}
 /// Values exactly representable in bf16.
 fn bf16_values(r: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
     to_f32(&to_bf16(&uniform(r, n, scale)))

@@ -17,32 +17,15 @@
 //! kernels/stablemax_ce.cu) or tighter where stated.
 
 use half::bf16;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use rand::Rng;
 use trm::backend::cpu::{embedding, rmsnorm, rope, stablemax_ce, swiglu};
 use trm::backend::cuda::abi::*;
 
 mod device;
-use device::Dev;
+use device::{rng, to_bf16, to_f32, uniform, Dev};
 
 // ---------------------------------------------------------------------------
 // Helpers
-
-fn rng(seed: u64) -> ChaCha8Rng {
-    ChaCha8Rng::seed_from_u64(seed)
-}
-
-fn uniform(r: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
-    (0..n).map(|_| r.gen_range(-scale..scale)).collect()
-}
-
-fn to_bf16(x: &[f32]) -> Vec<bf16> {
-    x.iter().map(|&v| bf16::from_f32(v)).collect()
-}
-
-fn to_f32(x: &[bf16]) -> Vec<f32> {
-    x.iter().map(|v| v.to_f32()).collect()
-}
 
 /// Asserts |got - want| <= rtol |want| + atol_frac * max|want| element-wise.
 fn assert_close(what: &str, got: &[f32], want: &[f64], rtol: f64, atol_frac: f64) {

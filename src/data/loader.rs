@@ -468,19 +468,29 @@ impl PuzzleDataset {
                 )?);
             }
         }
+        Ok(Self::from_parts(config, split, metadata, sets))
+    }
+
+    /// A dataset at the start of its first epoch, from checked parts.
+    fn from_parts(
+        config: PuzzleDatasetConfig,
+        split: Split,
+        metadata: DatasetMetadata,
+        sets: Vec<SetData>,
+    ) -> PuzzleDataset {
         let local_batch_size = config.global_batch_size / config.num_replicas;
         let state = LoaderState {
             seed: config.seed,
             ..LoaderState::default()
         };
-        Ok(PuzzleDataset {
+        PuzzleDataset {
             config,
             split,
             metadata,
             sets,
             local_batch_size,
             state,
-        })
+        }
     }
 
     /// A split held in memory (one set, `all`), checked as [`open`] checks
@@ -514,19 +524,7 @@ impl PuzzleDataset {
             (file("group_indices"), widen(data.group_indices)),
             seq_len,
         )?;
-        let local_batch_size = config.global_batch_size / config.num_replicas;
-        let state = LoaderState {
-            seed: config.seed,
-            ..LoaderState::default()
-        };
-        Ok(PuzzleDataset {
-            config,
-            split,
-            metadata,
-            sets: vec![set],
-            local_batch_size,
-            state,
-        })
+        Ok(Self::from_parts(config, split, metadata, vec![set]))
     }
 
     /// The merged metadata.

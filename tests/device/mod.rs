@@ -91,3 +91,24 @@ macro_rules! on_both {
         }
     };
 }
+
+// ---------------------------------------------------------------------------
+// Random inputs and bf16 conversions shared by the kernel test suites.
+
+pub fn rng(seed: u64) -> rand_chacha::ChaCha8Rng {
+    use rand::SeedableRng;
+    rand_chacha::ChaCha8Rng::seed_from_u64(seed)
+}
+
+pub fn uniform(r: &mut rand_chacha::ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
+    use rand::Rng;
+    (0..n).map(|_| r.gen_range(-scale..scale)).collect()
+}
+
+pub fn to_bf16(x: &[f32]) -> Vec<half::bf16> {
+    x.iter().map(|&v| half::bf16::from_f32(v)).collect()
+}
+
+pub fn to_f32(x: &[half::bf16]) -> Vec<f32> {
+    x.iter().map(|v| v.to_f32()).collect()
+}
