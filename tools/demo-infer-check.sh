@@ -13,8 +13,13 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-WORK="${1:-$(mktemp -d)}"
-mkdir -p "$WORK"
+if [[ -n "${1:-}" ]]; then
+  WORK="$1"
+  mkdir -p "$WORK"
+else
+  WORK="$(mktemp -d)"
+  trap 'rm -rf "$WORK"' EXIT
+fi
 cargo build --release -q
 TRM=target/release/trm
 
