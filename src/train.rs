@@ -798,27 +798,21 @@ fn check_batch_shape(
 
 /// Sums metric sums over ranks (in place).
 fn reduce_metrics(m: &mut StepMetrics, coll: &dyn Collective) -> Result<()> {
-    let mut sums = [
-        m.count,
-        m.accuracy,
-        m.exact_accuracy,
-        m.q_halt_accuracy,
-        m.steps,
-        m.lm_loss,
-        m.q_halt_loss,
-        m.q_continue_loss,
+    let mut fields = [
+        &mut m.count,
+        &mut m.accuracy,
+        &mut m.exact_accuracy,
+        &mut m.q_halt_accuracy,
+        &mut m.steps,
+        &mut m.lm_loss,
+        &mut m.q_halt_loss,
+        &mut m.q_continue_loss,
     ];
+    let mut sums = fields.each_ref().map(|f| **f);
     coll.all_reduce_sum_f64(&mut sums)?;
-    [
-        m.count,
-        m.accuracy,
-        m.exact_accuracy,
-        m.q_halt_accuracy,
-        m.steps,
-        m.lm_loss,
-        m.q_halt_loss,
-        m.q_continue_loss,
-    ] = sums;
+    for (f, s) in fields.iter_mut().zip(sums) {
+        **f = s;
+    }
     Ok(())
 }
 
