@@ -2,28 +2,45 @@
 //! `y` [M, N]; M is the flattened B*S.
 //!
 //! Design rule: every matmul of the CPU backend goes through [`matmul`], a thin
-//! safe wrapper over the `gemm` crate with explicit strides, so the transposes
-//! of the backward pass are free (strides, never copies). The crate is built
-//! with its `x86-v4` feature (AVX-512 micro-kernels); `gemm` picks kernels at
-//! run time with `is_x86_feature_detected!`, so the same binary still runs
-//! (with AVX2/FMA or SSE kernels) on CPUs without AVX-512. [`gemm_isa`] reports
-//! what this CPU gets.
+//! safe wrapper with explicit strides, so the transposes of the backward pass
+//! are free (strides, never copies). f32 products on CPUs with AVX2+FMA and
+//! without AVX-512 run on the project's own [`super::sgemm`] (faster there
+//! at the TRM shapes); everything else goes to the `gemm` crate, built with
+//! its `x86-v4` feature (AVX-512 micro-kernels) and picking kernels at run
+//! time, so the same binary runs on any x86-64 CPU. [`gemm_isa`] reports what
+//! this CPU gets; `TRM_CPU_GEMM=crate` forces the `gemm` crate (for A/B
+//! benchmarks).
 
 use super::Real;
 use gemm::Parallelism;
 
 /// Which SIMD level `gemm` will use on this CPU (for logs and benches).
 pub fn gemm_isa() -> &'static str {
-    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    #[cfg(target_arch = "x86_64")]
     {
         if is_x86_feature_detected!("avx512f") {
             return "avx512 (x86-v4)";
+        }
+        if use_own_sgemm() {
+            return "avx2+fma (own sgemm for f32)";
         }
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
             return "avx2+fma (x86-v3)";
         }
     }
     "portable"
+}
+
+/// Whether f32 products go to [`super::sgemm`]: AVX2+FMA without AVX-512
+/// (where the `gemm` crate's AVX-512 kernels are faster still), unless
+/// `TRM_CPU_GEMM=crate`.
+#[cfg(target_arch = "x86_64")]
+fn use_own_sgemm() -> bool {
+    static OWN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OWN.get_or_init(|| {
+        let forced_crate = std::env::var("TRM_CPU_GEMM").is_ok_and(|v| v == "crate");
+        !forced_crate && super::sgemm::available() && !is_x86_feature_detected!("avx512f")
+    })
 }
 
 /// A strided matrix view: element (i, j) is at `ptr[i * rs + j * cs]`.
@@ -133,7 +150,41 @@ pub fn matmul_with<T: Real>(
         return;
     }
     let flops = m * n * k;
-    let par = if parallel && flops >= 1 << 18 && rayon::current_num_threads() > 1 {
+    let threaded = parallel && flops >= 1 << 18 && rayon::current_num_threads() > 1;
+    #[cfg(target_arch = "x86_64")]
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() && use_own_sgemm() {
+        use super::sgemm::{sgemm, View};
+        let threads = if threaded {
+            rayon::current_num_threads()
+        } else {
+            1
+        };
+        let view = |v: Mat<'_, T>| View {
+            ptr: v.data.as_ptr().cast::<f32>(),
+            rs: v.rs as isize,
+            cs: v.cs as isize,
+        };
+        // SAFETY: T is f32 (checked above), so the casts are identities; the
+        // views and dst were bounds-checked above, dst is exclusively
+        // borrowed (no aliasing), and use_own_sgemm checked AVX2+FMA.
+        unsafe {
+            let alpha = std::mem::transmute_copy::<T, f32>(&alpha);
+            sgemm(
+                m,
+                n,
+                k,
+                dst.as_mut_ptr().cast::<f32>(),
+                dst_rs,
+                view(a),
+                view(b),
+                alpha,
+                accumulate,
+                threads,
+            );
+        }
+        return;
+    }
+    let par = if threaded {
         Parallelism::Rayon(0)
     } else {
         Parallelism::None

@@ -12,6 +12,8 @@ pub mod embedding;
 pub mod linear;
 pub mod rmsnorm;
 pub mod rope;
+#[cfg(target_arch = "x86_64")]
+pub mod sgemm;
 pub mod stablemax_ce;
 pub mod swiglu;
 pub mod vmath;
