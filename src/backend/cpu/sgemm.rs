@@ -425,37 +425,32 @@ unsafe fn rows_block(
     };
     if a.cs == 1 && np <= DIRECT_A_PANELS {
         // Few B panels: packing A would cost as much as the product; read
-        // A's rows in place.
-        for jp in 0..np {
-            let j0 = jp * NR;
-            let nr = NR.min(n - j0);
-            let bp = b_panel(jp, &mut edge);
-            let mut r0 = m0;
-            while r0 < m1 {
-                let mr = MR.min(m1 - r0);
+        // A's rows in place, each 6-row slice once for all the B panels.
+        let mut bps = [(std::ptr::null(), None); DIRECT_A_PANELS];
+        for (jp, bp) in bps.iter_mut().enumerate().take(np) {
+            *bp = b_panel(jp, &mut edge);
+        }
+        let mut short = [0f32; MR * KC + PACK_A_SLACK];
+        let mut r0 = m0;
+        while r0 < m1 {
+            let mr = MR.min(m1 - r0);
+            let ap = if mr == MR {
+                (
+                    a.ptr.offset(r0 as isize * a.rs + p0 as isize),
+                    Some(a.rs as usize),
+                )
+            } else {
+                // Short last slice: packed (zero rows) so the kernel never
+                // reads past A.
+                pack_a(&mut short, a, r0, mr, p0, kc);
+                (short.as_ptr(), None)
+            };
+            for (jp, &bp) in bps.iter().enumerate().take(np) {
+                let j0 = jp * NR;
                 let cp = c.get().add(r0 * rs_c + j0);
-                if mr == MR {
-                    let ap = a.ptr.offset(r0 as isize * a.rs + p0 as isize);
-                    tile(
-                        kc,
-                        (ap, Some(a.rs as usize)),
-                        bp,
-                        cp,
-                        rs_c,
-                        alpha,
-                        load,
-                        mr,
-                        nr,
-                    );
-                } else {
-                    // Short last panel: packed (zero rows) so the kernel
-                    // never reads past A.
-                    let mut tmp = [0f32; MR * KC + PACK_A_SLACK];
-                    pack_a(&mut tmp, a, r0, mr, p0, kc);
-                    tile(kc, (tmp.as_ptr(), None), bp, cp, rs_c, alpha, load, mr, nr);
-                }
-                r0 += mr;
+                tile(kc, ap, bp, cp, rs_c, alpha, load, mr, NR.min(n - j0));
             }
+            r0 += mr;
         }
         return;
     }
