@@ -202,21 +202,15 @@ fn read_puzzles(challenges: &Path, solutions: Option<&Path>) -> Result<Vec<Puzzl
 /// augmentations transpose).
 fn check_fits(path: &Path, puzzles: &[Puzzle], side: usize) -> Result<()> {
     for p in puzzles {
-        for (key, examples) in [("train", &p.train), ("test", &p.test)] {
-            for (i, ex) in examples.iter().enumerate() {
-                for (field, g) in [("input", &ex.input), ("output", &ex.output)] {
-                    if g.rows().max(g.cols()) > side {
-                        return Err(InferError::GridTooLarge {
-                            path: path.to_path_buf(),
-                            puzzle: p.id.clone(),
-                            place: format!("{key} example {i} '{field}'"),
-                            rows: g.rows(),
-                            cols: g.cols(),
-                            side,
-                        });
-                    }
-                }
-            }
+        if let Some((place, g)) = p.grids().find(|(_, g)| g.rows().max(g.cols()) > side) {
+            return Err(InferError::GridTooLarge {
+                path: path.to_path_buf(),
+                puzzle: p.id.clone(),
+                place: place.to_string(),
+                rows: g.rows(),
+                cols: g.cols(),
+                side,
+            });
         }
     }
     Ok(())

@@ -425,3 +425,39 @@ fn golden_parity_cpu_f32() {
         eprintln!("{}: worst rel err {worst:.3e}", case.display());
     }
 }
+
+/// Every step entry point refuses a carry of the wrong shape with a typed
+/// error (never a panic), naming the carry.
+#[test]
+fn step_entry_points_refuse_misshapen_carries() {
+    use trm::model::trm::{act_step_train_from_carry, broadcast_init, nograd_cycles, TrmError};
+    let cfg = tiny_config();
+    let b = 2;
+    let (inputs, labels, pids) = rand_batch(&cfg, b, 11);
+    let p = rand_params(&cfg, 6);
+    let batch = Batch {
+        inputs: &inputs,
+        labels: &labels,
+        puzzle_ids: &pids,
+        b,
+    };
+    let dm = Dims::new(&cfg, b);
+    let z_h = broadcast_init(&dm, &p.h_init);
+    let z_l = broadcast_init(&dm, &p.l_init);
+    let short = z_l[..z_l.len() - 1].to_vec();
+    let named = |r: Result<_, TrmError>, want: &str| match r {
+        Err(TrmError::BatchShape { what, .. }) => assert_eq!(what, want),
+        Err(e) => panic!("expected a {want} shape error, got {e}"),
+        Ok(_) => panic!("expected a {want} shape error, got a result"),
+    };
+    named(
+        nograd_cycles(&cfg, &p, &batch, z_h.clone(), short.clone(), 1).map(|_| ()),
+        "z_L",
+    );
+    named(
+        act_step_train_from_carry(&cfg, &p, &batch, short.clone(), z_l.clone(), 1).map(|_| ()),
+        "z_H",
+    );
+    // The well-shaped carry still runs.
+    assert!(nograd_cycles(&cfg, &p, &batch, z_h, z_l, 1).is_ok());
+}

@@ -30,6 +30,50 @@ pub struct Puzzle {
     pub json: Value,
 }
 
+/// Where a grid sits in its puzzle: `"train"`/`"test"`, the example's index,
+/// `"input"`/`"output"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GridPlace {
+    pub split: &'static str,
+    pub example: usize,
+    pub field: &'static str,
+}
+
+impl std::fmt::Display for GridPlace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} example {} '{}'",
+            self.split, self.example, self.field
+        )
+    }
+}
+
+impl Puzzle {
+    /// Every grid of the puzzle with its place: train examples then test,
+    /// input before output.
+    pub fn grids(&self) -> impl Iterator<Item = (GridPlace, &Grid)> {
+        [("train", &self.train), ("test", &self.test)]
+            .into_iter()
+            .flat_map(|(split, examples)| {
+                examples.iter().enumerate().flat_map(move |(example, ex)| {
+                    [("input", &ex.input), ("output", &ex.output)]
+                        .into_iter()
+                        .map(move |(field, g)| {
+                            (
+                                GridPlace {
+                                    split,
+                                    example,
+                                    field,
+                                },
+                                g,
+                            )
+                        })
+                })
+            })
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ArcError {
     #[error("{path}: cannot read: {source}")]

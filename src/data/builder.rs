@@ -295,29 +295,30 @@ fn check_grids_fit(prefix: &str, subsets: &[arc::Subset], side: usize) -> Result
         let (chal_path, sol_path) = arc::subset_paths(prefix, &s.name);
         for p in &s.puzzles {
             let mut fits = true;
-            for (key, examples) in [("train", &p.train), ("test", &p.test)] {
-                for (i, ex) in examples.iter().enumerate() {
-                    for (field, g) in [("input", &ex.input), ("output", &ex.output)] {
-                        let big = g.rows().max(g.cols());
-                        needed = needed.max(big);
-                        if big <= side {
-                            continue;
-                        }
-                        fits = false;
-                        if first.is_none() {
-                            // Test outputs come from the solutions file, if any.
-                            let from_solutions = key == "test"
-                                && field == "output"
-                                && s.solutions == Solutions::FromFile;
-                            let path = if from_solutions {
-                                &sol_path
-                            } else {
-                                &chal_path
-                            };
-                            let place = format!("{key} example {i} '{field}'");
-                            first = Some((path.clone(), p.id.clone(), place, g.rows(), g.cols()));
-                        }
-                    }
+            for (place, g) in p.grids() {
+                let big = g.rows().max(g.cols());
+                needed = needed.max(big);
+                if big <= side {
+                    continue;
+                }
+                fits = false;
+                if first.is_none() {
+                    // Test outputs come from the solutions file, if any.
+                    let from_solutions = place.split == "test"
+                        && place.field == "output"
+                        && s.solutions == Solutions::FromFile;
+                    let path = if from_solutions {
+                        &sol_path
+                    } else {
+                        &chal_path
+                    };
+                    first = Some((
+                        path.clone(),
+                        p.id.clone(),
+                        place.to_string(),
+                        g.rows(),
+                        g.cols(),
+                    ));
                 }
             }
             puzzles += usize::from(!fits);

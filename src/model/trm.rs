@@ -1085,6 +1085,38 @@ pub fn act_step_train_generic<T: Real>(
     act_step_train_from_carry(cfg, p, batch, z_h0, z_l0, cfg.h_cycles.saturating_sub(1))
 }
 
+/// What every step entry point checks: a supported config, a valid batch
+/// of the context's size, carries of the context's shape.
+fn check_step_inputs<T>(
+    cfg: &ArchConfig,
+    dm: &Dims,
+    batch: &Batch<'_>,
+    z_h: &[T],
+    z_l: &[T],
+) -> Result<(), TrmError> {
+    check_supported(cfg)?;
+    batch.validate(cfg)?;
+    if dm.b != batch.b {
+        return Err(TrmError::BatchShape {
+            what: "context batch",
+            got: batch.b,
+            expected: dm.b,
+            batch: dm.b,
+        });
+    }
+    for (what, z) in [("z_H", z_h), ("z_L", z_l)] {
+        if z.len() != dm.m() * dm.d {
+            return Err(TrmError::BatchShape {
+                what,
+                got: z.len(),
+                expected: dm.m() * dm.d,
+                batch: dm.b,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// The no-gradient part of a step: `n` H cycles from `(z_h, z_l)`; returns
 /// the state the gradient cycle starts from.
 pub fn nograd_cycles<T: Real>(
@@ -1095,8 +1127,7 @@ pub fn nograd_cycles<T: Real>(
     z_l: Vec<T>,
     n: usize,
 ) -> Result<(Vec<T>, Vec<T>), TrmError> {
-    check_supported(cfg)?;
-    batch.validate(cfg)?;
+    check_step_inputs(cfg, &Dims::new(cfg, batch.b), batch, &z_h, &z_l)?;
     let ctx = Ctx::<T>::new(cfg, batch.b);
     let x = input_embedding_forward(&ctx.dm, p, batch.inputs, batch.puzzle_ids);
     let (mut z_h, mut z_l) = (z_h, z_l);
@@ -1160,27 +1191,8 @@ pub fn act_step_train_in<T: Real>(
     z_l0: Vec<T>,
     n_nograd: usize,
 ) -> Result<StepResult<T>, TrmError> {
-    check_supported(cfg)?;
-    batch.validate(cfg)?;
+    check_step_inputs(cfg, &ctx.dm, batch, &z_h0, &z_l0)?;
     let dm = ctx.dm;
-    if dm.b != batch.b {
-        return Err(TrmError::BatchShape {
-            what: "context batch",
-            got: batch.b,
-            expected: dm.b,
-            batch: dm.b,
-        });
-    }
-    for (what, z) in [("z_H", &z_h0), ("z_L", &z_l0)] {
-        if z.len() != dm.m() * dm.d {
-            return Err(TrmError::BatchShape {
-                what,
-                got: z.len(),
-                expected: dm.m() * dm.d,
-                batch: dm.b,
-            });
-        }
-    }
     let (out, tape) = inner_forward(
         ctx,
         cfg,
