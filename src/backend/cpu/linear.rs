@@ -130,6 +130,93 @@ pub fn matmul_with<T: Real>(
     accumulate: bool,
     parallel: bool,
 ) {
+    matmul_impl(dst, dst_rs, a, b, None, alpha, accumulate, parallel)
+}
+
+/// A right-hand side used by several products: packed once when the
+/// products run on [`super::sgemm`] (an attention head's K and V against
+/// each of its query blocks), otherwise just the view.
+pub struct Rhs<'a, T> {
+    mat: Mat<'a, T>,
+    #[cfg(target_arch = "x86_64")]
+    packed: Option<super::sgemm::PackedB>,
+}
+
+impl<'a, T: Real> Rhs<'a, T> {
+    /// Prepares `b`; `parallel` as in [`matmul_with`].
+    pub fn new(b: Mat<'a, T>, parallel: bool) -> Self {
+        b.check("rhs");
+        #[cfg(target_arch = "x86_64")]
+        {
+            let packed =
+                (is_f32::<T>() && use_own_sgemm() && b.rows > 0 && b.cols > 0).then(|| {
+                    let threads = if parallel {
+                        rayon::current_num_threads()
+                    } else {
+                        1
+                    };
+                    // SAFETY: T is f32 (checked), b was bounds-checked, and
+                    // use_own_sgemm checked AVX2+FMA.
+                    unsafe { super::sgemm::PackedB::new(sgemm_view(b), b.rows, b.cols, threads) }
+                });
+            Rhs { mat: b, packed }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = parallel;
+            Rhs { mat: b }
+        }
+    }
+}
+
+/// [`matmul_with`] against a prepared right-hand side.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_rhs<T: Real>(
+    dst: &mut [T],
+    dst_rs: usize,
+    a: Mat<'_, T>,
+    b: &Rhs<'_, T>,
+    alpha: T,
+    accumulate: bool,
+    parallel: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    let packed = b.packed.as_ref();
+    #[cfg(not(target_arch = "x86_64"))]
+    let packed = None;
+    matmul_impl(dst, dst_rs, a, b.mat, packed, alpha, accumulate, parallel)
+}
+
+fn is_f32<T: 'static>() -> bool {
+    std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+}
+
+/// The sgemm view of a matrix whose element type is f32.
+#[cfg(target_arch = "x86_64")]
+fn sgemm_view<T>(v: Mat<'_, T>) -> super::sgemm::View {
+    super::sgemm::View {
+        ptr: v.data.as_ptr().cast::<f32>(),
+        rs: v.rs as isize,
+        cs: v.cs as isize,
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+type Packed = super::sgemm::PackedB;
+#[cfg(not(target_arch = "x86_64"))]
+type Packed = ();
+
+#[allow(clippy::too_many_arguments)]
+fn matmul_impl<T: Real>(
+    dst: &mut [T],
+    dst_rs: usize,
+    a: Mat<'_, T>,
+    b: Mat<'_, T>,
+    packed: Option<&Packed>,
+    alpha: T,
+    accumulate: bool,
+    parallel: bool,
+) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(b.rows, k, "matmul: inner dimensions differ");
     a.check("lhs");
@@ -152,38 +239,43 @@ pub fn matmul_with<T: Real>(
     let flops = m * n * k;
     let threaded = parallel && flops >= 1 << 18 && rayon::current_num_threads() > 1;
     #[cfg(target_arch = "x86_64")]
-    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() && use_own_sgemm() {
-        use super::sgemm::{sgemm, View};
+    if is_f32::<T>() && use_own_sgemm() {
+        use super::sgemm::{sgemm, sgemm_packed};
         let threads = if threaded {
             rayon::current_num_threads()
         } else {
             1
         };
-        let view = |v: Mat<'_, T>| View {
-            ptr: v.data.as_ptr().cast::<f32>(),
-            rs: v.rs as isize,
-            cs: v.cs as isize,
-        };
         // SAFETY: T is f32 (checked above), so the casts are identities; the
         // views and dst were bounds-checked above, dst is exclusively
-        // borrowed (no aliasing), and use_own_sgemm checked AVX2+FMA.
+        // borrowed (no aliasing), use_own_sgemm checked AVX2+FMA, and a
+        // packed B is b's own packing (same k x n).
         unsafe {
             let alpha = std::mem::transmute_copy::<T, f32>(&alpha);
-            sgemm(
-                m,
-                n,
-                k,
-                dst.as_mut_ptr().cast::<f32>(),
-                dst_rs,
-                view(a),
-                view(b),
-                alpha,
-                accumulate,
-                threads,
-            );
+            let c = dst.as_mut_ptr().cast::<f32>();
+            match packed {
+                Some(pb) => {
+                    assert_eq!(pb.shape(), (k, n), "matmul: packed rhs shape");
+                    sgemm_packed(m, c, dst_rs, sgemm_view(a), pb, alpha, accumulate, threads)
+                }
+                None => sgemm(
+                    m,
+                    n,
+                    k,
+                    c,
+                    dst_rs,
+                    sgemm_view(a),
+                    sgemm_view(b),
+                    alpha,
+                    accumulate,
+                    threads,
+                ),
+            }
         }
         return;
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = packed;
     let par = if threaded {
         Parallelism::Rayon(0)
     } else {

@@ -527,61 +527,163 @@ pub unsafe fn sgemm(
     if m == 0 || n == 0 || k == 0 {
         return;
     }
-    let np = n.div_ceil(NR);
     let threads = threads.clamp(1, m.div_ceil(MR));
-    let c = OutPtr(c);
-    let per = m.div_ceil(threads).div_ceil(MR) * MR;
-    // Each thread runs every KC pass over its own rows of C.
-    let run = |packed: Option<&[f32]>| {
-        split(threads, |t| {
-            let (m0, m1) = ((t * per).min(m), ((t + 1) * per).min(m));
-            let mut p0 = 0;
-            while p0 < k && m0 < m1 {
-                let kc = KC.min(k - p0);
-                let load = accumulate || p0 > 0;
-                let src = match packed {
-                    Some(all) => BSource::Packed(&all[p0 * np * NR..(p0 + kc) * np * NR]),
-                    None => BSource::InPlace(b),
-                };
-                rows_block(src, a, c, rs_c, m0, m1, n, p0, kc, alpha, load);
-                p0 += kc;
-            }
-        })
-    };
     if b.cs == 1 && m <= DIRECT_B_ROWS {
         // Few rows use each B value: packing B would cost a large share of
         // the product.
-        run(None);
+        compute(m, n, k, c, rs_c, a, None, b, alpha, accumulate, threads);
         return;
     }
-    let need = k * np * NR;
-    let mut pb = take_buf(&PACK_B, need);
-    {
-        let base = OutPtr(pb.as_mut_ptr());
-        // Pass p0's panels start at p0 * np * NR (earlier passes hold p0 rows).
-        let pack_parts = threads.min(np);
-        split(pack_parts, |t| {
-            let jps = np * t / pack_parts..np * (t + 1) / pack_parts;
-            let mut p0 = 0;
-            while p0 < k {
-                let kc = KC.min(k - p0);
-                for jp in jps.clone() {
-                    pack_b(
-                        base.get().add(p0 * np * NR + jp * kc * NR),
-                        b,
-                        p0,
-                        kc,
-                        n,
-                        jp,
-                    );
-                }
-                p0 += kc;
-            }
-        });
-        let packed: &[f32] = &pb[..need];
-        run(Some(packed));
-    }
+    let mut pb = take_buf(&PACK_B, packed_len(k, n));
+    pack_all_b(&mut pb, b, k, n, threads);
+    compute(
+        m,
+        n,
+        k,
+        c,
+        rs_c,
+        a,
+        Some(&pb),
+        b,
+        alpha,
+        accumulate,
+        threads,
+    );
     give_buf(&PACK_B, pb);
+}
+
+/// A right-hand side packed once for several products (the same K or V
+/// against every query block, say).
+pub struct PackedB {
+    data: Vec<f32>,
+    k: usize,
+    n: usize,
+}
+
+impl PackedB {
+    /// Packs `b` (`k x n`) on `threads` workers.
+    ///
+    /// # Safety
+    /// `b` must be in bounds for `k x n` and the CPU must have AVX2
+    /// ([`available`]).
+    pub unsafe fn new(b: View, k: usize, n: usize, threads: usize) -> Self {
+        let mut data = vec![0.0; packed_len(k, n)];
+        pack_all_b(&mut data, b, k, n, threads.max(1));
+        PackedB { data, k, n }
+    }
+
+    /// `(k, n)`.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.k, self.n)
+    }
+}
+
+/// [`sgemm`] with a B packed beforehand.
+///
+/// # Safety
+/// As [`sgemm`] (A `m x b.k`, C `m x b.n`).
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn sgemm_packed(
+    m: usize,
+    c: *mut f32,
+    rs_c: usize,
+    a: View,
+    b: &PackedB,
+    alpha: f32,
+    accumulate: bool,
+    threads: usize,
+) {
+    let (k, n) = (b.k, b.n);
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    let threads = threads.clamp(1, m.div_ceil(MR));
+    let unused = View {
+        ptr: std::ptr::null(),
+        rs: 0,
+        cs: 0,
+    };
+    compute(
+        m,
+        n,
+        k,
+        c,
+        rs_c,
+        a,
+        Some(&b.data),
+        unused,
+        alpha,
+        accumulate,
+        threads,
+    );
+}
+
+/// Floats of B packed whole: every KC pass's panels.
+fn packed_len(k: usize, n: usize) -> usize {
+    k * n.div_ceil(NR) * NR
+}
+
+/// Packs all of B (`k x n`) into `dst`, the panels shared out between the
+/// threads. Pass p0's panels start at `p0 * np * NR` (earlier passes hold
+/// p0 rows).
+unsafe fn pack_all_b(dst: &mut [f32], b: View, k: usize, n: usize, threads: usize) {
+    let np = n.div_ceil(NR);
+    assert!(dst.len() >= packed_len(k, n));
+    let base = OutPtr(dst.as_mut_ptr());
+    let parts = threads.min(np);
+    split(parts, |t| {
+        let mut p0 = 0;
+        while p0 < k {
+            let kc = KC.min(k - p0);
+            for jp in np * t / parts..np * (t + 1) / parts {
+                pack_b(
+                    base.get().add(p0 * np * NR + jp * kc * NR),
+                    b,
+                    p0,
+                    kc,
+                    n,
+                    jp,
+                );
+            }
+            p0 += kc;
+        }
+    });
+}
+
+/// The product proper: each thread runs every KC pass over its own rows of
+/// C, reading B from `packed` (all passes, see [`pack_all_b`]) or, when
+/// `None`, in place from `b`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn compute(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: *mut f32,
+    rs_c: usize,
+    a: View,
+    packed: Option<&[f32]>,
+    b: View,
+    alpha: f32,
+    accumulate: bool,
+    threads: usize,
+) {
+    let np = n.div_ceil(NR);
+    let c = OutPtr(c);
+    let per = m.div_ceil(threads).div_ceil(MR) * MR;
+    split(threads, |t| {
+        let (m0, m1) = ((t * per).min(m), ((t + 1) * per).min(m));
+        let mut p0 = 0;
+        while p0 < k && m0 < m1 {
+            let kc = KC.min(k - p0);
+            let load = accumulate || p0 > 0;
+            let src = match packed {
+                Some(all) => BSource::Packed(&all[p0 * np * NR..(p0 + kc) * np * NR]),
+                None => BSource::InPlace(b),
+            };
+            rows_block(src, a, c, rs_c, m0, m1, n, p0, kc, alpha, load);
+            p0 += kc;
+        }
+    })
 }
 
 #[cfg(test)]
@@ -659,6 +761,17 @@ mod tests {
         assert!(
             c.iter().zip(&c1).all(|(x, y)| x.to_bits() == y.to_bits()),
             "m{m} n{n} k{k}: {threads} threads differ from 1"
+        );
+        // A B packed beforehand gives the same bits too.
+        let mut c2 = c0.clone();
+        unsafe {
+            let pb = PackedB::new(b.view(), k, n, threads);
+            assert_eq!(pb.shape(), (k, n));
+            sgemm_packed(m, c2.as_mut_ptr(), ldc, a.view(), &pb, alpha, acc, threads);
+        }
+        assert!(
+            c.iter().zip(&c2).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "m{m} n{n} k{k}: the pre-packed B differs"
         );
         let tol = 1e-5 * (k as f64 + 1.0);
         for i in 0..m {
