@@ -276,28 +276,24 @@ unsafe fn kernel_6x16<const A_PACKED: bool, const B_PACKED: bool>(
     };
     let astep = if A_PACKED { MR } else { 1 };
     let bstep = if B_PACKED { NR } else { ldb };
+    // Row i of the tile at k offset o: one broadcast of A, two FMAs.
+    macro_rules! row {
+        ($o:expr, $i:expr, $b0:ident, $b1:ident, $lo:ident, $hi:ident) => {{
+            let a = _mm256_broadcast_ss(&*ai(pa, $o, $i));
+            $lo = _mm256_fmadd_ps(a, $b0, $lo);
+            $hi = _mm256_fmadd_ps(a, $b1, $hi);
+        }};
+    }
     macro_rules! step {
         ($o:expr) => {{
             let b0 = _mm256_loadu_ps(pb.add($o * bstep));
             let b1 = _mm256_loadu_ps(pb.add($o * bstep + 8));
-            let a0 = _mm256_broadcast_ss(&*ai(pa, $o, 0));
-            c00 = _mm256_fmadd_ps(a0, b0, c00);
-            c01 = _mm256_fmadd_ps(a0, b1, c01);
-            let a1 = _mm256_broadcast_ss(&*ai(pa, $o, 1));
-            c10 = _mm256_fmadd_ps(a1, b0, c10);
-            c11 = _mm256_fmadd_ps(a1, b1, c11);
-            let a2 = _mm256_broadcast_ss(&*ai(pa, $o, 2));
-            c20 = _mm256_fmadd_ps(a2, b0, c20);
-            c21 = _mm256_fmadd_ps(a2, b1, c21);
-            let a3 = _mm256_broadcast_ss(&*ai(pa, $o, 3));
-            c30 = _mm256_fmadd_ps(a3, b0, c30);
-            c31 = _mm256_fmadd_ps(a3, b1, c31);
-            let a4 = _mm256_broadcast_ss(&*ai(pa, $o, 4));
-            c40 = _mm256_fmadd_ps(a4, b0, c40);
-            c41 = _mm256_fmadd_ps(a4, b1, c41);
-            let a5 = _mm256_broadcast_ss(&*ai(pa, $o, 5));
-            c50 = _mm256_fmadd_ps(a5, b0, c50);
-            c51 = _mm256_fmadd_ps(a5, b1, c51);
+            row!($o, 0, b0, b1, c00, c01);
+            row!($o, 1, b0, b1, c10, c11);
+            row!($o, 2, b0, b1, c20, c21);
+            row!($o, 3, b0, b1, c30, c31);
+            row!($o, 4, b0, b1, c40, c41);
+            row!($o, 5, b0, b1, c50, c51);
         }};
     }
     let mut k = kc;
