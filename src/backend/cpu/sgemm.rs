@@ -23,6 +23,8 @@ pub const NR: usize = 16;
 pub const KC: usize = 256;
 /// Rows of A packed per block: MC x KC floats = 144 KiB, well inside L2.
 pub const MC: usize = 144;
+/// Products with at most this many B panels (n <= 64) read a row-contiguous
+/// A in place.
 const DIRECT_A_PANELS: usize = 4;
 /// Products with at most this many rows read a row-contiguous B in place.
 const DIRECT_B_ROWS: usize = 96;
