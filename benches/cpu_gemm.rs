@@ -6,6 +6,7 @@
 //!
 //! `cargo bench --bench cpu_gemm` (both thread counts);
 //! `GEMM_THREADS=1|2`, `GEMM_ROUNDS` (default 5), `GEMM_ONLY=<name part>`.
+//! Every product is also checked: the two results must agree.
 
 use std::time::Instant;
 
@@ -17,7 +18,15 @@ fn main() {
         return;
     }
     let env = |k: &str| std::env::var(k).ok();
-    let rounds: usize = env("GEMM_ROUNDS").and_then(|v| v.parse().ok()).unwrap_or(5);
+    // `cargo test --all-targets` runs this binary without `--bench`: one
+    // pass over the small (attention) shapes, agreement checked, no timing
+    // worth reading.
+    let smoke = !std::env::args().any(|a| a == "--bench");
+    let rounds: usize = if smoke {
+        1
+    } else {
+        env("GEMM_ROUNDS").and_then(|v| v.parse().ok()).unwrap_or(5)
+    };
     let only = env("GEMM_ONLY").unwrap_or_default();
     let thread_counts: Vec<usize> = match env("GEMM_THREADS").and_then(|v| v.parse().ok()) {
         Some(t) => vec![t],
@@ -46,7 +55,7 @@ fn main() {
         println!("cpu_gemm: {threads} thread(s), best of {rounds} rounds, GFLOP/s");
         let pool = pool(threads);
         for &(name, m, n, k, at, bw) in &shapes {
-            if !only.is_empty() && !name.contains(&only) {
+            if (!only.is_empty() && !name.contains(&only)) || (smoke && !name.starts_with("attn")) {
                 continue;
             }
             let a = values(m * k, 1);
@@ -56,7 +65,11 @@ fn main() {
             let mut c = [vec![0f32; m * n], vec![0f32; m * n]];
             let flop = 2.0 * (m * n * k) as f64;
             // Enough repetitions for ~50 ms per timing at 100 GFLOP/s.
-            let reps = (5e9 / flop).ceil().max(1.0) as usize;
+            let reps = if smoke {
+                1
+            } else {
+                (5e9 / flop).ceil().max(1.0) as usize
+            };
             let mut best = [f64::MAX; 2];
             for _ in 0..rounds {
                 for (v, out) in c.iter_mut().enumerate() {
@@ -129,6 +142,11 @@ fn main() {
                 .zip(&c[1])
                 .map(|(x, y)| (x - y).abs())
                 .fold(0f32, f32::max);
+            // Entries are sums of k products of values in [-0.5, 0.5).
+            assert!(
+                diff <= 1e-6 * k as f32,
+                "{name}: the two GEMMs disagree by {diff}"
+            );
             println!(
                 "  {name:<20} m {m:>4} n {n:>4} k {k:>4}   gemm crate {:6.1}   sgemm {:6.1}   (max |diff| {diff:.1e})",
                 flop / best[0] / 1e9,
