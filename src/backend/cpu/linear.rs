@@ -150,11 +150,7 @@ impl<'a, T: Real> Rhs<'a, T> {
         {
             let packed =
                 (is_f32::<T>() && use_own_sgemm() && b.rows > 0 && b.cols > 0).then(|| {
-                    let threads = if parallel {
-                        rayon::current_num_threads()
-                    } else {
-                        1
-                    };
+                    let threads = thread_count(parallel);
                     // SAFETY: T is f32 (checked), b was bounds-checked, and
                     // use_own_sgemm checked AVX2+FMA.
                     unsafe { super::sgemm::PackedB::new(sgemm_view(b), b.rows, b.cols, threads) }
@@ -187,6 +183,17 @@ pub fn matmul_rhs<T: Real>(
     matmul_impl(dst, dst_rs, a, b.mat, packed, alpha, accumulate, parallel)
 }
 
+/// All rayon threads for a threaded product, else the caller's alone.
+#[cfg(target_arch = "x86_64")]
+fn thread_count(threaded: bool) -> usize {
+    if threaded {
+        rayon::current_num_threads()
+    } else {
+        1
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
 fn is_f32<T: 'static>() -> bool {
     std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
 }
@@ -241,11 +248,7 @@ fn matmul_impl<T: Real>(
     #[cfg(target_arch = "x86_64")]
     if is_f32::<T>() && use_own_sgemm() {
         use super::sgemm::{sgemm, sgemm_packed};
-        let threads = if threaded {
-            rayon::current_num_threads()
-        } else {
-            1
-        };
+        let threads = thread_count(threaded);
         // SAFETY: T is f32 (checked above), so the casts are identities; the
         // views and dst were bounds-checked above, dst is exclusively
         // borrowed (no aliasing), use_own_sgemm checked AVX2+FMA, and a

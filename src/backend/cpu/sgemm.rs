@@ -57,6 +57,7 @@ impl OutPtr {
 thread_local! {
     static PACK_A: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
     static PACK_B: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+    static PACK_EDGE: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
 
 /// Takes this thread's packing buffer, grown to at least `len`. Taking it
@@ -68,6 +69,13 @@ fn take_buf(key: &'static LocalKey<Cell<Vec<f32>>>, len: usize) -> Vec<f32> {
         buf.resize(len, 0.0);
     }
     buf
+}
+
+/// [`give_buf`] for a buffer that may never have been taken (still empty).
+fn give_taken(key: &'static LocalKey<Cell<Vec<f32>>>, buf: Vec<f32>) {
+    if !buf.is_empty() {
+        give_buf(key, buf);
+    }
 }
 
 /// Returns a buffer from [`take_buf`], keeping the larger of it and any
@@ -407,8 +415,9 @@ unsafe fn rows_block(
     let np = n.div_ceil(NR);
     // B's edge panel when B is read in place: packed here, zero padded, so
     // the kernel never reads past B's columns.
-    let mut edge = [0f32; KC * NR];
-    let b_panel = |jp: usize, edge: &mut [f32; KC * NR]| -> (*const f32, Option<usize>) {
+    // Taken from the thread-local only when needed (no zeroing per call).
+    let mut edge: Vec<f32> = Vec::new();
+    let b_panel = |jp: usize, edge: &mut Vec<f32>| -> (*const f32, Option<usize>) {
         match bsrc {
             BSource::Packed(packed) => (packed.as_ptr().add(jp * kc * NR), None),
             BSource::InPlace(b) if (jp + 1) * NR <= n => (
@@ -416,6 +425,9 @@ unsafe fn rows_block(
                 Some(b.rs as usize),
             ),
             BSource::InPlace(b) => {
+                if edge.is_empty() {
+                    *edge = take_buf(&PACK_EDGE, KC * NR);
+                }
                 pack_b(edge.as_mut_ptr(), b, p0, kc, n, jp);
                 (edge.as_ptr(), None)
             }
@@ -428,7 +440,7 @@ unsafe fn rows_block(
         for (jp, bp) in bps.iter_mut().enumerate().take(np) {
             *bp = b_panel(jp, &mut edge);
         }
-        let mut short = [0f32; MR * KC + PACK_A_SLACK];
+        let mut short: Vec<f32> = Vec::new();
         let mut r0 = m0;
         while r0 < m1 {
             let mr = MR.min(m1 - r0);
@@ -440,6 +452,7 @@ unsafe fn rows_block(
             } else {
                 // Short last slice: packed (zero rows) so the kernel never
                 // reads past A.
+                short = take_buf(&PACK_A, MR * KC + PACK_A_SLACK);
                 pack_a(&mut short, a, r0, mr, p0, kc);
                 (short.as_ptr(), None)
             };
@@ -450,6 +463,8 @@ unsafe fn rows_block(
             }
             r0 += mr;
         }
+        give_taken(&PACK_A, short);
+        give_taken(&PACK_EDGE, edge);
         return;
     }
     let mut buf = take_buf(&PACK_A, MC * kc + PACK_A_SLACK);
@@ -481,6 +496,7 @@ unsafe fn rows_block(
         i0 += mc;
     }
     give_buf(&PACK_A, buf);
+    give_taken(&PACK_EDGE, edge);
 }
 
 /// Runs `f(0..parts)` with part 0 on the calling worker and the others
