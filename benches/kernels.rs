@@ -9,6 +9,13 @@
 //!
 //! Bytes are the minimum each op must move (inputs read once, outputs
 //! written once), so GB/s is a lower bound of the traffic.
+//!
+//! Fused attention (RoPE + softmax attention, `kernels/attention.cu`) is
+//! timed at the ARC shape (B 96, H 8, S 916, d 64) and a long one (B 8, H 8,
+//! S 4096, d 64) on random inputs: forward, backward, and forward + backward,
+//! in TFLOP/s (forward 4 B H S^2 d, backward 2.5 times that). With
+//! `TRM_BENCH_ATTENTION_JSON=FILE` the attention rows are also written there
+//! as JSON, for tools/gpu-check.sh to set beside PyTorch's SDPA.
 
 use std::time::Instant;
 
@@ -26,6 +33,8 @@ struct Sizes {
     heads: usize,
     params: usize,
     gemms: Vec<(usize, usize, usize)>,
+    /// (batch, heads, seq, head_dim) of the attention runs.
+    attention: Vec<(usize, usize, usize, usize)>,
     reps: usize,
 }
 
@@ -84,7 +93,73 @@ fn report(name: &str, ms: f64, work: Work) {
     }
 }
 
+/// `n` values uniform in (-scale, scale), fixed seed (never constants: they
+/// can time faster than real data).
+fn random(n: usize, scale: f32, seed: u64) -> Vec<f32> {
+    use rand::{Rng, SeedableRng};
+    let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    (0..n).map(|_| r.gen_range(-scale..scale)).collect()
+}
+
+fn random_bf16(n: usize, scale: f32, seed: u64) -> Vec<bf16> {
+    random(n, scale, seed)
+        .into_iter()
+        .map(bf16::from_f32)
+        .collect()
+}
+
+/// Forward, backward and forward + backward of the fused attention at each
+/// shape; returns the JSON rows.
+fn attention(dev: &Device, z: &Sizes) -> Result<Vec<String>, CudaError> {
+    let mut rows = Vec::new();
+    for &(b, h, s, d) in &z.attention {
+        let shape = ops::AttentionShape {
+            batch: b,
+            seq: s,
+            heads: h,
+            head_dim: d,
+        };
+        let qkv = dev.upload(&random_bf16(shape.qkv_len()?, 2.0, 1))?;
+        let dout = dev.upload(&random_bf16(shape.o_len()?, 1.0, 2))?;
+        let t = trm::backend::cpu::rope::rope_tables::<f32>(s, d, 10000.0);
+        let (cos, sin) = (dev.upload(&t.cos)?, dev.upload(&t.sin)?);
+        let o = dev.zeros::<bf16>(shape.o_len()?)?;
+        let lse = dev.zeros::<f32>(shape.rows()?)?;
+        let delta = dev.zeros::<f32>(shape.rows()?)?;
+        let dqkv = dev.zeros::<bf16>(shape.qkv_len()?)?;
+        let fwd = || ops::attention_forward(dev, &o, &lse, &qkv, &cos, &sin, shape);
+        let bwd = || {
+            ops::attention_backward(dev, &dqkv, &delta, &qkv, &cos, &sin, &o, &lse, &dout, shape)
+        };
+        let flops = 4.0 * (b * h * s * s * d) as f64;
+        let tf = time(dev, z.reps, fwd)?;
+        let tb = time(dev, z.reps, bwd)?;
+        let tfb = time(dev, z.reps, || fwd().and_then(|()| bwd()))?;
+        let name = format!("B{b} H{h} S{s} d{d}");
+        for (pass, ms, fl) in [
+            ("forward", tf, flops),
+            ("backward", tb, 2.5 * flops),
+            ("forward+backward", tfb, 3.5 * flops),
+        ] {
+            report(&format!("attention {pass} {name}"), ms, Work::Flops(fl));
+            rows.push(format!(
+                "{{\"shape\": \"{name}\", \"pass\": \"{pass}\", \"ms\": {ms:.6}, \"tflops\": {:.3}}}",
+                fl / (ms * 1e-3) / 1e12
+            ));
+        }
+    }
+    Ok(rows)
+}
+
 fn run(dev: &Device, z: &Sizes) -> Result<(), CudaError> {
+    let rows = attention(dev, z)?;
+    if let Ok(path) = std::env::var("TRM_BENCH_ATTENTION_JSON") {
+        let json = format!("[\n  {}\n]\n", rows.join(",\n  "));
+        if let Err(e) = std::fs::write(&path, json) {
+            eprintln!("could not write {path}: {e}");
+        }
+    }
+
     let (m, d, f) = (z.rows, z.d, z.f);
     let b2 = 2.0; // bytes per bf16
     let x = dev.upload(&vec![bf16::from_f32(0.5); m * d])?;
@@ -239,6 +314,7 @@ fn main() {
                 heads: 8,
                 params: 7_000_000,
                 gemms: vec![(3664, 512, 2048), (3664, 2048, 512), (8192, 8192, 8192)],
+                attention: vec![(96, 8, 916, 64), (8, 8, 4096, 64)],
                 reps: 20,
             };
             if let Err(e) = run(&dev, &sizes) {
@@ -265,6 +341,7 @@ fn emulator_pass() {
         heads: 2,
         params: 1000,
         gemms: vec![(16, 64, 32)],
+        attention: vec![(1, 2, 37, 32)],
         reps: 1,
     };
     if let Err(e) = run(&Device::Emu, &sizes) {

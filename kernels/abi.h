@@ -230,3 +230,53 @@ struct EmaArgs {
     float rate;
     float one_minus_rate;
 };
+
+// ---------------------------------------------------------------------------
+// attention.cu
+
+// Fused RoPE + non-causal softmax attention over the qkv GEMM's output, q and
+// k not yet rotated (the kernel rotates its tiles in shared memory):
+// o = softmax(scale * rot(q) rot(k)^T) v per (sample, head), lse the row
+// log-sum-exp of the scaled scores (natural log). The kernel is picked by d.
+struct AttentionForwardArgs {
+    bf16* o;                // [B, S, H * d] out
+    float* lse;             // [B, H, S] out
+    const bf16* qkv;        // [B, S, 3 * H * d]: q heads, k heads, v heads
+    const float* cos;       // [S, d] RoPE table
+    const float* sin;       // [S, d]
+    int32_t B;
+    int32_t S;
+    int32_t H;
+    int32_t d;              // 32, 64 or 128: must match the kernel's
+    float scale;            // 1 / sqrt(d)
+};
+
+// delta[b, h, s] = sum_i do[b, s, h * d + i] * o[b, s, h * d + i], in f32.
+struct AttentionDeltaArgs {
+    float* delta;           // [B, H, S] out
+    const bf16* o;          // [B, S, H * d]
+    const bf16* dout;       // [B, S, H * d]
+    int32_t B;
+    int32_t S;
+    int32_t H;
+    int32_t d;
+};
+
+// The backward of the fused attention: dqkv in the qkv layout with the RoPE
+// backward applied to dq and dk. Two kernels share these arguments: the
+// key-tile one writes the dk and dv parts, the query-tile one the dq part,
+// every element exactly once (no atomics: the result is deterministic).
+struct AttentionBackwardArgs {
+    bf16* dqkv;             // [B, S, 3 * H * d] out
+    const bf16* qkv;        // [B, S, 3 * H * d], q and k not yet rotated
+    const float* cos;       // [S, d]
+    const float* sin;       // [S, d]
+    const bf16* dout;       // [B, S, H * d]
+    const float* lse;       // [B, H, S] from the forward
+    const float* delta;     // [B, H, S] from attention_delta
+    int32_t B;
+    int32_t S;
+    int32_t H;
+    int32_t d;              // 32, 64 or 128: must match the kernel's
+    float scale;            // 1 / sqrt(d)
+};

@@ -177,6 +177,7 @@ fn block_sum(x: &[f32], use_barrier: bool, use_dynamic: bool, reverse: bool) -> 
         &args,
         EmuOptions {
             reverse_order: reverse,
+            ..EmuOptions::default()
         },
     )
     .unwrap();
@@ -731,6 +732,7 @@ fn gemm_tile(
         &args,
         EmuOptions {
             reverse_order: reverse,
+            ..EmuOptions::default()
         },
     )?;
     assert!(c[m * n..].iter().all(|&v| v == 12345.0), "write past c");

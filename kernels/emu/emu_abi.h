@@ -18,4 +18,5 @@ struct TrmEmuLaunch {
     uint32_t block_z;
     uint32_t shared_bytes;  // dynamic shared memory per block
     uint32_t flags;         // TRM_EMU_REVERSE_ORDER: run blocks and threads last to first
+    uint32_t skip_barrier_line;  // tests: __syncthreads at this source line do nothing (0: none)
 };

@@ -87,6 +87,7 @@ struct Launch {
     const void* args;
     uint32_t nthreads;
     bool reverse;
+    uint32_t skip_barrier_line;
     std::vector<Thread> threads;
     ucontext_t scheduler;
     uint32_t current;
@@ -446,6 +447,9 @@ void run_block(Launch& L) {
 
 int barrier(int op, int predicate, const char* file, int line) {
     Launch& L = *g_launch;
+    // A test's planted missing barrier: the thread runs on as if the line
+    // were not there.
+    if (L.skip_barrier_line != 0 && line == (int)L.skip_barrier_line) return predicate;
     Thread& me = L.threads[L.current];
     if (L.at_barrier == 0) {
         L.barrier_file = file;
@@ -649,6 +653,7 @@ int launch(const char* kernel, KernelBody body, const void* args, const TrmEmuLa
     L.args = args;
     L.nthreads = (uint32_t)nthreads;
     L.reverse = (cfg->flags & TRM_EMU_REVERSE_ORDER) != 0;
+    L.skip_barrier_line = cfg->skip_barrier_line;
     L.threads.resize(nthreads);
     L.dynamic_bytes = cfg->shared_bytes;
     L.dynamic_shared = (unsigned char*)aligned_alloc(128, (L.dynamic_bytes + 127) / 128 * 128 + 128);

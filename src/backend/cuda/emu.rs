@@ -47,6 +47,9 @@ pub struct EmuOptions {
     /// Run blocks, and threads within a block, last to first. A kernel whose
     /// result depends on the order (a race) differs between the two orders.
     pub reverse_order: bool,
+    /// Plants a missing barrier for a test: every `__syncthreads` at this
+    /// source line (of any file of the kernel) returns at once.
+    pub skip_barrier_line: Option<u32>,
 }
 
 /// The `TrmEmuLaunch` struct of `kernels/emu/emu_abi.h`.
@@ -71,7 +74,33 @@ pub mod selftest {
     include!(concat!(env!("OUT_DIR"), "/emu_selftest_abi.rs"));
 }
 
-/// Launches `kernel` on the CPU with the default schedule.
+thread_local! {
+    /// The options of [`launch`] on this thread (see [`with_options`]).
+    static THREAD_OPTIONS: std::cell::Cell<EmuOptions> = const {
+        std::cell::Cell::new(EmuOptions {
+            reverse_order: false,
+            skip_barrier_line: None,
+        })
+    };
+}
+
+/// Runs `f` with every [`launch`] this thread makes (the typed launchers'
+/// too) under `options`, then restores the previous ones. Emulated launches
+/// run on the calling thread, so tests running in parallel are unaffected.
+pub fn with_options<R>(options: EmuOptions, f: impl FnOnce() -> R) -> R {
+    let previous = THREAD_OPTIONS.with(|o| o.replace(options));
+    struct Restore(EmuOptions);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            THREAD_OPTIONS.with(|o| o.set(self.0));
+        }
+    }
+    let _restore = Restore(previous);
+    f()
+}
+
+/// Launches `kernel` on the CPU with this thread's options (the default
+/// schedule unless inside [`with_options`]).
 ///
 /// # Safety
 /// Every pointer in `args` must be valid for the reads and writes the kernel
@@ -81,7 +110,7 @@ pub unsafe fn launch<A: KernelArgs>(
     cfg: &LaunchConfig,
     args: &A,
 ) -> Result<(), EmuError> {
-    launch_with(kernel, cfg, args, EmuOptions::default())
+    launch_with(kernel, cfg, args, THREAD_OPTIONS.with(|o| o.get()))
 }
 
 /// [`launch`] with scheduling options.
@@ -105,6 +134,7 @@ pub unsafe fn launch_with<A: KernelArgs>(
         block_z: cfg.block.z,
         shared_bytes: cfg.shared_bytes,
         flags: if options.reverse_order { 1 } else { 0 },
+        skip_barrier_line: options.skip_barrier_line.unwrap_or(0),
     };
     let mut message = [0 as c_char; 1024];
     // SAFETY: the entry reads `request` and `*args` (its own argument type,

@@ -4,6 +4,7 @@
 //! an out-of-bounds launch), picks grid and block from the shapes, and
 //! launches on a [`Device`], so the same call runs on the GPU or the emulator.
 
+pub mod attention;
 pub mod cast;
 pub mod embedding;
 pub mod optim;
@@ -16,6 +17,7 @@ use super::abi::{Kernel, KernelArgs, LaunchConfig};
 use super::device::Device;
 use super::CudaError;
 
+pub use attention::{attention_backward, attention_forward, AttentionShape};
 pub use cast::{cast_bf16_to_f32, cast_f32_to_bf16, fill_bf16, fill_f32};
 pub use embedding::{input_embedding_backward, input_embedding_forward, EmbeddingShape};
 pub use optim::{adam_atan2, ema, puzzle_sign_sgd, AdamAtan2Step};
