@@ -103,21 +103,40 @@ static __device__ __forceinline__ void vector_load_async(float* dst, const float
 }
 
 // Rotates the rows of a landed tile in place (rope.cu's forward formula, f32,
-// one bf16 rounding); rows past S stay zero.
+// one bf16 rounding); rows past S stay zero. Each step takes 8 consecutive
+// pairs as 16-byte packs (shared rows are 16-byte aligned, d / 2 is a
+// multiple of 8) and the tables as 16-byte f32 packs (the launcher checks
+// that every global pointer is 16-byte aligned).
 template <int HD, int ROWS>
 static __device__ __forceinline__ void tile_rotate(bf16* t, const float* cos, const float* sin, int row0, int S) {
     constexpr int HALF = HD / 2;
-    for (int p = threadIdx.x; p < ROWS * HALF; p += ATT_THREADS) {
-        const int r = p / HALF;
-        const int i = p % HALF;
+    constexpr int P = Pack128<bf16>::size;  // 8 pairs per step
+    constexpr int GROUPS = HALF / P;        // steps per row
+    static_assert(HALF % P == 0, "d / 2 must be a multiple of 8");
+    for (int q = threadIdx.x; q < ROWS * GROUPS; q += ATT_THREADS) {
+        const int r = q / GROUPS;
+        const int i = q % GROUPS * P;
         const int pos = row0 + r;
         if (pos >= S) continue;
         bf16* x = t + r * Row<HD>::LD;
         const float* c = cos + (long)pos * HD;
         const float* s = sin + (long)pos * HD;
-        const float x1 = to_f32(x[i]), x2 = to_f32(x[i + HALF]);
-        x[i] = to_bf16(x1 * c[i] - x2 * s[i]);
-        x[i + HALF] = to_bf16(x2 * c[i + HALF] + x1 * s[i + HALF]);
+        const Pack128<bf16> x1 = load128(x + i), x2 = load128(x + i + HALF);
+        Pack128<bf16> o1, o2;
+#pragma unroll
+        for (int part = 0; part < 2; part++) {
+            const int k0 = part * 4;
+            const Pack128<float> c1 = load128(c + i + k0), c2 = load128(c + i + HALF + k0);
+            const Pack128<float> s1 = load128(s + i + k0), s2 = load128(s + i + HALF + k0);
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                const float a1 = to_f32(x1.v[k0 + k]), a2 = to_f32(x2.v[k0 + k]);
+                o1.v[k0 + k] = to_bf16(a1 * c1.v[k] - a2 * s1.v[k]);
+                o2.v[k0 + k] = to_bf16(a2 * c2.v[k] + a1 * s2.v[k]);
+            }
+        }
+        store128(x + i, o1);
+        store128(x + i + HALF, o2);
     }
 }
 
@@ -630,18 +649,18 @@ static __device__ void attention_backward_dq_impl(const AttentionBackwardArgs& a
 extern "C" __global__ void __launch_bounds__(128) attention_backward_dkdv_d32(const AttentionBackwardArgs a) {
     attention_backward_dkdv_impl<32>(a);
 }
-extern "C" __global__ void __launch_bounds__(128) attention_backward_dq_d32(const AttentionBackwardArgs a) {
+extern "C" __global__ void __launch_bounds__(128, 2) attention_backward_dq_d32(const AttentionBackwardArgs a) {
     attention_backward_dq_impl<32>(a);
 }
 extern "C" __global__ void __launch_bounds__(128) attention_backward_dkdv_d64(const AttentionBackwardArgs a) {
     attention_backward_dkdv_impl<64>(a);
 }
-extern "C" __global__ void __launch_bounds__(128) attention_backward_dq_d64(const AttentionBackwardArgs a) {
+extern "C" __global__ void __launch_bounds__(128, 2) attention_backward_dq_d64(const AttentionBackwardArgs a) {
     attention_backward_dq_impl<64>(a);
 }
 extern "C" __global__ void __launch_bounds__(128) attention_backward_dkdv_d128(const AttentionBackwardArgs a) {
     attention_backward_dkdv_impl<128>(a);
 }
-extern "C" __global__ void __launch_bounds__(128) attention_backward_dq_d128(const AttentionBackwardArgs a) {
+extern "C" __global__ void __launch_bounds__(128, 2) attention_backward_dq_d128(const AttentionBackwardArgs a) {
     attention_backward_dq_impl<128>(a);
 }

@@ -128,8 +128,23 @@ fn kernels(what: &str, s: &AttentionShape) -> Result<Kernels, CudaError> {
     })
 }
 
+/// Refuses a buffer whose start is not 16-byte aligned: the kernels copy
+/// rows and tables in 16-byte pieces (whole allocations always are aligned).
+fn check_aligned<T: crate::backend::cuda::Elem>(
+    what: &str,
+    name: &str,
+    b: &Buffer<T>,
+) -> Result<(), CudaError> {
+    if b.cptr() as usize % 16 != 0 {
+        return Err(CudaError::Shape(format!(
+            "{what}: {name} must start 16-byte aligned"
+        )));
+    }
+    Ok(())
+}
+
 /// The checks every entry point shares: a non-empty shape whose blocks and
-/// sizes fit the kernels' 32-bit indices, and the tables' lengths.
+/// sizes fit the kernels' 32-bit indices, the tables' lengths, alignment.
 fn check_common(
     what: &str,
     s: &AttentionShape,
@@ -145,6 +160,9 @@ fn check_common(
     qkv.check_len(what, s.qkv_len()?)?;
     cos.check_len(what, mul(what, &[s.seq, s.head_dim])?)?;
     sin.check_len(what, mul(what, &[s.seq, s.head_dim])?)?;
+    check_aligned(what, "qkv", qkv)?;
+    check_aligned(what, "cos", cos)?;
+    check_aligned(what, "sin", sin)?;
     Ok(())
 }
 
@@ -186,6 +204,7 @@ pub fn attention_forward(
     check_common(what, &s, qkv, cos, sin)?;
     o.check_len(what, s.o_len()?)?;
     lse.check_len(what, s.rows()?)?;
+    check_aligned(what, "o", o)?;
     let (b, sq, h, d) = dims(&s)?;
     let args = AttentionForwardArgs {
         o: o.ptr(),
@@ -232,6 +251,8 @@ pub fn attention_backward(
     dout.check_len(what, s.o_len()?)?;
     lse.check_len(what, s.rows()?)?;
     delta.check_len(what, s.rows()?)?;
+    check_aligned(what, "o", o)?;
+    check_aligned(what, "dout", dout)?;
     let (b, sq, h, d) = dims(&s)?;
     let delta_args = AttentionDeltaArgs {
         delta: delta.ptr(),
