@@ -12,8 +12,9 @@
 //!    writes `OUT_DIR/kernels.rs`, which embeds the cubins and
 //!    `OUT_DIR/ptxas_report.tsv` (read by `src/backend/cuda/kernels.rs`). The
 //!    emulator's self-test kernels (`kernels/emu/tests/*.cu`) are compiled
-//!    and checked the same way but not embedded: some arch.cuh wrappers have
-//!    no other user yet, and this is what checks their PTX.
+//!    and checked the same way, and embedded only with feature `emu` (test
+//!    builds), so the GPU runs the same self-tests as the emulator: some
+//!    arch.cuh wrappers have no other user yet.
 //!
 //! nvcc is `$NVCC`, else `$CUDA_HOME/bin/nvcc`, else `nvcc` on `PATH`. Without
 //! one the build still succeeds, with one warning, and embeds no kernels;
@@ -205,6 +206,23 @@ fn run() -> Result<(), String> {
         );
     }
     src += "];\n";
+    // The self-test cubins, for test builds only: searched after MODULES.
+    let embed_tests = env::var_os("CARGO_FEATURE_EMU").is_some();
+    let tests = if embed_tests { &tests[..] } else { &[] };
+    for (i, unit) in tests.iter().enumerate() {
+        src += &format!(
+            "const TEST_CUBIN_{i}: &Aligned<[u8]> = &Aligned(*include_bytes!({:?}));\n",
+            path_str(&unit.cubin)?
+        );
+    }
+    src += "pub static TEST_MODULES: &[EmbeddedModule] = &[\n";
+    for (i, unit) in tests.iter().enumerate() {
+        src += &format!(
+            "    EmbeddedModule {{ name: {:?}, cubin: &TEST_CUBIN_{i}.0 }},\n",
+            unit.name
+        );
+    }
+    src += "];\n";
     write(&generated, &src)
 }
 
@@ -370,7 +388,8 @@ fn missing_source() -> String {
      pub const NVCC_FLAGS: &str = \"\";\n\
      pub const NVCC_VERSION: &str = \"\";\n\
      pub const PTXAS_REPORT: &str = \"\";\n\
-     pub static MODULES: &[EmbeddedModule] = &[];\n"
+     pub static MODULES: &[EmbeddedModule] = &[];\n\
+     pub static TEST_MODULES: &[EmbeddedModule] = &[];\n"
         .to_string()
 }
 

@@ -6,22 +6,83 @@
 //! matrix wrappers of `kernels/arch.cuh` (`kernels/emu/tests/matrix.cu`):
 //! mma and ldmatrix against the PTX ISA's fragment layouts, written out
 //! independently here, and a tiled cp.async + ldmatrix + mma GEMM against a
-//! CPU product.
+//! CPU product. The matrix tests that do not rely on the emulator's misuse
+//! reports also have `_gpu` variants: the same kernels, compiled by nvcc,
+//! on GPU 0 (the only check of the wrappers on hardware).
 
+mod device;
+
+use device::Dev;
 use half::bf16;
-use trm::backend::cuda::abi::{LaunchConfig, ALL_KERNELS};
+use trm::backend::cuda::abi::{Kernel, KernelArgs, LaunchConfig, ALL_KERNELS};
 use trm::backend::cuda::emu::selftest::*;
-use trm::backend::cuda::emu::{self, EmuError, EmuOptions};
+use trm::backend::cuda::emu::{self, selftest, EmuError, EmuOptions};
 
 /// Launches a self-test kernel, whose pointers the caller keeps alive.
-fn run<A: trm::backend::cuda::abi::KernelArgs>(
-    kernel: trm::backend::cuda::abi::Kernel<A>,
+fn run<A: KernelArgs>(
+    kernel: Kernel<A>,
     cfg: LaunchConfig,
     args: &A,
     options: EmuOptions,
 ) -> Result<(), EmuError> {
     // SAFETY: every test passes pointers to live buffers sized for its launch.
     unsafe { emu::launch_with(kernel, &cfg, args, options) }
+}
+
+/// Launches a self-test kernel on `dev` and waits: on the emulator with
+/// `options`, its errors returned (the misuse tests check them); on a GPU,
+/// where `options` mean nothing, any error fails the test.
+fn launch_on<A: KernelArgs>(
+    dev: &Dev,
+    kernel: Kernel<A>,
+    cfg: LaunchConfig,
+    args: &A,
+    options: EmuOptions,
+) -> Result<(), EmuError> {
+    if dev.device().as_gpu().is_none() {
+        return run(kernel, cfg, args, options);
+    }
+    dev.run(kernel, cfg, args);
+    Ok(())
+}
+
+/// Tolerance factor for sums of products on `dev`: 1 on the emulator, which
+/// rounds each exact sum once; 16 on a GPU, whose tensor cores may truncate
+/// and add in blocks of unspecified order (still far below the O(1) errors
+/// of a wrong fragment layout, which the exact integer cases pin down).
+fn rounding_slack(dev: &Dev) -> f64 {
+    if dev.device().as_gpu().is_some() {
+        16.0
+    } else {
+        1.0
+    }
+}
+
+/// u32 words in an i32 buffer (the bits unchanged): buffers hold i32, not u32.
+fn upload_u32(dev: &Dev, words: &[u32]) -> trm::backend::cuda::Buffer<i32> {
+    dev.upload(&words.iter().map(|&w| w as i32).collect::<Vec<_>>())
+}
+
+#[test]
+fn the_self_test_kernels_are_embedded_for_the_gpu() {
+    use trm::backend::cuda::{kernels_compiled, module};
+    if !kernels_compiled() {
+        assert!(
+            std::env::var("TRM_REQUIRE_KERNELS").map_or(true, |v| v != "1"),
+            "TRM_REQUIRE_KERNELS=1 but this build has no CUDA kernels"
+        );
+        return;
+    }
+    // What a GPU launch of a self-test kernel looks up (the `_gpu` tests).
+    for &(m, name, _) in selftest::ALL_KERNELS {
+        let cubin = module(m).unwrap_or_else(|e| panic!("{name}: {e}")).cubin;
+        assert!(cubin.starts_with(b"\x7fELF"), "{m}: not an ELF image");
+        assert_eq!(cubin.as_ptr() as usize % 16, 0, "{m}: not 16-byte aligned");
+        assert!(
+            cubin.windows(name.len()).any(|w| w == name.as_bytes()),
+            "{name} is not in {m}.cubin"
+        );
+    }
 }
 
 /// Thread t's value in `emu_warp_ops`.
@@ -434,6 +495,7 @@ fn pack(lo: bf16, hi: bf16) -> u32 {
 /// row-major per warp, laid out into per-lane fragments here; returns D per
 /// warp, row-major, read back through the D layout.
 fn mma_tiles(
+    dev: &Dev,
     a: &[bf16],
     b: &[bf16],
     c: &[f32],
@@ -468,20 +530,23 @@ fn mma_tiles(
             }
         }
     }
-    let mut fd = vec![f32::NAN; warps * 128];
+    let (fa, fb, fc) = (upload_u32(dev, &fa), upload_u32(dev, &fb), dev.upload(&fc));
+    let fd = dev.upload(&vec![f32::NAN; warps * 128]);
     let args = MmaFragmentsArgs {
-        a: fa.as_ptr(),
-        b: fb.as_ptr(),
-        c: fc.as_ptr(),
-        d: fd.as_mut_ptr(),
+        a: dev.cptr(&fa, 0).cast(),
+        b: dev.cptr(&fb, 0).cast(),
+        c: dev.cptr(&fc, 0),
+        d: dev.ptr(&fd, 0),
         mode,
     };
-    run(
+    launch_on(
+        dev,
         EMU_MMA_FRAGMENTS,
         LaunchConfig::linear(1, threads, 0),
         &args,
         EmuOptions::default(),
     )?;
+    let fd = dev.download(&fd);
     let mut d = vec![f32::NAN; warps * 128];
     for w in 0..warps {
         for lane in 0..32 {
@@ -516,8 +581,13 @@ fn mma_reference(a: &[bf16], b: &[bf16], c: &[f32]) -> (Vec<f64>, Vec<f64>) {
     (d, scale)
 }
 
-#[test]
-fn mma_computes_the_tile_product_in_the_documented_fragment_layouts() {
+on_both!(
+    mma_computes_the_tile_product_in_the_documented_fragment_layouts_emu,
+    mma_computes_the_tile_product_in_the_documented_fragment_layouts_gpu,
+    mma_fragment_layouts
+);
+
+fn mma_fragment_layouts(dev: &Dev) {
     use rand::{Rng, SeedableRng};
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(16816);
     let warps = 2;
@@ -531,13 +601,14 @@ fn mma_computes_the_tile_product_in_the_documented_fragment_layouts() {
     let c: Vec<f32> = (0..warps * 128)
         .map(|_| rng.gen_range(-100i32..=100) as f32)
         .collect();
-    let d = mma_tiles(&a, &b, &c, 0, 64).unwrap();
+    let d = mma_tiles(dev, &a, &b, &c, 0, 64).unwrap();
     let (want, _) = mma_reference(&a, &b, &c);
     for (i, (&got, &want)) in d.iter().zip(&want).enumerate() {
         assert_eq!(
             got as f64,
             want,
-            "element {i} (warp {}, row {}, col {})",
+            "{}: element {i} (warp {}, row {}, col {})",
+            dev.name(),
             i / 128,
             i % 128 / 8,
             i % 8
@@ -545,7 +616,8 @@ fn mma_computes_the_tile_product_in_the_documented_fragment_layouts() {
     }
 
     // General values: the emulator rounds each exact sum once to f32, so the
-    // error is at most 2^-24 of |c| + sum |a b|; allow twice that.
+    // error is at most 2^-24 of |c| + sum |a b|; allow twice that (times the
+    // GPU's slack).
     let a: Vec<bf16> = (0..warps * 256)
         .map(|_| bf16::from_f32(rng.gen_range(-2.0f32..2.0)))
         .collect();
@@ -555,13 +627,14 @@ fn mma_computes_the_tile_product_in_the_documented_fragment_layouts() {
     let c: Vec<f32> = (0..warps * 128)
         .map(|_| rng.gen_range(-4.0f32..4.0))
         .collect();
-    let d = mma_tiles(&a, &b, &c, 0, 64).unwrap();
+    let d = mma_tiles(dev, &a, &b, &c, 0, 64).unwrap();
     let (want, scale) = mma_reference(&a, &b, &c);
     for i in 0..d.len() {
-        let tol = 2f64.powi(-23) * scale[i];
+        let tol = rounding_slack(dev) * 2f64.powi(-23) * scale[i];
         assert!(
             (d[i] as f64 - want[i]).abs() <= tol,
-            "element {i}: {} vs {} (tolerance {tol:e})",
+            "{}: element {i}: {} vs {} (tolerance {tol:e})",
+            dev.name(),
             d[i],
             want[i]
         );
@@ -570,15 +643,16 @@ fn mma_computes_the_tile_product_in_the_documented_fragment_layouts() {
 
 #[test]
 fn divergent_or_partial_warp_mma_is_an_error() {
+    let dev = &Dev::emu();
     let a = vec![bf16::ONE; 256];
     let b = vec![bf16::ONE; 128];
     let c = vec![0.0f32; 128];
     // Lanes 16..31 return instead of joining the mma.
-    let err = mma_tiles(&a, &b, &c, 1, 32).unwrap_err();
+    let err = mma_tiles(dev, &a, &b, &c, 1, 32).unwrap_err();
     assert!(matches!(err, EmuError::Deadlock { .. }), "{err}");
     assert!(err.to_string().contains("mma.sync.m16n8k16"), "{err}");
     // Lanes 16..31 call it from another line: not the same instruction.
-    let err = mma_tiles(&a, &b, &c, 2, 32).unwrap_err();
+    let err = mma_tiles(dev, &a, &b, &c, 2, 32).unwrap_err();
     assert!(matches!(err, EmuError::WarpMisuse { .. }), "{err}");
     let text = err.to_string();
     assert!(
@@ -589,50 +663,65 @@ fn divergent_or_partial_warp_mma_is_an_error() {
     let a = vec![bf16::ONE; 512];
     let b = vec![bf16::ONE; 256];
     let c = vec![0.0f32; 256];
-    let err = mma_tiles(&a, &b, &c, 0, 48).unwrap_err();
+    let err = mma_tiles(dev, &a, &b, &c, 0, 48).unwrap_err();
     assert!(matches!(err, EmuError::WarpMisuse { .. }), "{err}");
     assert!(err.to_string().contains("do not exist"), "{err}");
     // The same launch with whole warps succeeds: 16 * 1 * 1 per element.
-    let d = mma_tiles(&a, &b, &c, 0, 64).unwrap();
+    let d = mma_tiles(dev, &a, &b, &c, 0, 64).unwrap();
     assert!(d.iter().all(|&v| v == 16.0), "{d:?}");
 }
 
-/// 64 shared rows of 8 u16, 16-byte aligned as cp.async and ldmatrix need.
-#[repr(C, align(16))]
-struct Rows([u16; 512]);
-
-fn ldmatrix(src: &Rows, slot: &[i32; 32], variant: i32, misuse: i32) -> Result<Vec<u32>, EmuError> {
-    let mut out = vec![0u32; 128];
+/// Runs emu_ldmatrix on 64 rows of 8 u16 (`src`, held in a bf16 buffer for
+/// the bits: a device allocation, 16-byte aligned as cp.async needs).
+fn ldmatrix(
+    dev: &Dev,
+    src: &[u16; 512],
+    slot: &[i32; 32],
+    variant: i32,
+    misuse: i32,
+) -> Result<Vec<u32>, EmuError> {
+    let rows = dev.upload(&src.map(bf16::from_bits));
+    let slots = dev.upload(slot);
+    let out = dev.zeros::<i32>(128);
     let args = LdmatrixArgs {
-        src: src.0.as_ptr(),
-        slot: slot.as_ptr(),
-        out: out.as_mut_ptr(),
+        src: dev.cptr(&rows, 0).cast(),
+        slot: dev.cptr(&slots, 0),
+        out: dev.ptr(&out, 0).cast(),
         variant,
         misuse,
     };
-    run(
+    launch_on(
+        dev,
         EMU_LDMATRIX,
         LaunchConfig::linear(1, 32, 0),
         &args,
         EmuOptions::default(),
     )?;
-    Ok(out)
+    Ok(dev.download(&out).iter().map(|&w| w as u32).collect())
 }
 
-#[test]
-fn ldmatrix_gives_every_lane_its_documented_elements() {
-    let mut src = Rows([0; 512]);
-    for (i, v) in src.0.iter_mut().enumerate() {
-        *v = (i as u16).wrapping_mul(40503) ^ 0x1357; // distinct, both bytes vary
-    }
-    // Rows scattered over the buffer: lane l points at row slot[l].
-    let slot: [i32; 32] = std::array::from_fn(|l| ((l * 37 + 11) % 64) as i32);
+/// Distinct values with both bytes varying, and each lane's row: scattered
+/// over the buffer, lane l points at row slot[l].
+fn ldmatrix_inputs() -> ([u16; 512], [i32; 32]) {
+    let src = std::array::from_fn(|i| (i as u16).wrapping_mul(40503) ^ 0x1357);
+    let slot = std::array::from_fn(|l| ((l * 37 + 11) % 64) as i32);
+    (src, slot)
+}
+
+on_both!(
+    ldmatrix_gives_every_lane_its_documented_elements_emu,
+    ldmatrix_gives_every_lane_its_documented_elements_gpu,
+    ldmatrix_layouts
+);
+
+fn ldmatrix_layouts(dev: &Dev) {
+    let (src, slot) = ldmatrix_inputs();
     for variant in 0..6 {
         let matrices = [1, 2, 4][variant as usize % 3];
         let trans = variant >= 3;
-        let out = ldmatrix(&src, &slot, variant, 0).unwrap();
+        let out = ldmatrix(dev, &src, &slot, variant, 0).unwrap();
         // Matrix j's row r is the row lane 8j + r points at.
-        let element = |j: usize, r: usize, c: usize| src.0[slot[8 * j + r] as usize * 8 + c] as u32;
+        let element = |j: usize, r: usize, c: usize| src[slot[8 * j + r] as usize * 8 + c] as u32;
         for lane in 0..32 {
             for j in 0..4 {
                 let want = if j >= matrices {
@@ -647,14 +736,20 @@ fn ldmatrix_gives_every_lane_its_documented_elements() {
                 assert_eq!(
                     out[lane * 4 + j],
                     want,
-                    "variant {variant} lane {lane} register {j}: {:#010x} vs {want:#010x}",
+                    "{}: variant {variant} lane {lane} register {j}: {:#010x} vs {want:#010x}",
+                    dev.name(),
                     out[lane * 4 + j]
                 );
             }
         }
     }
+}
 
-    let err = ldmatrix(&src, &slot, 2, 1).unwrap_err();
+#[test]
+fn ldmatrix_on_a_misaligned_or_global_row_is_an_error() {
+    let (src, slot) = ldmatrix_inputs();
+    let dev = &Dev::emu();
+    let err = ldmatrix(dev, &src, &slot, 2, 1).unwrap_err();
     assert!(matches!(err, EmuError::BadAddress { .. }), "{err}");
     let text = err.to_string();
     assert!(
@@ -663,7 +758,7 @@ fn ldmatrix_gives_every_lane_its_documented_elements() {
             && text.contains("16-byte aligned"),
         "{text}"
     );
-    let err = ldmatrix(&src, &slot, 3, 2).unwrap_err();
+    let err = ldmatrix(dev, &src, &slot, 3, 2).unwrap_err();
     assert!(matches!(err, EmuError::BadAddress { .. }), "{err}");
     let text = err.to_string();
     assert!(
@@ -684,6 +779,7 @@ struct Gemm {
 /// sum |a b| per element), c read back with 16 guard values after it.
 #[allow(clippy::type_complexity)]
 fn gemm_tile(
+    dev: &Dev,
     g: &Gemm,
     skip_wait: bool,
     reverse: bool,
@@ -706,10 +802,11 @@ fn gemm_tile(
     for v in &mut c[m * n..] {
         *v = 12345.0;
     }
+    let (da, db, dc) = (dev.upload(&a), dev.upload(&stored), dev.upload(&c));
     let args = GemmTileArgs {
-        a: a.as_ptr(),
-        b: stored.as_ptr(),
-        c: c.as_mut_ptr(),
+        a: dev.cptr(&da, 0),
+        b: dev.cptr(&db, 0),
+        c: dev.ptr(&dc, 0),
         m: m as i32,
         n: n as i32,
         k: k as i32,
@@ -726,7 +823,8 @@ fn gemm_tile(
         block: trm::backend::cuda::abi::Dim3 { x: 128, y: 1, z: 1 },
         shared_bytes: 0,
     };
-    run(
+    launch_on(
+        dev,
         EMU_GEMM_TILE,
         cfg,
         &args,
@@ -735,6 +833,7 @@ fn gemm_tile(
             ..EmuOptions::default()
         },
     )?;
+    let mut c = dev.download(&dc);
     assert!(c[m * n..].iter().all(|&v| v == 12345.0), "write past c");
     c.truncate(m * n);
     let (mut want, mut scale) = (vec![0f64; m * n], vec![0f64; m * n]);
@@ -750,8 +849,13 @@ fn gemm_tile(
     Ok((c, want, scale))
 }
 
-#[test]
-fn tiled_gemm_with_cp_async_ldmatrix_and_mma_matches_a_cpu_product() {
+on_both!(
+    tiled_gemm_with_cp_async_ldmatrix_and_mma_matches_a_cpu_product_emu,
+    tiled_gemm_with_cp_async_ldmatrix_and_mma_matches_a_cpu_product_gpu,
+    tiled_gemm
+);
+
+fn tiled_gemm(dev: &Dev) {
     let cases = [
         // (m, n, k, b is [k][n], cp.async bytes): edges in m, n and k
         (77, 45, 72, false, 16),
@@ -770,16 +874,17 @@ fn tiled_gemm_with_cp_async_ldmatrix_and_mma_matches_a_cpu_product() {
             b_kn,
             vec_bytes,
         };
-        let (c, want, scale) = gemm_tile(&g, false, i % 2 == 1).unwrap();
+        let (c, want, scale) = gemm_tile(dev, &g, false, i % 2 == 1).unwrap();
         // Each mma rounds its exact sum once to f32 (error <= 2^-24 of the
         // sum so far, at most sum |a b|), once per 16 of k rounded up to the
         // 32-wide tiles; one rounding of slack.
         let roundings = (k.div_ceil(32) * 2 + 1) as f64;
         for e in 0..m * n {
-            let tol = roundings * 2f64.powi(-24) * scale[e];
+            let tol = rounding_slack(dev) * roundings * 2f64.powi(-24) * scale[e];
             assert!(
                 (c[e] as f64 - want[e]).abs() <= tol,
-                "m {m} n {n} k {k} b_kn {b_kn} vec {vec_bytes}: c[{}][{}] = {} vs {} (tolerance {tol:e})",
+                "{}: m {m} n {n} k {k} b_kn {b_kn} vec {vec_bytes}: c[{}][{}] = {} vs {} (tolerance {tol:e})",
+                dev.name(),
                 e / n,
                 e % n,
                 c[e],
@@ -800,7 +905,8 @@ fn gemm_misuse_of_cp_async_is_caught() {
         b_kn: false,
         vec_bytes: 16,
     };
-    let (c, _, _) = gemm_tile(&g, true, false).unwrap();
+    let dev = &Dev::emu();
+    let (c, _, _) = gemm_tile(dev, &g, true, false).unwrap();
     assert!(c.iter().all(|v| v.is_nan()), "{:?}", &c[..8]);
     // k = 36: rows of 72 bytes, so 16-byte copies are misaligned.
     let g = Gemm {
@@ -810,7 +916,7 @@ fn gemm_misuse_of_cp_async_is_caught() {
         b_kn: false,
         vec_bytes: 16,
     };
-    let err = gemm_tile(&g, false, false).unwrap_err();
+    let err = gemm_tile(dev, &g, false, false).unwrap_err();
     assert!(matches!(err, EmuError::BadAddress { .. }), "{err}");
     let text = err.to_string();
     assert!(

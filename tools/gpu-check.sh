@@ -3,16 +3,24 @@
 # the kernels on the CPU emulator) on any machine. It
 #   1. builds the kernels with the pinned nvcc into sm_90a cubins (build.rs
 #      fails on any warning or register spill) and the kernel test binaries;
-#   2. prints and saves ptxas' resources of every kernel (registers, spills,
-#      static shared memory, stack);
-#   3. runs the kernel test suites: each suite's tests run twice, the `_gpu`
-#      variants (GPU_SUITES: on GPU 0, with TRM_REQUIRE_GPU=1 when nvidia-smi
-#      lists a GPU, so a missing device fails rather than skips) and the rest
-#      (EMU_SUITES: the CPU emulator, the probe, error paths);
-#   4. runs the kernel microbenchmarks (benches/kernels.rs; without a GPU
-#      they print so and make one tiny emulator pass);
-#   5. writes bench/results/gpu-check-<date>.md (and, when $OUT names a
-#      folder, a copy and the logs there).
+#   2. finds libcuda, libcublasLt and libnccl and puts them where cudarc's
+#      run-time loading looks (see setup_libraries);
+#   3. prints and saves ptxas' resources of every kernel;
+#   4. runs the `_gpu` tests of GPU_SUITES on GPU 0, one test thread each (a
+#      GPU fault is sticky for the context and would fail every later test),
+#      with TRM_REQUIRE_GPU=1 in --prebuilt mode, so a missing device fails
+#      rather than skips (in local mode only when nvidia-smi lists a GPU);
+#   5. runs MEMCHECK_SUITES' `_gpu` tests under compute-sanitizer memcheck
+#      (when found; at most MEMCHECK_LIMIT_S);
+#   6. runs the kernel microbenchmarks (benches/kernels.rs) and, when a python3
+#      with torch is found, the PyTorch attention baseline
+#      (tools/bench_attention_torch.py);
+#   7. runs the other tests of EMU_SUITES on the CPU emulator (and, locally,
+#      BUILD_SUITES);
+#   8. writes bench/results/gpu-check-<date>.md and, when $OUT names a folder,
+#      copies it, the logs (gpu-check-logs.tar.gz) and the baseline's JSON
+#      there, even when the check stops early (the results then say partial),
+#      and prints a summary table last.
 # It stops itself before 8 minutes.
 #
 #   tools/gpu-check.sh                  # build and run here (needs cargo)
@@ -30,30 +38,218 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-# Test targets (tests/<name>.rs) this check runs.
-# A suite in EMU_SUITES runs its tests except the `_gpu` ones; in GPU_SUITES,
-# only the `_gpu` ones (the same bodies on GPU 0).
+# --- what runs: the one place to add a suite ---------------------------------
+# Test targets (tests/<name>.rs). EMU_SUITES run their tests except the `_gpu`
+# ones; GPU_SUITES only the `_gpu` ones (the same bodies on GPU 0), in this
+# order; MEMCHECK_SUITES' `_gpu` tests also run under compute-sanitizer.
 EMU_SUITES=(emu_harness kernel_ops cuda_runtime) # kernels on the CPU emulator
 BUILD_SUITES=(kernels_build)                     # cubins and ptxas report (reads kernels/, so not in --prebuilt)
-GPU_SUITES=(kernel_ops cuda_runtime)             # kernels, launchers and GEMMs on the GPU
+GPU_SUITES=(emu_harness kernel_ops cuda_runtime) # arch.cuh self-tests first, then kernels, launchers, GEMMs
+MEMCHECK_SUITES=(kernel_ops)                     # compute-sanitizer memcheck
 BENCHES=(kernels)                                # benches/<name>.rs, harness = false
 
-LIMIT_S=470 # 8 minutes, less a margin for the report
+LIMIT_S=${GPU_CHECK_LIMIT_S:-470} # 8 minutes, less a margin for the report (the variable: to test skipping)
+SUITE_LIMIT_S=180    # one GPU suite: a hung kernel must not take the whole run
+MEMCHECK_LIMIT_S=90  # memcheck slows kernels 10-100x: a sample, not the budget
+TORCH_LIMIT_S=90     # the PyTorch baseline (about 30 s on an H200)
 START=$(date +%s)
 DATE=$(date -u +%Y-%m-%d)
 RESULTS="bench/results/gpu-check-$DATE.md"
 LOGS="$(mktemp -d)"
-trap 'rm -rf "$LOGS"' EXIT
+SHIM="$(mktemp -d)" # links under the names cudarc tries (setup_libraries)
+ORIG_LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}
+ARGS="$*"
 
 log() { printf 'gpu-check: %s\n' "$*" >&2; }
+STOP_REASON=
 die() {
   log "error: $*"
+  STOP_REASON=$*
   exit 1
 }
 left() { echo $((LIMIT_S - ($(date +%s) - START))); }
+min() { if (($1 < $2)); then echo "$1"; else echo "$2"; fi; }
 
 mode=local
 dir=
+
+# --- the report, written on every exit ----------------------------------------
+
+# Summary rows: step, where, result, seconds, state: ok, FAIL (a failure: exit
+# status 1), skip (out of time), warn (worth a look, not a failure) or info.
+ROWS=()
+DETAILS=()  # failure excerpts, printed under the summary
+FAILED=0
+SKIPPED=0
+COMPLETE=0 # set when every step ran
+RUNNING=0  # set once a run mode (not --prepare) starts running steps
+LIB_LINES=()
+SMI=
+PTXAS=
+SPILLS=
+BENCH_OUT=()
+TORCH_TABLE=
+NVCC_VERSION=
+
+# Fields split by the unit separator: `read` would merge runs of tabs (empty fields).
+row() {
+  ROWS+=("$1"$'\x1f'"$2"$'\x1f'"$3"$'\x1f'"$4"$'\x1f'"$5")
+  case $5 in
+    FAIL) FAILED=1 ;;
+    skip) SKIPPED=1 ;;
+  esac
+}
+
+# The failures of a test log, short: the failed tests on one line, then the
+# first few distinct panic messages with where they were raised.
+excerpt() {
+  local failed
+  failed=$(sed -n 's/^test \(.*\) \.\.\. FAILED$/\1/p' "$1" | tr '\n' ' ')
+  [[ -z $failed ]] || echo "failed: $failed" | cut -c1-600
+  awk '/^thread .* panicked at/ {
+         loc = $0; msg = ""; getline msg
+         if (msg in seen) { dup++; next }
+         seen[msg] = 1
+         if (++n <= 4) { print substr(loc, 1, 200); print "  " substr(msg, 1, 300) } else dup++
+       }
+       END { if (dup) print "  (" dup " more panics, same or further messages: see the log)" }' "$1"
+}
+
+write_results() {
+  local total=$(($(date +%s) - START)) outcome gpu cpu commit
+  outcome="all steps passed"
+  ((SKIPPED == 0)) || outcome="passed, some steps skipped"
+  ((FAILED == 0)) || outcome="FAILED"
+  ((COMPLETE)) || outcome="PARTIAL (stopped early: ${STOP_REASON:-unexpected exit}); $outcome so far"
+  gpu=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -n 1 || true)
+  cpu=$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2 | sed 's/^ //' || true)
+  commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+  if [[ -n "$(git status --porcelain 2>/dev/null | head -n 1)" ]]; then commit="$commit (with uncommitted changes)"; fi
+  [[ $mode != prebuilt || ! -f "$dir/manifest" ]] || commit="$commit; binaries built at $(sed -n 2p "$dir/manifest")"
+  mkdir -p "$(dirname "$RESULTS")"
+  {
+    echo "# GPU check ($DATE)"
+    echo
+    echo "Command: \`tools/gpu-check.sh${ARGS:+ $ARGS}\` ($mode mode), $total s in all: $outcome."
+    echo
+    echo "- machine: $(uname -srm), ${cpu:-unknown CPU}, $(nproc) cores"
+    echo "- GPU: ${gpu:-none listed by nvidia-smi}"
+    echo "- nvcc: ${NVCC_VERSION:-unknown}"
+    echo "- commit: $commit"
+    echo
+    echo "## Steps"
+    echo
+    echo "| step | runs on | result | time |"
+    echo "| --- | --- | --- | --- |"
+    local r step where result secs state
+    for r in "${ROWS[@]}"; do
+      IFS=$'\x1f' read -r step where result secs state <<<"$r"
+      [[ $state != FAIL ]] || result="**FAILED**: $result"
+      echo "| $step | $where | $result | ${secs:+$secs s} |"
+    done
+    if ((${#DETAILS[@]})); then
+      echo
+      echo "Failures:"
+      echo
+      echo '```'
+      printf '%s\n' "${DETAILS[@]}"
+      echo '```'
+    fi
+    echo
+    echo "## Libraries"
+    echo
+    if ((${#LIB_LINES[@]})); then printf -- '- %s\n' "${LIB_LINES[@]}"; else echo "(not searched)"; fi
+    echo
+    echo "## nvidia-smi"
+    echo
+    echo '```'
+    echo "${SMI:-(not run)}"
+    echo '```'
+    echo
+    echo "## Kernel benchmarks"
+    echo
+    if ((${#BENCH_OUT[@]})); then printf '%s\n' "${BENCH_OUT[@]}"; else echo "(not run)"; fi
+    echo
+    echo "## PyTorch attention baseline"
+    echo
+    echo '```'
+    echo "${TORCH_TABLE:-(not run)}"
+    echo '```'
+    echo
+    echo "## ptxas resources (sm_90a)"
+    echo
+    if [[ -n "$PTXAS" ]]; then
+      echo "$SPILLS kernels with spills (the build fails on any)."
+      echo
+      echo "$PTXAS"
+    else
+      echo "(not read)"
+    fi
+  } >"$RESULTS"
+  log "wrote $RESULTS"
+}
+
+# Logs and results into $OUT, within its limits (8 files of 16 MiB).
+copy_out() {
+  [[ -n "${OUT:-}" && -d "${OUT:-}" ]] || return 0
+  cp "$RESULTS" "$OUT/"
+  [[ ! -f "$LOGS/torch-attention.json" ]] || cp "$LOGS/torch-attention.json" "$OUT/"
+  tar -czf "$OUT/gpu-check-logs.tar.gz" -C "$LOGS" . 2>/dev/null || true
+  if (($(stat -c %s "$OUT/gpu-check-logs.tar.gz" 2>/dev/null || echo 0) > 15 * 1024 * 1024)); then
+    # Too big to come back: the last 2 MB of each log instead.
+    local cut f
+    cut=$(mktemp -d)
+    for f in "$LOGS"/*; do tail -c 2000000 "$f" >"$cut/$(basename "$f")"; done
+    tar -czf "$OUT/gpu-check-logs.tar.gz" -C "$cut" . 2>/dev/null || true
+    rm -rf "$cut"
+  fi
+  log "copied the results and logs into \$OUT ($OUT)"
+}
+
+# The last lines of output: the device tool returns only the tail.
+print_summary() {
+  local r step where result secs state mark
+  echo
+  echo "=== gpu-check summary ($mode mode, $(($(date +%s) - START)) s) ==="
+  for r in "${ROWS[@]}"; do
+    IFS=$'\x1f' read -r step where result secs state <<<"$r"
+    case $state in
+      FAIL) mark="FAIL" ;;
+      skip) mark="SKIP" ;;
+      warn) mark="WARN" ;;
+      info) mark="    " ;;
+      *) mark="ok  " ;;
+    esac
+    printf '%s %-26s %-17s %s%s\n' "$mark" "$step" "$where" "${result:0:150}" "${secs:+ ($secs s)}"
+  done
+  if ((${#DETAILS[@]})); then
+    echo "--- failures ---"
+    printf '%s\n' "${DETAILS[@]}" | head -n 60
+  fi
+  local outcome="all steps passed"
+  ((SKIPPED == 0)) || outcome="passed, some steps skipped (SKIP above)"
+  ((FAILED == 0)) || outcome="FAILED (FAIL above)"
+  ((COMPLETE)) || outcome="STOPPED EARLY: ${STOP_REASON:-unexpected exit}; partial results; $outcome so far"
+  local out=
+  [[ -z "${OUT:-}" || ! -d "${OUT:-}" ]] || out=" and \$OUT ($OUT)"
+  echo "gpu-check: $outcome; results in $RESULTS$out"
+}
+
+finish() {
+  local status=$?
+  trap - EXIT
+  set +e
+  if ((RUNNING)); then
+    write_results
+    copy_out
+    print_summary
+    ((COMPLETE)) && status=$FAILED
+  fi
+  rm -rf "$LOGS" "$SHIM"
+  exit "$status"
+}
+trap finish EXIT
+
 case "${1:-}" in
   --prepare | --prebuilt)
     [[ $# -eq 2 ]] || die "usage: $0 [--prepare DIR | --prebuilt DIR]"
@@ -79,27 +275,34 @@ pick_nvcc() {
 
 declare -A EXE=()
 REPORT=
-NVCC_VERSION=
+
+# Every test and bench target of the lists above, once.
+all_targets() {
+  printf '%s\n' "$@" | sort -u
+}
 
 build() {
   pick_nvcc
   export NVCC TRM_REQUIRE_KERNELS=1
   NVCC_VERSION=$("$NVCC" --version | grep release || true)
   log "nvcc: $NVCC ($NVCC_VERSION)"
-  local targets=()
-  for s in $(printf '%s\n' "${EMU_SUITES[@]}" "${BUILD_SUITES[@]}" "${GPU_SUITES[@]}" | sort -u); do targets+=(--test "$s"); done
+  local targets=() s b
+  for s in $(all_targets "${EMU_SUITES[@]}" "${BUILD_SUITES[@]}" "${GPU_SUITES[@]}" "${MEMCHECK_SUITES[@]}"); do targets+=(--test "$s"); done
   for b in "${BENCHES[@]}"; do targets+=(--bench "$b"); done
   log "building: cargo test --no-run ${targets[*]}"
-  local status=0
+  local status=0 t0=$SECONDS
   timeout "$(left)" cargo test --no-run --message-format=json "${targets[@]}" \
     >"$LOGS/build.json" 2>"$LOGS/build.log" || status=$?
   if ((status == 124)); then
+    row build "here" "timed out" $((SECONDS - t0)) FAIL
     die "the build did not finish within the time limit (a cold cargo cache?); build once with \`cargo test --no-run\` and run again"
   elif ((status != 0)); then
     tail -n 40 "$LOGS/build.log" >&2
+    row build "here" "cargo failed (build.log)" $((SECONDS - t0)) FAIL
     die "build failed (log above)"
   fi
   # Test executables by target name, and the build-script folder holding the report.
+  local kind name path
   while read -r kind name path; do
     case $kind in
       exe) EXE[$name]=$path ;;
@@ -120,25 +323,123 @@ for line in open(sys.argv[1]):
 PY
   )
   [[ -n "$REPORT" ]] || die "the build wrote no ptxas report (were the kernels compiled?)"
+  [[ $mode == prepare ]] || row build "here" "cargo test --no-run: $((${#targets[@]} / 2)) targets" $((SECONDS - t0)) ok
+}
+
+# --- libraries ---------------------------------------------------------------
+# cudarc (dynamic-loading, cuda-13000) dlopens, per library, the names of
+# cudarc::get_lib_name_candidates: lib<name>.so first, then ...64 forms, then
+# lib<name>.so.13, .12, .11, .10, .9 and .1. So libcuda.so.1 and
+# libcublasLt.so.13 are tried by their real sonames, but libnccl.so.2 (the
+# name every NCCL install uses) never is: a bare libnccl.so exists only with
+# NCCL's development files. And the bare names come first: a CUDA stub
+# libcuda.so or another release's libcublasLt.so earlier on the path would
+# win. Hence links under the bare names in a private folder ($SHIM), first on
+# LD_LIBRARY_PATH, to the exact files found, plus those files' folders (for
+# their own dependencies).
+
+LIBS=(libcuda.so.1 libcublasLt.so.13 libnccl.so.2)
+
+# Folders that may hold the libraries, most trusted first.
+library_dirs() {
+  local d py
+  local IFS=:
+  for d in $ORIG_LD_LIBRARY_PATH; do echo "$d"; done
+  unset IFS
+  ldconfig -p 2>/dev/null | sed -n 's/.* => \(.*\)\/[^/]*$/\1/p' | sort -u || true
+  for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/lib/x86_64-linux-gnu /usr/lib64 \
+    /usr/local/cuda*/lib64 /usr/local/cuda*/targets/*/lib \
+    /opt/torch/.venv/lib/python3*/site-packages/nvidia/*/lib; do
+    echo "$d"
+  done
+  # The site-packages of whatever python3 is on PATH (pip's nvidia-* wheels).
+  for py in /opt/torch/.venv/bin/python3 python3; do
+    command -v "$py" >/dev/null 2>&1 || continue
+    timeout 20 "$py" -c 'import site; print("\n".join(site.getsitepackages()))' 2>/dev/null |
+      while read -r d; do
+        for sub in "$d"/nvidia/*/lib; do echo "$sub"; done
+      done || true
+  done
+}
+
+setup_libraries() {
+  local dirs=() d lib found how shim_name extra=() missing=() cached
+  mapfile -t dirs < <(library_dirs | awk 'length && !seen[$0]++')
+  # Folders the loader already searches (its cache) need no path entry.
+  cached=:$(ldconfig -p 2>/dev/null | sed -n 's/.* => \(.*\)\/[^/]*$/\1/p' | sort -u | tr '\n' :)
+  for lib in "${LIBS[@]}"; do
+    found=
+    for d in "${dirs[@]}"; do
+      # A stub (link-time only) or forward-compat libcuda is not the driver's.
+      [[ $d != */stubs* && $d != */compat* ]] || continue
+      if [[ -e "$d/$lib" ]]; then
+        found=$(readlink -f "$d/$lib")
+        how=$d
+        break
+      fi
+    done
+    if [[ -z "$found" ]]; then
+      missing+=("$lib")
+      LIB_LINES+=("$lib: MISSING (searched LD_LIBRARY_PATH, ldconfig -p, /usr/local/cuda*, /usr/local/nvidia, python site-packages/nvidia/*/lib)")
+      log "library $lib: MISSING"
+      continue
+    fi
+    shim_name=${lib%.so*}.so
+    ln -sf "$found" "$SHIM/$shim_name"
+    [[ $cached == *":$how:"* ]] || extra+=("$how")
+    LIB_LINES+=("$lib: $how ($found), also as $shim_name in the private link folder")
+    log "library $lib: $found (in $how)"
+  done
+  local path=$SHIM
+  for d in "${extra[@]}"; do
+    [[ ":$path:" == *":$d:"* ]] || path="$path:$d"
+  done
+  # The caller's entries stay after ours, stub folders dropped.
+  local IFS=:
+  for d in $ORIG_LD_LIBRARY_PATH; do
+    [[ -n $d && $d != */stubs* && ":$path:" != *":$d:"* ]] && path="$path:$d"
+  done
+  unset IFS
+  export LD_LIBRARY_PATH=$path
+  LIB_LINES+=("LD_LIBRARY_PATH=$LD_LIBRARY_PATH")
+  log "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+  # What cudarc will open: the bare names, through the loader (python's ctypes
+  # is dlopen), when a python3 is at hand.
+  local check=
+  if command -v python3 >/dev/null 2>&1; then
+    check=$(timeout 20 python3 - libcuda.so libcublasLt.so libnccl.so <<'PY' 2>&1 || true
+import ctypes, sys
+for name in sys.argv[1:]:
+    try:
+        ctypes.CDLL(name)
+        print(f"{name} loads")
+    except OSError as e:
+        print(f"{name} does not load: {e}")
+PY
+    )
+    while read -r line; do
+      [[ -n $line ]] && LIB_LINES+=("dlopen check: $line") && log "dlopen check: $line"
+    done <<<"$check"
+  fi
+  local summary="found $((${#LIBS[@]} - ${#missing[@]}))/${#LIBS[@]}"
+  ((${#missing[@]} == 0)) || summary="$summary; MISSING ${missing[*]}"
+  [[ $check != *"does not load"* ]] || summary="$summary; a dlopen check failed (results)"
+  local state=ok
+  [[ $summary != *MISSING* && $summary != *failed* ]] || state=warn
+  row libraries "loader" "$summary" "" "$state"
 }
 
 # --- modes -------------------------------------------------------------------
 
-# What runs: "kind:target" with kind emu, build or gpu.
-SUITES_RUN=()
-for s in "${EMU_SUITES[@]}"; do SUITES_RUN+=("emu:$s"); done
-if [[ $mode == local ]]; then
-  for s in "${BUILD_SUITES[@]}"; do SUITES_RUN+=("build:$s"); done
-fi
-for s in "${GPU_SUITES[@]}"; do SUITES_RUN+=("gpu:$s"); done
 case $mode in
   local)
+    RUNNING=1
     build
     ;;
   prepare)
     build
     mkdir -p "$dir/bin"
-    for s in $(printf '%s\n' "${EMU_SUITES[@]}" "${GPU_SUITES[@]}" "${BENCHES[@]}" | sort -u); do
+    for s in $(all_targets "${EMU_SUITES[@]}" "${GPU_SUITES[@]}" "${MEMCHECK_SUITES[@]}" "${BENCHES[@]}"); do
       cp "${EXE[$s]}" "$dir/bin/$s"
       strip --strip-debug "$dir/bin/$s" 2>/dev/null || true
     done
@@ -148,14 +449,32 @@ case $mode in
     exit 0
     ;;
   prebuilt)
+    RUNNING=1
     [[ -f "$dir/ptxas_report.tsv" && -f "$dir/manifest" ]] || die "$dir was not made by --prepare"
     REPORT="$dir/ptxas_report.tsv"
     NVCC_VERSION="$(sed -n 1p "$dir/manifest") (built where --prepare ran)"
-    for s in "${EMU_SUITES[@]}" "${GPU_SUITES[@]}" "${BENCHES[@]}"; do
+    for s in $(all_targets "${EMU_SUITES[@]}" "${GPU_SUITES[@]}" "${MEMCHECK_SUITES[@]}" "${BENCHES[@]}"); do
       EXE[$s]="$dir/bin/$s"
     done
     ;;
 esac
+
+setup_libraries
+
+# The GPU variants must run: on the device always (a vacuous pass without a
+# GPU is the worst outcome there); locally when nvidia-smi lists a GPU.
+REQUIRE_GPU=0
+if [[ $mode == prebuilt ]] || nvidia-smi -L 2>/dev/null | grep -q '^GPU '; then REQUIRE_GPU=1; fi
+# Plain nvidia-smi only reads state.
+if command -v nvidia-smi >/dev/null 2>&1; then
+  SMI=$(timeout 30 nvidia-smi 2>&1 || true)
+  echo "$SMI"
+  row nvidia-smi "" "$(nvidia-smi -L 2>/dev/null | head -n 2 | tr '\n' ' ' || true)" "" info
+else
+  SMI="nvidia-smi not found"
+  row nvidia-smi "" "not found" "" info
+fi
+log "TRM_REQUIRE_GPU=$REQUIRE_GPU for the GPU suites"
 
 # --- ptxas report --------------------------------------------------------------
 
@@ -172,111 +491,210 @@ echo "$PTXAS"
 
 # --- tests ---------------------------------------------------------------------
 
-# A GPU present: the GPU variants must run (a missing device fails them).
-HAVE_GPU=0
-if nvidia-smi -L 2>/dev/null | grep -q '^GPU '; then HAVE_GPU=1; fi
+# Whether there is time for a step; records it as skipped when not.
+have_time() {
+  if (($(left) > 15)); then return 0; fi
+  row "$1" "$2" "SKIPPED: out of time" "" skip
+  log "$1: skipped, out of time"
+  return 1
+}
 
-ROWS=()
-FAILED=0
-for entry in "${SUITES_RUN[@]}"; do
-  kind=${entry%%:*}
-  s=${entry#*:}
-  exe=${EXE[$s]:-}
-  [[ -n "$exe" && -x "$exe" ]] || die "no test binary for suite $s"
-  filter=(--skip _gpu)
-  env_vars=()
+# Whether the test or bench binary is there; a failure row when not (the
+# other steps still run).
+has_binary() {
+  [[ -n "$3" && -x "$3" ]] && return 0
+  row "$1" "$2" "no binary ${3:-for it} (run --prepare again?)" "" FAIL
+  log "$1: no binary ${3:-for it}"
+  return 1
+}
+
+# run_suite KIND SUITE: KIND emu (tests but `_gpu`), build (all) or gpu (`_gpu`).
+run_suite() {
+  local kind=$1 s=$2 exe=${EXE[$2]:-} where filter=() env_vars=() threads=() limit
+  limit=$(left)
   case $kind in
-    emu) where="CPU emulator" ;;
-    build) where="build check" filter=() ;;
+    emu) where="emulator" filter=(--skip _gpu) ;;
+    build) where="build check" ;;
     gpu)
       where="GPU"
       filter=(_gpu)
-      if ((HAVE_GPU)); then env_vars=(TRM_REQUIRE_GPU=1); else where="GPU (none here: not run)"; fi
+      threads=(--test-threads=1) # a fault is sticky for the shared context
+      limit=$(min "$limit" "$SUITE_LIMIT_S")
+      if ((REQUIRE_GPU)); then env_vars=(TRM_REQUIRE_GPU=1); else where="GPU (none)"; fi
       ;;
   esac
-  budget=$(left)
-  ((budget > 10)) || die "out of time before suite $s"
+  have_time "$kind $s" "$where" || return 0
+  if ! has_binary "$kind $s" "$where" "$exe"; then return 0; fi
   log "running $s ($where)"
-  t0=$(date +%s%N)
-  status=0
-  timeout "$budget" env "${env_vars[@]}" "$exe" --test-threads=2 "${filter[@]}" >"$LOGS/$kind-$s.log" 2>&1 || status=$?
-  ms=$((($(date +%s%N) - t0) / 1000000))
-  summary=$(grep -E '^test result:' "$LOGS/$kind-$s.log" | tail -n 1 | sed -E 's/^test result: //; s/; finished in .*//')
+  local t0=$SECONDS status=0 logf="$LOGS/$kind-$s.log" summary
+  timeout -k 5 "$limit" env "${env_vars[@]}" "$exe" "${threads[@]}" "${filter[@]}" >"$logf" 2>&1 || status=$?
+  summary=$(grep -E '^test result:' "$logf" | tail -n 1 | sed -E 's/^test result: //; s/; 0 ignored; 0 measured//; s/; finished in .*//')
   if ((status != 0)); then
-    FAILED=1
-    ((status == 124)) && summary="timed out; $summary"
-    grep -E '^(test .* FAILED|---- |thread .* panicked)' "$LOGS/$kind-$s.log" | head -n 20 >&2 || true
+    ((status == 124 || status == 137)) && summary="timed out after $limit s; ${summary:-no result line}"
+    DETAILS+=("[$kind $s] (log $kind-$s.log, exit $status)")
+    mapfile -t -O "${#DETAILS[@]}" DETAILS < <(excerpt "$logf")
+    [[ -n "$summary" ]] || mapfile -t -O "${#DETAILS[@]}" DETAILS < <(tail -n 5 "$logf" | cut -c1-220)
+    excerpt "$logf" >&2
     log "$s ($where) FAILED"
+    row "$kind $s" "$where" "${summary:-no result line}" $((SECONDS - t0)) FAIL
+  else
+    row "$kind $s" "$where" "$summary" $((SECONDS - t0)) ok
   fi
-  ROWS+=("| $s | $where | ${summary:-no result line} | $((ms / 1000)).$((ms % 1000 / 100)) s |")
-done
+}
+
+for s in "${GPU_SUITES[@]}"; do run_suite gpu "$s"; done
+
+# --- compute-sanitizer ------------------------------------------------------------
+
+find_sanitizer() {
+  local c
+  if command -v compute-sanitizer >/dev/null 2>&1; then
+    command -v compute-sanitizer
+    return
+  fi
+  for c in /usr/local/cuda*/bin/compute-sanitizer /usr/local/cuda*/compute-sanitizer/compute-sanitizer \
+    /opt/nvidia/*/compute-sanitizer /opt/nvidia/*/bin/compute-sanitizer /opt/nvidia/*/*/compute-sanitizer \
+    /opt/torch/.venv/lib/python3*/site-packages/nvidia/*/bin/compute-sanitizer \
+    /opt/torch/.venv/lib/python3*/site-packages/nvidia/*/compute-sanitizer/compute-sanitizer; do
+    [[ -x "$c" ]] && echo "$c" && return
+  done
+  return 0
+}
+
+# Memory errors only: --report-api-errors no, as the error-path tests make
+# driver calls fail on purpose.
+run_memcheck() {
+  local s=$1 exe=${EXE[$1]:-} sanitizer limit
+  if ((REQUIRE_GPU == 0)); then
+    row "memcheck $s" "GPU (none)" "not run: no GPU" "" info
+    return
+  fi
+  sanitizer=$(find_sanitizer)
+  if [[ -z "$sanitizer" ]]; then
+    row "memcheck $s" "GPU" "not run: compute-sanitizer not found (PATH, /usr/local/cuda*, /opt/nvidia)" "" info
+    log "compute-sanitizer not found"
+    return
+  fi
+  have_time "memcheck $s" "GPU" || return 0
+  if ! has_binary "memcheck $s" "GPU" "$exe"; then return 0; fi
+  limit=$(min "$(left)" "$MEMCHECK_LIMIT_S")
+  log "running $s under $sanitizer --tool memcheck (at most $limit s)"
+  local t0=$SECONDS status=0 logf="$LOGS/memcheck-$s.log" errors result state=ok
+  timeout -k 5 "$limit" env TRM_REQUIRE_GPU=1 "$sanitizer" --tool memcheck --report-api-errors no \
+    --error-exitcode 86 --print-limit 30 \
+    "$exe" --test-threads=1 _gpu >"$logf" 2>&1 || status=$?
+  errors=$(sed -n 's/.*ERROR SUMMARY: \([0-9]*\) error.*/\1/p' "$logf" | tail -n 1)
+  # Reports seen before a timeout count too.
+  local reported
+  reported=$(grep -c -E '^========= (Invalid|Program hit|Uninitialized|Malloc|Leaked|Race|Error)' "$logf" || true)
+  if [[ -n "$errors" && "$errors" != 0 ]] || ((status == 86 || reported > 0)); then
+    result="errors found (${errors:-$reported})"
+    state=FAIL
+  elif ((status == 124 || status == 137)); then
+    result="timed out after $limit s, no error reported before ($(grep -c -E '^test .* ok$' "$logf" || true) tests done)"
+    state=warn
+  elif ((status != 0)); then
+    result="tests failed under memcheck (exit $status)"
+    state=FAIL
+  else
+    result="clean (${errors:-0} errors; $(grep -E '^test result:' "$logf" | tail -n 1 | sed -E 's/^test result: //; s/; finished in .*//'))"
+  fi
+  if [[ $state == FAIL ]]; then
+    DETAILS+=("[memcheck $s] (log memcheck-$s.log, exit $status)")
+    mapfile -t -O "${#DETAILS[@]}" DETAILS < <(grep -E -A3 '^========= (Invalid|Program hit|Uninitialized|Error)' "$logf" | cut -c1-220 | head -n 16 || true)
+    mapfile -t -O "${#DETAILS[@]}" DETAILS < <(excerpt "$logf")
+  fi
+  row "memcheck $s" "GPU" "$result" $((SECONDS - t0)) "$state"
+}
+
+for s in "${MEMCHECK_SUITES[@]}"; do run_memcheck "$s"; done
 
 # --- benchmarks ------------------------------------------------------------------
 
-BENCH_OUT=()
 for b in "${BENCHES[@]}"; do
   exe=${EXE[$b]:-}
-  [[ -n "$exe" && -x "$exe" ]] || die "no bench binary for $b"
-  budget=$(left)
-  ((budget > 10)) || die "out of time before bench $b"
+  where=GPU
+  ((REQUIRE_GPU)) || where="emulator (no GPU)"
+  have_time "bench $b" "$where" || continue
+  has_binary "bench $b" "$where" "$exe" || continue
   log "running bench $b"
+  t0=$SECONDS
   status=0
-  timeout "$budget" "$exe" >"$LOGS/bench-$b.log" 2>&1 || status=$?
+  timeout -k 5 "$(left)" "$exe" >"$LOGS/bench-$b.log" 2>&1 || status=$?
   cat "$LOGS/bench-$b.log"
-  if ((status != 0)); then
-    FAILED=1
-    log "bench $b FAILED (status $status)"
-  fi
   BENCH_OUT+=("### $b" "" '```' "$(cat "$LOGS/bench-$b.log")" '```' "")
+  if ((status != 0)); then
+    DETAILS+=("[bench $b] (log bench-$b.log, exit $status)")
+    mapfile -t -O "${#DETAILS[@]}" DETAILS < <(tail -n 6 "$LOGS/bench-$b.log" | cut -c1-220)
+    row "bench $b" "$where" "exit $status" $((SECONDS - t0)) FAIL
+  elif ((REQUIRE_GPU)) && grep -q 'GPU kernel benchmarks not run' "$LOGS/bench-$b.log"; then
+    DETAILS+=("[bench $b] $(head -n 1 "$LOGS/bench-$b.log" | cut -c1-220)")
+    row "bench $b" "$where" "no GPU: only the emulator pass ran" $((SECONDS - t0)) FAIL
+  else
+    row "bench $b" "$where" "$(wc -l <"$LOGS/bench-$b.log") lines (results)" $((SECONDS - t0)) ok
+  fi
 done
 
-# --- results file -------------------------------------------------------------
+# --- PyTorch attention baseline ------------------------------------------------------
 
-gpu=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -n 1 || true)
-cpu=$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2 | sed 's/^ //' || true)
-commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-if [[ -n "$(git status --porcelain 2>/dev/null | head -n 1)" ]]; then commit="$commit (with uncommitted changes)"; fi
-total=$(($(date +%s) - START))
-outcome="all suites passed"
-((FAILED == 0)) || outcome="FAILED"
+torch_python() {
+  local py
+  for py in /opt/torch/.venv/bin/python3 python3; do
+    command -v "$py" >/dev/null 2>&1 || continue
+    # find_spec: no torch import (seconds) just to learn it is there.
+    if timeout 20 "$py" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("torch") is None)' 2>/dev/null; then
+      command -v "$py"
+      return
+    fi
+  done
+  return 0
+}
 
-mkdir -p bench/results
-{
-  echo "# GPU check ($DATE)"
-  echo
-  echo "Command: \`tools/gpu-check.sh${1:+ $*}\` ($mode mode), $total s in all: $outcome."
-  echo
-  echo "- machine: $(uname -srm), ${cpu:-unknown CPU}, $(nproc) cores"
-  echo "- GPU: ${gpu:-none (the kernel suites ran on the CPU emulator)}"
-  echo "- nvcc: ${NVCC_VERSION:-unknown}"
-  echo "- commit: $commit"
-  echo
-  echo "## Test suites"
-  echo
-  echo "| suite | runs on | result | time |"
-  echo "| --- | --- | --- | --- |"
-  printf '%s\n' "${ROWS[@]}"
-  if ((HAVE_GPU == 0)); then
-    echo
-    echo "No GPU on this machine: the \`_gpu\` variants printed \"no CUDA device\" and"
-    echo "asserted nothing; only the emulator suites checked the kernels."
+run_torch_baseline() {
+  local py
+  if ((REQUIRE_GPU == 0)); then
+    row "torch attention" "GPU (none)" "not run: no GPU" "" info
+    return
   fi
-  echo
-  echo "## Kernel benchmarks"
-  echo
-  printf '%s\n' "${BENCH_OUT[@]}"
-  echo
-  echo "## ptxas resources (sm_90a)"
-  echo
-  echo "$SPILLS kernels with spills (the build fails on any)."
-  echo
-  echo "$PTXAS"
-} >"$RESULTS"
-log "wrote $RESULTS"
-if [[ -n "${OUT:-}" && -d "${OUT:-}" ]]; then
-  cp "$RESULTS" "$OUT/"
-  tar -czf "$OUT/gpu-check-logs.tar.gz" -C "$LOGS" . 2>/dev/null || true
-  log "copied the results and logs into \$OUT"
+  py=$(torch_python)
+  if [[ -z "$py" ]]; then
+    row "torch attention" "GPU" "not run: no python3 with torch" "" info
+    return
+  fi
+  have_time "torch attention" "GPU" || return 0
+  local limit t0=$SECONDS status=0
+  limit=$(min "$(left)" "$TORCH_LIMIT_S")
+  log "running the PyTorch attention baseline ($py, at most $limit s)"
+  # Torch loads its own CUDA libraries: the caller's loader path, not ours.
+  LD_LIBRARY_PATH=$ORIG_LD_LIBRARY_PATH timeout -k 5 "$limit" "$py" tools/bench_attention_torch.py \
+    --json "$LOGS/torch-attention.json" >"$LOGS/torch-attention.log" 2>&1 || status=$?
+  TORCH_TABLE=$(grep -v -E '^(Traceback|  File|    )' "$LOGS/torch-attention.log" | tail -n 30)
+  echo "$TORCH_TABLE"
+  if ((status != 0)); then
+    ((status == 124 || status == 137)) && TORCH_TABLE="timed out after $limit s"$'\n'"$TORCH_TABLE"
+    DETAILS+=("[torch attention] (log torch-attention.log, exit $status)")
+    mapfile -t -O "${#DETAILS[@]}" DETAILS < <(tail -n 6 "$LOGS/torch-attention.log" | cut -c1-220)
+    # A baseline, not our kernels: shown, but not a failure of the check.
+    row "torch attention" "GPU" "FAILED: exit $status (log torch-attention.log)" $((SECONDS - t0)) warn
+  else
+    local n
+    n=$(grep -c -E ' (fwd|fwd\+bwd) ' "$LOGS/torch-attention.log" || true)
+    if ((n > 0)); then
+      row "torch attention" "GPU" "$n timings (results)" $((SECONDS - t0)) ok
+    else
+      row "torch attention" "GPU" "no timings: $(tail -n 1 "$LOGS/torch-attention.log" | cut -c1-120)" $((SECONDS - t0)) warn
+    fi
+  fi
+}
+
+run_torch_baseline
+
+# --- emulator suites (cheap; last, as the device is for the GPU) ----------------
+
+for s in "${EMU_SUITES[@]}"; do run_suite emu "$s"; done
+if [[ $mode == local ]]; then
+  for s in "${BUILD_SUITES[@]}"; do run_suite build "$s"; done
 fi
-log "done in $total s: $outcome"
-exit "$FAILED"
+
+COMPLETE=1
+# finish (the EXIT trap) writes the results, copies them and prints the summary.

@@ -41,19 +41,17 @@ pub fn embedded_modules() -> Result<&'static [EmbeddedModule], CudaError> {
     Ok(generated::MODULES)
 }
 
-/// The module compiled from `kernels/<name>.cu`.
+/// The module compiled from `kernels/<name>.cu`; in test builds (feature
+/// `emu`) also the emulator's self-tests, `kernels/emu/tests/<name>.cu`, so
+/// a GPU runs the same self-test kernels as the emulator.
 pub fn module(name: &str) -> Result<&'static EmbeddedModule, CudaError> {
     let modules = embedded_modules()?;
-    modules
-        .iter()
+    let all = || modules.iter().chain(generated::TEST_MODULES);
+    all()
         .find(|m| m.name == name)
         .ok_or_else(|| CudaError::UnknownModule {
             name: name.to_string(),
-            available: modules
-                .iter()
-                .map(|m| m.name)
-                .collect::<Vec<_>>()
-                .join(", "),
+            available: all().map(|m| m.name).collect::<Vec<_>>().join(", "),
         })
 }
 
