@@ -42,10 +42,10 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # Test targets (tests/<name>.rs). EMU_SUITES run their tests except the `_gpu`
 # ones; GPU_SUITES only the `_gpu` ones (the same bodies on GPU 0), in this
 # order; MEMCHECK_SUITES' `_gpu` tests also run under compute-sanitizer.
-EMU_SUITES=(emu_harness kernel_ops cuda_runtime) # kernels on the CPU emulator
+EMU_SUITES=(emu_harness kernel_ops cuda_runtime attention) # kernels on the CPU emulator (not in --prebuilt: CI runs them)
 BUILD_SUITES=(kernels_build)                     # cubins and ptxas report (reads kernels/, so not in --prebuilt)
-GPU_SUITES=(emu_harness kernel_ops cuda_runtime) # arch.cuh self-tests first, then kernels, launchers, GEMMs
-MEMCHECK_SUITES=(kernel_ops)                     # compute-sanitizer memcheck
+GPU_SUITES=(emu_harness kernel_ops attention cuda_runtime) # arch.cuh self-tests first, then kernels, launchers, GEMMs
+MEMCHECK_SUITES=(kernel_ops attention)           # compute-sanitizer memcheck
 BENCHES=(kernels)                                # benches/<name>.rs, harness = false
 
 LIMIT_S=${GPU_CHECK_LIMIT_S:-470} # 8 minutes, less a margin for the report (the variable: to test skipping)
@@ -89,6 +89,8 @@ PTXAS=
 SPILLS=
 BENCH_OUT=()
 TORCH_TABLE=
+COMPARE_TABLE=
+SASS_TABLE=
 NVCC_VERSION=
 
 # Fields split by the unit separator: `read` would merge runs of tabs (empty fields).
@@ -176,6 +178,14 @@ write_results() {
     echo "${TORCH_TABLE:-(not run)}"
     echo '```'
     echo
+    echo "## Fused attention against the best SDPA backend (speed-up > 1: ours faster)"
+    echo
+    echo "${COMPARE_TABLE:-(not run)}"
+    echo
+    echo "## SASS of the attention kernels"
+    echo
+    echo "${SASS_TABLE:-(not run)}"
+    echo
     echo "## ptxas resources (sm_90a)"
     echo
     if [[ -n "$PTXAS" ]]; then
@@ -194,6 +204,7 @@ copy_out() {
   [[ -n "${OUT:-}" && -d "${OUT:-}" ]] || return 0
   cp "$RESULTS" "$OUT/"
   [[ ! -f "$LOGS/torch-attention.json" ]] || cp "$LOGS/torch-attention.json" "$OUT/"
+  [[ ! -f "$LOGS/attention.json" ]] || cp "$LOGS/attention.json" "$OUT/"
   tar -czf "$OUT/gpu-check-logs.tar.gz" -C "$LOGS" . 2>/dev/null || true
   if (($(stat -c %s "$OUT/gpu-check-logs.tar.gz" 2>/dev/null || echo 0) > 15 * 1024 * 1024)); then
     # Too big to come back: the last 2 MB of each log instead.
@@ -444,6 +455,9 @@ case $mode in
       strip --strip-debug "$dir/bin/$s" 2>/dev/null || true
     done
     cp "$REPORT" "$dir/ptxas_report.tsv"
+    # The cubins, for the SASS check on the device (cuobjdump is there, not here).
+    mkdir -p "$dir/cubin"
+    cp "$(dirname "$REPORT")"/kernels/*.cubin "$dir/cubin/" 2>/dev/null || true
     printf '%s\n%s\n' "$NVCC_VERSION" "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" >"$dir/manifest"
     log "prepared $dir ($(du -sh "$dir" | cut -f1)); on the device: tools/gpu-check.sh --prebuilt $dir"
     exit 0
@@ -607,7 +621,6 @@ run_memcheck() {
   row "memcheck $s" "GPU" "$result" $((SECONDS - t0)) "$state"
 }
 
-for s in "${MEMCHECK_SUITES[@]}"; do run_memcheck "$s"; done
 
 # --- benchmarks ------------------------------------------------------------------
 
@@ -620,7 +633,7 @@ for b in "${BENCHES[@]}"; do
   log "running bench $b"
   t0=$SECONDS
   status=0
-  timeout -k 5 "$(left)" "$exe" >"$LOGS/bench-$b.log" 2>&1 || status=$?
+  TRM_BENCH_ATTENTION_JSON="$LOGS/attention.json" timeout -k 5 "$(left)" "$exe" >"$LOGS/bench-$b.log" 2>&1 || status=$?
   cat "$LOGS/bench-$b.log"
   BENCH_OUT+=("### $b" "" '```' "$(cat "$LOGS/bench-$b.log")" '```' "")
   if ((status != 0)); then
@@ -689,9 +702,70 @@ run_torch_baseline() {
 
 run_torch_baseline
 
-# --- emulator suites (cheap; last, as the device is for the GPU) ----------------
+# --- our attention over PyTorch's --------------------------------------------------
 
-for s in "${EMU_SUITES[@]}"; do run_suite emu "$s"; done
+# Our fused kernels (bench rows) against the best SDPA backend at each shape and
+# pass; > 1 means ours is faster.
+compare_attention() {
+  [[ -f "$LOGS/attention.json" && -f "$LOGS/torch-attention.json" ]] || return 0
+  COMPARE_TABLE=$(python3 - "$LOGS/attention.json" "$LOGS/torch-attention.json" <<'PY' 2>&1 || true
+import json, sys
+ours = json.load(open(sys.argv[1]))
+theirs = json.load(open(sys.argv[2]))
+rows = theirs.get("results", theirs) if isinstance(theirs, dict) else theirs
+def key_of(r):
+    shape = f"B{r.get('B')} H{r.get('H')} S{r.get('S')} d{r.get('d')}"
+    return shape, {"fwd": "forward", "fwd+bwd": "forward+backward"}.get(r.get("pass"), r.get("pass"))
+best = {}
+for r in rows:
+    if not isinstance(r, dict) or r.get("ms") is None:
+        continue
+    k = key_of(r)
+    if k not in best or r["ms"] < best[k]["ms"]:
+        best[k] = r
+print("| shape | pass | ours (ms) | ours TFLOP/s | best SDPA | SDPA (ms) | speed-up |")
+print("| --- | --- | ---: | ---: | --- | ---: | ---: |")
+for o in ours:
+    t = best.get((o["shape"], o["pass"]))
+    if t is None:
+        print(f"| {o['shape']} | {o['pass']} | {o['ms']:.3f} | {o['tflops']:.0f} | - | - | - |")
+    else:
+        print(f"| {o['shape']} | {o['pass']} | {o['ms']:.3f} | {o['tflops']:.0f} | {t.get('backend', '?')} | {t['ms']:.3f} | {t['ms'] / o['ms']:.2f}x |")
+PY
+  )
+  echo "$COMPARE_TABLE"
+  row "attention vs SDPA" "GPU" "$(echo "$COMPARE_TABLE" | grep -c 'x |$' || true) comparisons (results)" "" info
+}
+compare_attention
+
+for s in "${MEMCHECK_SUITES[@]}"; do run_memcheck "$s"; done
+
+# --- SASS of the attention kernels (matrix instructions, shared loads) --------------
+
+sass_check() {
+  local cubin=${dir:+$dir/cubin/attention.cubin} tool
+  [[ -n "$cubin" && -f "$cubin" ]] || return 0
+  tool=$(command -v cuobjdump || true)
+  if [[ -z "$tool" ]]; then
+    for tool in /usr/local/cuda*/bin/cuobjdump ""; do [[ -x "$tool" ]] && break; done
+  fi
+  [[ -n "$tool" ]] || return 0
+  "$tool" --dump-sass "$cubin" >"$LOGS/attention.sass" 2>&1 || return 0
+  SASS_TABLE=$(awk '/Function :/ { f = $3 } /HMMA/ { h[f]++ } /LDSM/ { l[f]++ } /LDGSTS/ { g[f]++ } /LDL|STL/ { s[f]++ }
+    END { print "| kernel | HMMA | LDSM | LDGSTS | local ld/st |"; print "| --- | ---: | ---: | ---: | ---: |"
+          for (k in h) printf "| %s | %d | %d | %d | %d |\n", k, h[k], l[k], g[k], s[k] }' "$LOGS/attention.sass")
+  echo "$SASS_TABLE"
+  row "attention SASS" "cuobjdump" "$(echo "$SASS_TABLE" | tail -n +3 | wc -l) kernels (results)" "" info
+}
+sass_check
+
+# --- emulator suites (here only: the device is for the GPU, CI runs them) ---------
+
+if [[ $mode == prebuilt ]]; then
+  row "emulator suites" "" "not run on the device (CI runs them)" "" info
+else
+  for s in "${EMU_SUITES[@]}"; do run_suite emu "$s"; done
+fi
 if [[ $mode == local ]]; then
   for s in "${BUILD_SUITES[@]}"; do run_suite build "$s"; done
 fi
