@@ -118,13 +118,17 @@ impl<T: Elem> fmt::Debug for Buffer<T> {
 }
 
 impl<T: Elem> Drop for Buffer<T> {
+    // Without the emulator, every buffer is device memory.
+    #[allow(irrefutable_let_patterns)]
     fn drop(&mut self) {
         // cudarc frees device memory (cuMemFreeAsync on the allocating
         // stream) without making its context current; a buffer dropped on a
         // thread that never used this device would fail that call.
         if let Mem::Gpu { slice, .. } = &self.mem {
-            let ctx = slice.context();
-            ctx.record_err(ctx.bind_to_thread());
+            // Directly: cudarc's bind would first hand back (and so skip
+            // binding on) an error recorded by an earlier drop.
+            // SAFETY: the context outlives its buffers (it is never released).
+            let _ = unsafe { cudarc::driver::result::ctx::set_current(slice.context().cu_ctx()) };
         }
     }
 }

@@ -99,27 +99,41 @@ pub fn device_count() -> Result<usize, CudaError> {
 /// library is checked before the first call into it.
 pub fn probe() -> Result<Vec<DeviceInfo>, CudaError> {
     let count = device_count()?;
-    (0..count)
-        .map(|ordinal| DeviceState::get(ordinal).map(|d| d.info.clone()))
-        .collect()
+    (0..count).map(info).collect()
 }
 
-fn info(ctx: &Arc<CudaContext>) -> Result<DeviceInfo, CudaError> {
-    use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT;
-    let ordinal = ctx.ordinal();
+/// What the driver says about device `ordinal`, from device queries alone:
+/// no context is made, so probing every GPU of a node does not leave a
+/// context (hundreds of MiB) on each.
+fn info(ordinal: usize) -> Result<DeviceInfo, CudaError> {
+    use cudarc::driver::sys::CUdevice_attribute as A;
     let op = |what: &str| format!("{what} of device {ordinal}");
+    let dev =
+        result::device::get(ordinal as i32).map_err(|e| CudaError::driver(op("handle"), e))?;
+    let attribute = |a: A, what: &str| {
+        // SAFETY: `dev` is a device handle from the driver.
+        unsafe { result::device::get_attribute(dev, a) }.map_err(|e| CudaError::driver(op(what), e))
+    };
     Ok(DeviceInfo {
         ordinal,
-        name: ctx.name().map_err(|e| CudaError::driver(op("name"), e))?,
-        capability: ctx
-            .compute_capability()
-            .map_err(|e| CudaError::driver(op("compute capability"), e))?,
-        total_memory: ctx
-            .total_mem()
+        name: result::device::get_name(dev).map_err(|e| CudaError::driver(op("name"), e))?,
+        capability: (
+            attribute(
+                A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+                "compute capability",
+            )?,
+            attribute(
+                A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
+                "compute capability",
+            )?,
+        ),
+        // SAFETY: as above.
+        total_memory: unsafe { result::device::total_mem(dev) }
             .map_err(|e| CudaError::driver(op("memory size"), e))?,
-        multiprocessors: ctx
-            .attribute(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            .map_err(|e| CudaError::driver(op("multiprocessor count"), e))?,
+        multiprocessors: attribute(
+            A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            "multiprocessor count",
+        )?,
     })
 }
 
@@ -218,7 +232,7 @@ impl DeviceState {
         // is used on its one stream (module docs), so the per-buffer events
         // cudarc would record are not needed.
         unsafe { ctx.disable_event_tracking() };
-        let info = info(&ctx)?;
+        let info = info(ordinal)?;
         let optin = ctx
             .attribute(
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
@@ -395,6 +409,13 @@ impl Gpu {
 
     /// A zeroed buffer of `len` elements.
     pub fn zeros<T: Elem>(&self, len: usize) -> Result<Buffer<T>, CudaError> {
+        // cudarc multiplies without a check (a panic in debug builds).
+        if len.checked_mul(std::mem::size_of::<T>()).is_none() {
+            return Err(CudaError::Shape(format!(
+                "{len} {} elements overflow the address space",
+                T::NAME
+            )));
+        }
         // At least one element: every buffer then has a real address.
         let slice = self
             .stream
