@@ -616,3 +616,302 @@ fn gemm_layouts(dev: &Dev) {
     }
 }
 on_both!(gemm_layouts_emu, gemm_layouts_gpu, gemm_layouts);
+
+/// An empty sum (K = 0) zeroes only the output's view (the buffer may be
+/// longer), or leaves it when accumulating.
+fn gemm_empty_sum(dev: &Dev) {
+    let d = dev.device();
+    let (m, n) = (3usize, 4usize);
+    let empty = dev.zeros::<bf16>(0);
+    let full = dev.upload(&[bf16::ONE; 12]);
+    let tail = 5;
+    for accumulate in [false, true] {
+        let want = |len: usize| -> Vec<f32> {
+            (0..len + tail)
+                .map(|i| if i < len && !accumulate { 0.0 } else { 7.0 })
+                .collect()
+        };
+        // y [M, N] = x [M, 0] W [N, 0]^T
+        let y = dev.upload(&vec![7.0f32; m * n + tail]);
+        dev.ok(
+            "linear_forward, K = 0",
+            gemm::linear_forward(d, GemmOut::F32(&y), &empty, &empty, m, 0, n, accumulate),
+        );
+        assert_eq!(
+            dev.download(&y),
+            want(m * n),
+            "forward, accumulate {accumulate}"
+        );
+        // dx [M, K] = dy [M, 0] W [0, K]
+        let dx = dev.upload(&to_bf16(&vec![7.0f32; m * n + tail]));
+        dev.ok(
+            "linear_backward_input, N = 0",
+            gemm::linear_backward_input(d, GemmOut::Bf16(&dx), &empty, &empty, m, n, 0, accumulate),
+        );
+        assert_eq!(
+            to_f32(&dev.download(&dx)),
+            want(m * n),
+            "input, accumulate {accumulate}"
+        );
+        // dW [N, K] = dy [0, N]^T x [0, K]
+        let dw = dev.upload(&vec![7.0f32; m * n + tail]);
+        dev.ok(
+            "linear_backward_weight, M = 0",
+            gemm::linear_backward_weight(d, GemmOut::F32(&dw), &empty, &full, 0, n, m, accumulate),
+        );
+        assert_eq!(
+            dev.download(&dw),
+            want(m * n),
+            "weight, accumulate {accumulate}"
+        );
+    }
+}
+on_both!(gemm_empty_sum_emu, gemm_empty_sum_gpu, gemm_empty_sum);
+
+/// The same GEMM shape reuses one cached cuBLASLt plan (GPU), and repeated
+/// calls keep giving the right product.
+fn gemm_plan_cache(dev: &Dev) {
+    let d = dev.device();
+    let mut r = rng(19);
+    // A shape no other test uses, so the count is this test's alone.
+    let (m, k, n) = (11usize, 24usize, 13usize);
+    let x = bf16_values(&mut r, m * k, 1.0);
+    let w = bf16_values(&mut r, n * k, 1.0);
+    let (xb, wb) = (dev.upload(&to_bf16(&x)), dev.upload(&to_bf16(&w)));
+    let (want, abs) = product(
+        m,
+        n,
+        k,
+        |i, kk| x[i * k + kk] as f64,
+        |kk, j| w[j * k + kk] as f64,
+    );
+    let y = dev.zeros::<f32>(m * n);
+    for round in 0..20 {
+        dev.ok(
+            "linear_forward",
+            gemm::linear_forward(d, GemmOut::F32(&y), &xb, &wb, m, k, n, false),
+        );
+        assert_gemm(
+            &format!("round {round}"),
+            &dev.download(&y),
+            &want,
+            &abs,
+            false,
+        );
+    }
+    // Column-major, linear_forward is [N, K] x [K, M].
+    let plans = gemm::cached_plans(d, (n, m, k));
+    match d {
+        Device::Gpu(_) => assert_eq!(plans, 1, "one plan for 20 identical GEMMs"),
+        _ => assert_eq!(plans, 0),
+    }
+}
+on_both!(gemm_plan_cache_emu, gemm_plan_cache_gpu, gemm_plan_cache);
+
+// ---------------------------------------------------------------------------
+// shared memory
+
+/// Above 48 KiB of dynamic shared memory a launch needs the function's
+/// opt-in, which the launch path makes; past the device's maximum (static
+/// plus dynamic) it is a typed error before anything runs.
+fn shared_memory_opt_in(dev: &Dev) {
+    use trm::backend::cuda::abi::{
+        InputEmbeddingBackwardArgs, LaunchConfig, INPUT_EMBEDDING_BACKWARD_BF16,
+    };
+    let d = dev.device();
+    let mut r = rng(20);
+    // The embedding backward sums rows in V * D floats of dynamic shared
+    // memory: 16 * 1600 * 4 = 100 KiB here (its launcher stays under 48 KiB).
+    let (b, t, p, w, v) = (2usize, 40usize, 1usize, 1600usize, 16usize);
+    let rows = p + t;
+    let tokens: Vec<i32> = (0..b * t).map(|_| r.gen_range(0..v as i32)).collect();
+    let dx = bf16_values(&mut r, b * rows * w, 1.0);
+    let scale = 2.0f32;
+    let mut want = vec![0.0f32; v * w];
+    for bi in 0..b {
+        let base = (bi * rows + p) * w;
+        embedding::embedding_backward(
+            &mut want,
+            &dx[base..base + t * w],
+            &tokens[bi * t..(bi + 1) * t],
+            w,
+            scale,
+        );
+    }
+    let (dxb, tokb) = (dev.upload(&to_bf16(&dx)), dev.upload(&tokens));
+    let dembed = dev.zeros::<f32>(v * w);
+    let args = InputEmbeddingBackwardArgs {
+        dembed: dembed.ptr(),
+        dpuzzle: std::ptr::null_mut(),
+        dx: dxb.cptr(),
+        tokens: tokb.cptr(),
+        scale,
+        B: b as i32,
+        T: t as i32,
+        P: p as i32,
+        D: w as i32,
+        V: v as i32,
+        ndim: 0,
+        shared_accumulate: 1,
+    };
+    let shared = (v * w * 4) as u32;
+    assert!(shared > 48 * 1024);
+    dev.run(
+        INPUT_EMBEDDING_BACKWARD_BF16,
+        LaunchConfig::linear(2, 256, shared),
+        &args,
+    );
+    assert_close(
+        "dembed, 100 KiB of shared memory",
+        &dev.download(&dembed),
+        &want,
+        1e-5,
+        1e-6,
+    );
+
+    // Over the maximum: refused with the sizes, on both targets.
+    let max = d.max_shared_per_block();
+    assert_eq!(max, 227 * 1024, "sm_90's opt-in maximum");
+    let over = LaunchConfig::linear(2, 256, max + 1);
+    // SAFETY: refused before anything runs (checked below).
+    let e = unsafe { d.launch(INPUT_EMBEDDING_BACKWARD_BF16, &over, &args) }.unwrap_err();
+    match &e {
+        CudaError::SharedMemory {
+            dynamic_bytes,
+            max: m,
+            ..
+        } => assert_eq!((*dynamic_bytes, *m), (max + 1, max), "{e}"),
+        other => panic!("expected SharedMemory, got {other:?}"),
+    }
+    assert!(
+        e.to_string().contains("input_embedding_backward_bf16"),
+        "{e}"
+    );
+    // Static memory counts too: stablemax_ce_forward has block_sum's
+    // partials, so the whole maximum as dynamic memory is too much.
+    let stat = trm::backend::cuda::ptxas_report()
+        .unwrap()
+        .into_iter()
+        .find(|k| k.kernel == "stablemax_ce_forward_bf16")
+        .map(|k| k.shared_bytes)
+        .unwrap();
+    assert!(
+        stat > 0,
+        "stablemax_ce_forward_bf16 has static shared memory"
+    );
+    let logits = dev.zeros::<bf16>(16);
+    // SAFETY: a C struct of pointers and integers, for which zero is null and 0.
+    let zeroed: trm::backend::cuda::abi::StablemaxCeForwardArgs = unsafe { std::mem::zeroed() };
+    let ce = trm::backend::cuda::abi::StablemaxCeForwardArgs {
+        logits: logits.cptr(),
+        ..zeroed
+    };
+    for (dynamic, ok) in [(max, false), (max - stat, true)] {
+        let cfg = LaunchConfig::linear(1, 32, dynamic);
+        // SAFETY: rejected launches run nothing; the accepted one gets B = 0
+        // rows (zeroed arguments), so it reads and writes nothing.
+        let got = unsafe {
+            d.launch(
+                trm::backend::cuda::abi::STABLEMAX_CE_FORWARD_BF16,
+                &cfg,
+                &ce,
+            )
+        }
+        .and_then(|()| d.synchronize());
+        match (got, ok) {
+            (Ok(()), true) => {}
+            (Err(CudaError::SharedMemory { static_bytes, .. }), false) => {
+                assert_eq!(static_bytes, stat)
+            }
+            (got, _) => panic!("{dynamic} dynamic + {stat} static bytes: got {got:?}"),
+        }
+    }
+}
+on_both!(
+    shared_memory_opt_in_emu,
+    shared_memory_opt_in_gpu,
+    shared_memory_opt_in
+);
+
+// ---------------------------------------------------------------------------
+// devices, contexts and buffers
+
+/// Every handle of GPU 0 shares one context, from any thread; a buffer of
+/// one handle (or of the emulator) is refused by another with a typed error.
+#[test]
+fn gpu_handles_share_one_context() {
+    let Some(first) = Dev::gpu() else {
+        return;
+    };
+    let Device::Gpu(g0) = first.device() else {
+        unreachable!()
+    };
+    let threads: Vec<_> = (0..4)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let dev = Dev::gpu().expect("GPU 0 seen by the first handle");
+                let d = dev.device();
+                let x = dev.upload(&vec![i as f32; 1000]);
+                let y = dev.zeros::<bf16>(1000);
+                dev.ok("cast", ops::cast_f32_to_bf16(d, &y, &x));
+                let w = dev.upload(&[bf16::ONE; 8 * 4]);
+                let out = dev.zeros::<f32>(4 * 4);
+                dev.ok(
+                    "gemm",
+                    gemm::linear_forward(d, GemmOut::F32(&out), &w, &w, 4, 8, 4, false),
+                );
+                assert!(dev.download(&out).iter().all(|&v| v == 8.0));
+                assert!(dev.download(&y).iter().all(|&v| v.to_f32() == i as f32));
+                dev
+            })
+        })
+        .map(|h| h.join().expect("thread"))
+        .collect();
+    for dev in &threads {
+        let Device::Gpu(g) = dev.device() else {
+            unreachable!()
+        };
+        assert!(g0.shares_context_with(g));
+    }
+
+    // A buffer of another handle, or of the emulator, is refused.
+    let other = &threads[0];
+    let d0 = first.device();
+    let theirs = other.upload(&[1.0f32; 16]);
+    let mine = first.zeros::<bf16>(16);
+    let wrong = |r: Result<(), CudaError>| {
+        assert!(matches!(r, Err(CudaError::WrongDevice(_))), "{r:?}");
+    };
+    wrong(ops::cast_f32_to_bf16(d0, &mine, &theirs));
+    wrong(d0.download(&theirs).map(drop));
+    wrong(d0.write(&theirs, &[0.0]));
+    wrong(d0.zero(&theirs));
+    let emu = Device::Emu;
+    let host = emu.upload(&[bf16::ONE; 16]).unwrap();
+    wrong(ops::cast_bf16_to_f32(d0, &first.zeros::<f32>(16), &host));
+    wrong(gemm::linear_forward(
+        d0,
+        GemmOut::Bf16(&mine),
+        &host,
+        &mine,
+        4,
+        4,
+        4,
+        false,
+    ));
+    wrong(ops::cast_f32_to_bf16(&emu, &host, &theirs));
+    wrong(emu.download(&theirs).map(drop));
+    wrong(gemm::linear_forward(
+        &emu,
+        GemmOut::Bf16(&host),
+        &mine,
+        &host,
+        4,
+        4,
+        4,
+        false,
+    ));
+    // Streams of the same context are fine for events.
+    let s = other.device().as_gpu().unwrap().new_stream().unwrap();
+    g0.record_event(Some(&s)).unwrap();
+}

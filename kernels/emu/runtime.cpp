@@ -639,9 +639,11 @@ int launch(const char* kernel, KernelBody body, const void* args, const TrmEmuLa
                  cfg->grid_y, cfg->grid_z);
         return report(TRM_EMU_ERR_CONFIG, buf);
     }
-    if (cfg->shared_bytes > kMaxSharedPerBlock) {
-        snprintf(buf, sizeof buf, "%u bytes of dynamic shared memory, more than the %u of an sm_90 block",
-                 cfg->shared_bytes, kMaxSharedPerBlock);
+    // As on the GPU, the limit is on static plus dynamic shared memory.
+    if ((uint64_t)cfg->shared_bytes + cfg->static_shared_bytes > kMaxSharedPerBlock) {
+        snprintf(buf, sizeof buf,
+                 "%u bytes of dynamic plus %u of static shared memory, more than the %u of an sm_90 block",
+                 cfg->shared_bytes, cfg->static_shared_bytes, kMaxSharedPerBlock);
         return report(TRM_EMU_ERR_CONFIG, buf);
     }
 

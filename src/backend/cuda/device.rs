@@ -7,7 +7,7 @@
 use super::abi::{Kernel, KernelArgs, LaunchConfig};
 #[cfg(feature = "emu")]
 use super::memory::Mem;
-use super::memory::{Buffer, Elem};
+use super::memory::{Buffer, Elem, OnDevice, Owner};
 use super::runtime::Gpu;
 use super::CudaError;
 
@@ -49,10 +49,50 @@ impl Device {
         }
     }
 
+    /// The owner tag of this device's buffers.
+    pub fn owner(&self) -> Owner {
+        match self {
+            Device::Gpu(g) => g.owner(),
+            #[cfg(feature = "emu")]
+            Device::Emu => Owner::Emu,
+        }
+    }
+
+    /// Refuses any of `bufs` that belongs to another device (another GPU
+    /// handle, or GPU memory on the emulator and the reverse), before its
+    /// address reaches a kernel; `what` names the operation.
+    pub fn check_buffers(&self, what: &str, bufs: &[&dyn OnDevice]) -> Result<(), CudaError> {
+        let own = self.owner();
+        for b in bufs {
+            if let Some(o) = b.owner() {
+                if o != own {
+                    return Err(CudaError::WrongDevice(format!(
+                        "{what}: {} used with {own}; a buffer may only be used \
+                         with the device handle that made it",
+                        b.describe()
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Device::check_buffers`] for one buffer, then [`Buffer::check_len`].
+    pub fn check<T: Elem>(
+        &self,
+        buf: &Buffer<T>,
+        what: &str,
+        need: usize,
+    ) -> Result<(), CudaError> {
+        self.check_buffers(what, &[buf])?;
+        buf.check_len(what, need)
+    }
+
     // The cell of an emulator buffer hands out the host memory kernels write.
     #[cfg(feature = "emu")]
     #[allow(clippy::mut_from_ref)]
-    fn host_of<T: Elem>(buf: &Buffer<T>) -> Result<&mut Vec<T>, CudaError> {
+    fn host_of<'b, T: Elem>(&self, buf: &'b Buffer<T>) -> Result<&'b mut Vec<T>, CudaError> {
+        self.check_buffers("emulator copy", &[buf])?;
         // SAFETY: emulated launches are synchronous, so no kernel runs while
         // the caller holds this view; the view ends with the calling method.
         unsafe { buf.host() }
@@ -67,6 +107,7 @@ impl Device {
             Device::Emu => Ok(Buffer {
                 len,
                 mem: Mem::Host(std::cell::UnsafeCell::new(vec![T::default(); len])),
+                owner: Owner::Emu,
             }),
         }
     }
@@ -79,6 +120,7 @@ impl Device {
             Device::Emu => Ok(Buffer {
                 len: host.len(),
                 mem: Mem::Host(std::cell::UnsafeCell::new(host.to_vec())),
+                owner: Owner::Emu,
             }),
         }
     }
@@ -90,7 +132,7 @@ impl Device {
             #[cfg(feature = "emu")]
             Device::Emu => {
                 buf.check_len("write", src.len())?;
-                Self::host_of(buf)?[..src.len()].copy_from_slice(src);
+                self.host_of(buf)?[..src.len()].copy_from_slice(src);
                 Ok(())
             }
         }
@@ -101,7 +143,7 @@ impl Device {
         match self {
             Device::Gpu(g) => g.download(buf),
             #[cfg(feature = "emu")]
-            Device::Emu => Ok(Self::host_of(buf)?.clone()),
+            Device::Emu => Ok(self.host_of(buf)?.clone()),
         }
     }
 
@@ -111,7 +153,7 @@ impl Device {
             Device::Gpu(g) => g.zero(buf),
             #[cfg(feature = "emu")]
             Device::Emu => {
-                Self::host_of(buf)?.fill(T::default());
+                self.host_of(buf)?.fill(T::default());
                 Ok(())
             }
         }
@@ -128,6 +170,8 @@ impl Device {
     }
 
     /// Launches `kernel`: on the GPU's stream, or synchronously on the emulator.
+    /// Static plus dynamic shared memory over the device's per-block maximum
+    /// is a [`CudaError::SharedMemory`] on both targets.
     ///
     /// # Safety
     /// Every pointer in `args` must come from a live buffer of this device
@@ -144,8 +188,27 @@ impl Device {
             // SAFETY: forwarded from the caller.
             Device::Gpu(g) => unsafe { g.launch(kernel, cfg, args) },
             #[cfg(feature = "emu")]
-            // SAFETY: forwarded from the caller (host pointers on the emulator).
-            Device::Emu => unsafe { super::emu::launch(kernel, cfg, args) }.map_err(Into::into),
+            Device::Emu => {
+                // The GPU's rule, with the static size ptxas reported.
+                super::runtime::check_shared_memory(
+                    kernel.name(),
+                    super::emu::static_shared_bytes(kernel.name()),
+                    cfg.shared_bytes,
+                    super::emu::MAX_SHARED_PER_BLOCK,
+                )?;
+                // SAFETY: forwarded from the caller (host pointers on the emulator).
+                unsafe { super::emu::launch(kernel, cfg, args) }.map_err(Into::into)
+            }
+        }
+    }
+
+    /// Shared memory (static plus dynamic) one block may use, with the
+    /// opt-in that [`Device::launch`] makes when a launch needs it.
+    pub fn max_shared_per_block(&self) -> u32 {
+        match self {
+            Device::Gpu(g) => g.max_shared_per_block(),
+            #[cfg(feature = "emu")]
+            Device::Emu => super::emu::MAX_SHARED_PER_BLOCK,
         }
     }
 
@@ -157,5 +220,149 @@ impl Device {
             #[cfg(feature = "emu")]
             Device::Emu => 132,
         }
+    }
+}
+
+#[cfg(all(test, feature = "emu"))]
+mod tests {
+    use half::bf16;
+
+    use super::*;
+    use crate::backend::cuda::runtime::check_shared_memory;
+    use crate::backend::cuda::{gemm, ops, GemmOut};
+
+    /// An emulator buffer that claims to belong to a GPU handle: what a GPU
+    /// buffer looks like to the emulator, without a GPU.
+    fn foreign<T: Elem>(dev: &Device, len: usize) -> Buffer<T> {
+        let mut b = dev.zeros::<T>(len).unwrap();
+        b.owner = Owner::Gpu {
+            ordinal: 0,
+            handle: u64::MAX,
+        };
+        b
+    }
+
+    fn assert_wrong<T: std::fmt::Debug>(r: Result<T, CudaError>) {
+        match r {
+            Err(CudaError::WrongDevice(m)) => {
+                assert!(m.contains("GPU 0 (handle"), "{m}");
+                assert!(m.contains("the emulator"), "{m}");
+            }
+            other => panic!("expected WrongDevice, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn emulator_refuses_buffers_of_other_devices() {
+        let dev = Device::Emu;
+        let x = dev.upload(&[bf16::ONE; 16]).unwrap();
+        let y = dev.zeros::<f32>(16).unwrap();
+        let fx = foreign::<bf16>(&dev, 16);
+        let fy = foreign::<f32>(&dev, 16);
+        // Launchers, in every position (output, input, optional input).
+        assert_wrong(ops::cast_bf16_to_f32(&dev, &fy, &x));
+        assert_wrong(ops::cast_bf16_to_f32(&dev, &y, &fx));
+        assert_wrong(ops::fill_f32(&dev, &fy, 1.0));
+        let rstd = dev.zeros::<f32>(1).unwrap();
+        assert_wrong(ops::rmsnorm_forward(
+            &dev,
+            &x,
+            &rstd,
+            &x,
+            Some(&fx),
+            1,
+            16,
+            1e-5,
+        ));
+        // GEMMs: output and both operands, including the empty-sum path.
+        assert_wrong(gemm::linear_forward(
+            &dev,
+            GemmOut::F32(&fy),
+            &x,
+            &x,
+            4,
+            4,
+            4,
+            false,
+        ));
+        assert_wrong(gemm::linear_forward(
+            &dev,
+            GemmOut::F32(&y),
+            &fx,
+            &x,
+            4,
+            4,
+            4,
+            false,
+        ));
+        assert_wrong(gemm::linear_backward_weight(
+            &dev,
+            GemmOut::Bf16(&x),
+            &x,
+            &fx,
+            4,
+            4,
+            4,
+            false,
+        ));
+        assert_wrong(gemm::linear_forward(
+            &dev,
+            GemmOut::F32(&fy),
+            &x,
+            &x,
+            4,
+            0,
+            4,
+            false,
+        ));
+        // Copies.
+        assert_wrong(dev.download(&fy));
+        assert_wrong(dev.write(&fy, &[1.0]));
+        assert_wrong(dev.zero(&fy));
+        // The device's own buffers still work.
+        ops::cast_bf16_to_f32(&dev, &y, &x).unwrap();
+        assert!(dev.download(&y).unwrap().iter().all(|&v| v == 1.0));
+    }
+
+    #[test]
+    fn shared_memory_rule() {
+        let max = 227 * 1024;
+        // Up to 48 KiB in all: no opt-in.
+        assert_eq!(check_shared_memory("k", 0, 48 * 1024, max).unwrap(), None);
+        assert_eq!(
+            check_shared_memory("k", 1024, 47 * 1024, max).unwrap(),
+            None
+        );
+        // Static plus dynamic over 48 KiB: opt in to the dynamic bytes,
+        // even when the dynamic part alone is under 48 KiB.
+        assert_eq!(
+            check_shared_memory("k", 4096, 46 * 1024, max).unwrap(),
+            Some(46 * 1024)
+        );
+        assert_eq!(
+            check_shared_memory("k", 0, 100 * 1024, max).unwrap(),
+            Some(100 * 1024)
+        );
+        assert_eq!(check_shared_memory("k", 0, max, max).unwrap(), Some(max));
+        // Over the maximum, counting static memory: a typed error.
+        for (stat, dynamic) in [(0, max + 1), (16, max), (u32::MAX, u32::MAX)] {
+            match check_shared_memory("k", stat, dynamic, max) {
+                Err(CudaError::SharedMemory {
+                    static_bytes,
+                    dynamic_bytes,
+                    ..
+                }) => assert_eq!((static_bytes, dynamic_bytes), (stat, dynamic)),
+                other => panic!("{stat} + {dynamic}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn gemm_alignment_classes() {
+        assert_eq!(gemm::alignment(0), 256);
+        assert_eq!(gemm::alignment(0x7f00_0000_0000), 256);
+        assert_eq!(gemm::alignment(0x7f00_0000_0080), 128);
+        assert_eq!(gemm::alignment(0x7f00_0000_0010), 16);
+        assert_eq!(gemm::alignment(0x7f00_0000_0002), 2);
     }
 }

@@ -41,6 +41,25 @@ pub enum EmuError {
     Host { kernel: String, message: String },
 }
 
+/// Shared memory one block may use (static plus dynamic): the opt-in
+/// maximum of sm_90, as `kMaxSharedPerBlock` in `kernels/emu/runtime.cpp`.
+pub const MAX_SHARED_PER_BLOCK: u32 = 227 * 1024;
+
+/// The kernel's static shared memory as ptxas reported it for the GPU build
+/// (0 for a kernel not in the report, or a build without nvcc), so the
+/// emulator applies the GPU's static + dynamic limit.
+pub fn static_shared_bytes(kernel: &str) -> u32 {
+    use std::collections::HashMap;
+    use std::sync::OnceLock;
+    static TABLE: OnceLock<HashMap<String, u32>> = OnceLock::new();
+    let table = TABLE.get_or_init(|| {
+        super::ptxas_report()
+            .map(|r| r.into_iter().map(|k| (k.kernel, k.shared_bytes)).collect())
+            .unwrap_or_default()
+    });
+    table.get(kernel).copied().unwrap_or(0)
+}
+
 /// How the emulator schedules a launch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct EmuOptions {
@@ -133,6 +152,7 @@ pub unsafe fn launch_with<A: KernelArgs>(
         block_y: cfg.block.y,
         block_z: cfg.block.z,
         shared_bytes: cfg.shared_bytes,
+        static_shared_bytes: static_shared_bytes(name),
         flags: if options.reverse_order { 1 } else { 0 },
         skip_barrier_line: options.skip_barrier_line.unwrap_or(0),
     };

@@ -15,14 +15,14 @@
 //! [C, R] one with leading dimension C, so each row-major product is issued
 //! as its transpose (e.g. y^T = W x^T), with no copies.
 
+use std::collections::HashMap;
 use std::ffi::c_void;
 
 use cudarc::cublaslt::{result as lt, sys as ltsys};
-use cudarc::driver::CudaSlice;
 use half::bf16;
 
 use super::device::Device;
-use super::memory::Buffer;
+use super::memory::{Buffer, OnDevice};
 use super::runtime::Gpu;
 use super::CudaError;
 
@@ -46,10 +46,47 @@ impl GemmOut<'_> {
             GemmOut::F32(b) => b.ptr() as usize as u64,
         }
     }
+    fn buffer(&self) -> &dyn OnDevice {
+        match self {
+            GemmOut::Bf16(b) => *b,
+            GemmOut::F32(b) => *b,
+        }
+    }
+}
+
+/// Checks the buffers belong to `dev` and `(what, buffer length, rows *
+/// cols)` of every operand; then, for an empty sum (`inner == 0`), sets the
+/// output's `out_len` elements to zero (or leaves them, when accumulating)
+/// and returns `true`: nothing is left to compute.
+#[allow(clippy::too_many_arguments)]
+fn check(
+    dev: &Device,
+    op: &str,
+    out: GemmOut<'_>,
+    a: &Buffer<bf16>,
+    b: &Buffer<bf16>,
+    operands: &[(&str, usize, usize, usize)],
+    (out_len, inner, accumulate): (usize, usize, bool),
+) -> Result<bool, CudaError> {
+    dev.check_buffers(op, &[out.buffer(), a, b])?;
+    check_shapes(op, operands)?;
+    if inner > 0 || out_len == 0 {
+        return Ok(false);
+    }
+    if !accumulate {
+        // Only the output's view: the buffer may be longer.
+        match (dev, out) {
+            (Device::Gpu(g), GemmOut::Bf16(buf)) => g.zero_prefix(buf, out_len)?,
+            (Device::Gpu(g), GemmOut::F32(buf)) => g.zero_prefix(buf, out_len)?,
+            #[cfg(feature = "emu")]
+            (Device::Emu, out) => emu::zero_prefix(out, out_len)?,
+        }
+    }
+    Ok(true)
 }
 
 /// Checks `(what, buffer length, rows * cols)` of every operand.
-fn check(op: &str, operands: &[(&str, usize, usize, usize)]) -> Result<(), CudaError> {
+fn check_shapes(op: &str, operands: &[(&str, usize, usize, usize)]) -> Result<(), CudaError> {
     for &(what, len, rows, cols) in operands {
         let need = rows.checked_mul(cols).ok_or_else(|| {
             CudaError::Shape(format!("{op}: {what} [{rows}, {cols}] overflows usize"))
@@ -76,14 +113,22 @@ pub fn linear_forward(
     accumulate: bool,
 ) -> Result<(), CudaError> {
     let op = "linear_forward";
-    check(
+    let operands = [
+        ("y", y.len(), m, n),
+        ("x", x.len(), m, k),
+        ("w", w.len(), n, k),
+    ];
+    if check(
+        dev,
         op,
-        &[
-            ("y", y.len(), m, n),
-            ("x", x.len(), m, k),
-            ("w", w.len(), n, k),
-        ],
-    )?;
+        y,
+        x,
+        w,
+        &operands,
+        (m.saturating_mul(n), k, accumulate),
+    )? {
+        return Ok(());
+    }
     match dev {
         // Column-major: y^T [N, M] = op(W) x^T with W stored [K, N] (ld K), transposed.
         Device::Gpu(g) => col_major(
@@ -128,14 +173,22 @@ pub fn linear_backward_input(
     accumulate: bool,
 ) -> Result<(), CudaError> {
     let op = "linear_backward_input";
-    check(
+    let operands = [
+        ("dx", dx.len(), m, k),
+        ("dy", dy.len(), m, n),
+        ("w", w.len(), n, k),
+    ];
+    if check(
+        dev,
         op,
-        &[
-            ("dx", dx.len(), m, k),
-            ("dy", dy.len(), m, n),
-            ("w", w.len(), n, k),
-        ],
-    )?;
+        dx,
+        dy,
+        w,
+        &operands,
+        (m.saturating_mul(k), n, accumulate),
+    )? {
+        return Ok(());
+    }
     match dev {
         // dx^T [K, M] = W^T dy^T: W stored [K, N] (ld K), dy stored [N, M] (ld N).
         Device::Gpu(g) => col_major(
@@ -180,14 +233,22 @@ pub fn linear_backward_weight(
     accumulate: bool,
 ) -> Result<(), CudaError> {
     let op = "linear_backward_weight";
-    check(
+    let operands = [
+        ("dw", dw.len(), n, k),
+        ("dy", dy.len(), m, n),
+        ("x", x.len(), m, k),
+    ];
+    if check(
+        dev,
         op,
-        &[
-            ("dw", dw.len(), n, k),
-            ("dy", dy.len(), m, n),
-            ("x", x.len(), m, k),
-        ],
-    )?;
+        dw,
+        dy,
+        x,
+        &operands,
+        (n.saturating_mul(k), m, accumulate),
+    )? {
+        return Ok(());
+    }
     match dev {
         // dW^T [K, N] = x^T dy: x stored [K, M] (ld K), dy stored [N, M] (ld N), transposed.
         Device::Gpu(g) => col_major(
@@ -240,77 +301,137 @@ impl Operand {
     }
 }
 
-/// A cuBLASLt handle and its workspace, one per [`Gpu`].
-pub(crate) struct Blas {
-    handle: ltsys::cublasLtHandle_t,
-    workspace: CudaSlice<u8>,
-    workspace_ptr: u64,
-}
-
 /// 32 MiB: NVIDIA's recommended cuBLASLt workspace on Hopper.
 const WORKSPACE_BYTES: usize = 32 << 20;
 
+/// Plans kept per device before the cache is cleared (a run uses a few
+/// dozen shapes; this only bounds a caller that sweeps shapes).
+const MAX_PLANS: usize = 4096;
+
+/// What cuBLASLt's descriptors and algorithm choice depend on. Operand
+/// addresses enter only through their alignment: the heuristic may pick a
+/// kernel that needs 16-byte (or wider) aligned operands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct PlanKey {
+    pub m: u64,
+    pub n: u64,
+    pub k: u64,
+    pub trans_a: bool,
+    pub trans_b: bool,
+    pub lda: i64,
+    pub ldb: i64,
+    pub ldc: i64,
+    /// The output is f32 (else bf16).
+    pub f32_out: bool,
+    pub align_a: u32,
+    pub align_b: u32,
+    pub align_c: u32,
+}
+
+/// The largest power of two up to 256 that divides `ptr`: cuBLASLt's
+/// alignment preferences, whose default (and maximum) is 256.
+pub(crate) fn alignment(ptr: u64) -> u32 {
+    if ptr == 0 {
+        256
+    } else {
+        1u32 << ptr.trailing_zeros().min(8)
+    }
+}
+
+/// Descriptors and the chosen algorithm of one [`PlanKey`].
+struct Plan {
+    desc: ltsys::cublasLtMatmulDesc_t,
+    a: ltsys::cublasLtMatrixLayout_t,
+    b: ltsys::cublasLtMatrixLayout_t,
+    c: ltsys::cublasLtMatrixLayout_t,
+    algo: ltsys::cublasLtMatmulAlgo_t,
+}
+
+impl Drop for Plan {
+    fn drop(&mut self) {
+        // SAFETY: each was created by cuBLASLt (null when creation failed
+        // part way) and is destroyed once; no matmul is being enqueued with
+        // them (the cache's lock is held).
+        unsafe {
+            for l in [self.a, self.b, self.c] {
+                if !l.is_null() {
+                    let _ = lt::destroy_matrix_layout(l);
+                }
+            }
+            if !self.desc.is_null() {
+                let _ = lt::destroy_matmul_desc(self.desc);
+            }
+        }
+    }
+}
+
+/// The cuBLASLt handle of one device (process-wide, with its
+/// [`DeviceState`](super::runtime::DeviceState)) and its plans.
+pub(crate) struct Blas {
+    handle: ltsys::cublasLtHandle_t,
+    plans: HashMap<PlanKey, Plan>,
+}
+
+// SAFETY: the handle and descriptors are host objects of cuBLASLt, usable
+// from any thread; every use holds the device's `blas` lock.
+unsafe impl Send for Blas {}
+
 impl Blas {
-    pub(crate) fn new(gpu: &Gpu) -> Result<Blas, CudaError> {
+    fn new(gpu: &Gpu) -> Result<Blas, CudaError> {
         // SAFETY: only tries to open the library.
         if !unsafe { ltsys::is_culib_present() } {
             return Err(CudaError::Blas(
-                "the cuBLASLt library (libcublasLt.so) is not installed or not on the loader path"
+                "the cuBLASLt library (libcublasLt.so.13) is not installed or not on the loader path"
                     .into(),
             ));
         }
-        gpu.ctx()
-            .bind_to_thread()
-            .map_err(|e| CudaError::driver("binding the context", e))?;
-        let workspace = gpu
-            .stream()
-            .0
-            .alloc_zeros::<u8>(WORKSPACE_BYTES)
-            .map_err(|e| CudaError::driver("allocating the cuBLASLt workspace", e))?;
-        let workspace_ptr = {
-            use cudarc::driver::DevicePtr;
-            workspace.device_ptr(&gpu.stream().0).0
-        };
+        gpu.state().bind()?;
         let handle =
             lt::create_handle().map_err(|e| CudaError::Blas(format!("creating a handle: {e}")))?;
         Ok(Blas {
             handle,
-            workspace,
-            workspace_ptr,
+            plans: HashMap::new(),
         })
+    }
+
+    /// Number of cached plans of one product shape.
+    fn plans_for(&self, m: u64, n: u64, k: u64) -> usize {
+        self.plans
+            .keys()
+            .filter(|p| (p.m, p.n, p.k) == (m, n, k))
+            .count()
+    }
+
+    fn plan(&mut self, key: PlanKey) -> Result<&Plan, CudaError> {
+        if !self.plans.contains_key(&key) {
+            if self.plans.len() >= MAX_PLANS {
+                self.plans.clear();
+            }
+            let plan = make_plan(self.handle, &key)?;
+            self.plans.insert(key, plan);
+        }
+        self.plans
+            .get(&key)
+            .ok_or_else(|| CudaError::Blas("plan cache lost an entry".into()))
     }
 }
 
 impl Drop for Blas {
     fn drop(&mut self) {
+        self.plans.clear();
         // SAFETY: the handle is live and used by nothing else; errors on
         // teardown have nowhere to go.
         let _ = unsafe { lt::destroy_handle(self.handle) };
-        let _ = &self.workspace;
     }
 }
 
-/// Frees cuBLASLt descriptors however the call ends.
-struct Descriptors {
-    layouts: Vec<ltsys::cublasLtMatrixLayout_t>,
-    desc: Option<ltsys::cublasLtMatmulDesc_t>,
-    pref: Option<ltsys::cublasLtMatmulPreference_t>,
-}
+/// Frees a preference however the call ends.
+struct Pref(ltsys::cublasLtMatmulPreference_t);
 
-impl Drop for Descriptors {
+impl Drop for Pref {
     fn drop(&mut self) {
-        // SAFETY: each was created by cuBLASLt and is destroyed once.
-        unsafe {
-            for &l in &self.layouts {
-                let _ = lt::destroy_matrix_layout(l);
-            }
-            if let Some(d) = self.desc {
-                let _ = lt::destroy_matmul_desc(d);
-            }
-            if let Some(p) = self.pref {
-                let _ = lt::destroy_matmul_pref(p);
-            }
-        }
+        // SAFETY: created by cuBLASLt, destroyed once.
+        let _ = unsafe { lt::destroy_matmul_pref(self.0) };
     }
 }
 
@@ -318,8 +439,123 @@ fn blas_err(what: &str) -> impl Fn(lt::CublasError) -> CudaError + '_ {
     move |e| CudaError::Blas(format!("{what}: {e}"))
 }
 
+/// Sets a descriptor or preference attribute from a typed value.
+///
+/// # Safety
+/// `T` must be the attribute's documented type.
+unsafe fn set<T>(
+    what: &str,
+    value: T,
+    f: impl FnOnce(*const c_void, usize) -> Result<(), lt::CublasError>,
+) -> Result<(), CudaError> {
+    f(
+        (&value as *const T).cast::<c_void>(),
+        std::mem::size_of::<T>(),
+    )
+    .map_err(blas_err(what))
+}
+
+/// Creates the descriptors of `key` and asks the heuristic for an algorithm.
+fn make_plan(handle: ltsys::cublasLtHandle_t, key: &PlanKey) -> Result<Plan, CudaError> {
+    use ltsys::cublasLtMatmulDescAttributes_t::{
+        CUBLASLT_MATMUL_DESC_TRANSA, CUBLASLT_MATMUL_DESC_TRANSB,
+    };
+    use ltsys::cublasLtMatmulPreferenceAttributes_t as P;
+    use ltsys::cudaDataType_t::{CUDA_R_16BF, CUDA_R_32F};
+    let PlanKey { m, n, k, .. } = *key;
+    let c_type = if key.f32_out { CUDA_R_32F } else { CUDA_R_16BF };
+    let mut plan = Plan {
+        desc: std::ptr::null_mut(),
+        a: std::ptr::null_mut(),
+        b: std::ptr::null_mut(),
+        c: std::ptr::null_mut(),
+        // SAFETY: a plain C struct of integers; the heuristic fills it.
+        algo: unsafe { std::mem::zeroed() },
+    };
+    // Stored shapes: op(A) is [m, k], so A is [k, m] when transposed.
+    let (ar, ac) = if key.trans_a { (k, m) } else { (m, k) };
+    let (br, bc) = if key.trans_b { (n, k) } else { (k, n) };
+    plan.a =
+        lt::create_matrix_layout(CUDA_R_16BF, ar, ac, key.lda).map_err(blas_err("layout A"))?;
+    plan.b =
+        lt::create_matrix_layout(CUDA_R_16BF, br, bc, key.ldb).map_err(blas_err("layout B"))?;
+    plan.c = lt::create_matrix_layout(c_type, m, n, key.ldc).map_err(blas_err("layout C"))?;
+    plan.desc = lt::create_matmul_desc(ltsys::cublasComputeType_t::CUBLAS_COMPUTE_32F, CUDA_R_32F)
+        .map_err(blas_err("matmul descriptor"))?;
+    for (attr, trans) in [
+        (CUBLASLT_MATMUL_DESC_TRANSA, key.trans_a),
+        (CUBLASLT_MATMUL_DESC_TRANSB, key.trans_b),
+    ] {
+        // cublasOperation_t, a C enum (int32): CUBLAS_OP_N = 0, CUBLAS_OP_T = 1.
+        let op: i32 = trans as i32;
+        // SAFETY: the attribute is an int32; the descriptor is live.
+        unsafe {
+            set("transpose attribute", op, |p, len| {
+                lt::set_matmul_desc_attribute(plan.desc, attr, p, len)
+            })
+        }?;
+    }
+    let pref = Pref(lt::create_matmul_pref().map_err(blas_err("preference"))?);
+    let workspace = WORKSPACE_BYTES as u64;
+    // SAFETY: the attribute is a uint64; the preference is live.
+    unsafe {
+        set("workspace preference", workspace, |p, len| {
+            lt::set_matmul_pref_attribute(
+                pref.0,
+                P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                p,
+                len,
+            )
+        })
+    }?;
+    for (attr, what, value) in [
+        (
+            P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+            "alignment of A",
+            key.align_a,
+        ),
+        (
+            P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+            "alignment of B",
+            key.align_b,
+        ),
+        (
+            P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+            "alignment of C",
+            key.align_c,
+        ),
+        (
+            P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+            "alignment of D",
+            key.align_c,
+        ),
+    ] {
+        // SAFETY: the alignment attributes are uint32; the preference is live.
+        unsafe {
+            set(what, value, |p, len| {
+                lt::set_matmul_pref_attribute(pref.0, attr, p, len)
+            })
+        }?;
+    }
+    // SAFETY: every descriptor is live (owned by `plan` and `pref`).
+    let heuristic = unsafe {
+        lt::get_matmul_algo_heuristic(handle, plan.desc, plan.a, plan.b, plan.c, plan.c, pref.0)
+    }
+    .map_err(|e| {
+        CudaError::Blas(format!(
+            "no algorithm for bf16 [{m}x{k}]{}·[{k}x{n}]{} -> {:?}: {e}",
+            if key.trans_a { "ᵀ" } else { "" },
+            if key.trans_b { "ᵀ" } else { "" },
+            c_type
+        ))
+    })?;
+    plan.algo = heuristic.algo;
+    Ok(plan)
+}
+
 /// Column-major `C[m, n] = op(A)[m, k] op(B)[k, n] (+ C)`, bf16 A and B,
 /// f32 compute and scale, C bf16 or f32 (row-major callers pass transposes).
+/// `k > 0`: the empty sum was handled by the caller.
 fn col_major(
     gpu: &Gpu,
     a: Operand,
@@ -328,140 +564,98 @@ fn col_major(
     (m, n, k): (usize, usize, usize),
     accumulate: bool,
 ) -> Result<(), CudaError> {
-    if m == 0 || n == 0 {
+    if m == 0 || n == 0 || k == 0 {
         return Ok(());
     }
-    if k == 0 {
-        // An empty sum: C stays (accumulate) or becomes zero.
-        return if accumulate {
-            Ok(())
-        } else {
-            match c {
-                GemmOut::Bf16(buf) => gpu.zero(buf),
-                GemmOut::F32(buf) => gpu.zero(buf),
-            }
-        };
+    let dims = |v: usize| {
+        i64::try_from(v).map_err(|_| CudaError::Shape(format!("GEMM dimension {v} overflows")))
+    };
+    let key = PlanKey {
+        m: m as u64,
+        n: n as u64,
+        k: k as u64,
+        trans_a: a.trans,
+        trans_b: b.trans,
+        lda: dims(a.ld)?,
+        ldb: dims(b.ld)?,
+        ldc: dims(m)?,
+        f32_out: matches!(c, GemmOut::F32(_)),
+        align_a: alignment(a.ptr),
+        align_b: alignment(b.ptr),
+        align_c: alignment(c.ptr()),
+    };
+    // This handle's workspace: GEMMs of other handles run on other streams.
+    let mut workspace = gpu
+        .workspace
+        .lock()
+        .map_err(|_| CudaError::Blas("workspace lock poisoned by an earlier panic".into()))?;
+    if workspace.is_none() {
+        *workspace = Some(gpu.zeros::<u8>(WORKSPACE_BYTES)?);
     }
-    let mut guard = gpu
+    let Some(workspace) = workspace.as_ref() else {
+        return Err(CudaError::Blas("no workspace".into()));
+    };
+    let state = gpu.state();
+    let mut guard = state
         .blas
         .lock()
         .map_err(|_| CudaError::Blas("handle lock poisoned by an earlier panic".into()))?;
     if guard.is_none() {
         *guard = Some(Blas::new(gpu)?);
     }
-    let Some(blas) = guard.as_ref() else {
+    let Some(blas) = guard.as_mut() else {
         return Err(CudaError::Blas("no handle".into()));
     };
-    gpu.ctx()
-        .bind_to_thread()
-        .map_err(|e| CudaError::driver("binding the context", e))?;
-
-    use ltsys::cudaDataType_t::{CUDA_R_16BF, CUDA_R_32F};
-    let c_type = match c {
-        GemmOut::Bf16(_) => CUDA_R_16BF,
-        GemmOut::F32(_) => CUDA_R_32F,
-    };
-    let mut d = Descriptors {
-        layouts: Vec::new(),
-        desc: None,
-        pref: None,
-    };
-    let mut layout = |ty, rows: usize, cols: usize, ld: usize| {
-        let l = lt::create_matrix_layout(ty, rows as u64, cols as u64, ld as i64)
-            .map_err(blas_err("matrix layout"))?;
-        d.layouts.push(l);
-        Ok::<_, CudaError>(l)
-    };
-    // Stored shapes: op(A) is [m, k], so A is [k, m] when transposed.
-    let (ar, ac) = if a.trans { (k, m) } else { (m, k) };
-    let (br, bc) = if b.trans { (n, k) } else { (k, n) };
-    let a_layout = layout(CUDA_R_16BF, ar, ac, a.ld)?;
-    let b_layout = layout(CUDA_R_16BF, br, bc, b.ld)?;
-    let c_layout = layout(c_type, m, n, m)?;
-
-    let desc = lt::create_matmul_desc(ltsys::cublasComputeType_t::CUBLAS_COMPUTE_32F, CUDA_R_32F)
-        .map_err(blas_err("matmul descriptor"))?;
-    d.desc = Some(desc);
-    use ltsys::cublasLtMatmulDescAttributes_t::{
-        CUBLASLT_MATMUL_DESC_TRANSA, CUBLASLT_MATMUL_DESC_TRANSB,
-    };
-    for (attr, trans) in [
-        (CUBLASLT_MATMUL_DESC_TRANSA, a.trans),
-        (CUBLASLT_MATMUL_DESC_TRANSB, b.trans),
-    ] {
-        // cublasOperation_t, a C enum (int32): CUBLAS_OP_N = 0, CUBLAS_OP_T = 1.
-        let op: i32 = trans as i32;
-        // SAFETY: the attribute is an int32, passed with its size.
-        unsafe {
-            lt::set_matmul_desc_attribute(
-                desc,
-                attr,
-                (&op as *const i32).cast::<c_void>(),
-                std::mem::size_of::<i32>(),
-            )
-        }
-        .map_err(blas_err("transpose attribute"))?;
-    }
-    let pref = lt::create_matmul_pref().map_err(blas_err("preference"))?;
-    d.pref = Some(pref);
-    let ws = WORKSPACE_BYTES;
-    // SAFETY: the attribute is a size_t, passed with its size.
-    unsafe {
-        lt::set_matmul_pref_attribute(
-            pref,
-            ltsys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-            (&ws as *const usize).cast::<c_void>(),
-            std::mem::size_of::<usize>(),
-        )
-    }
-    .map_err(blas_err("workspace preference"))?;
-    // SAFETY: every descriptor is live (owned by `d`).
-    let heuristic = unsafe {
-        lt::get_matmul_algo_heuristic(
-            blas.handle,
-            desc,
-            a_layout,
-            b_layout,
-            c_layout,
-            c_layout,
-            pref,
-        )
-    }
-    .map_err(|e| {
-        CudaError::Blas(format!(
-            "no algorithm for bf16 [{m}x{k}]{}·[{k}x{n}]{} -> {:?}: {e}",
-            if a.trans { "ᵀ" } else { "" },
-            if b.trans { "ᵀ" } else { "" },
-            c_type
-        ))
-    })?;
+    state.bind()?;
+    let handle = blas.handle;
+    let plan = blas.plan(key)?;
     let alpha = 1.0f32;
     let beta = if accumulate { 1.0f32 } else { 0.0 };
-    // SAFETY: the shapes were checked against the buffer lengths by the
-    // callers; A, B and C are device buffers of this GPU; the workspace holds
-    // WORKSPACE_BYTES; the call is ordered on this handle's stream, so the
-    // descriptors may be destroyed after it returns.
+    // SAFETY: the shapes were checked against the buffer lengths and the
+    // buffers against this handle by the callers; the workspace holds
+    // WORKSPACE_BYTES, the most the preference allowed the algorithm; alpha
+    // and beta are read during the call (host pointer mode); the plan stays
+    // cached (the lock is held while the call enqueues).
     unsafe {
         lt::matmul(
-            blas.handle,
-            desc,
+            handle,
+            plan.desc,
             (&alpha as *const f32).cast::<c_void>(),
             (&beta as *const f32).cast::<c_void>(),
             a.ptr as usize as *const c_void,
-            a_layout,
+            plan.a,
             b.ptr as usize as *const c_void,
-            b_layout,
+            plan.b,
             c.ptr() as usize as *const c_void,
-            c_layout,
+            plan.c,
             c.ptr() as usize as *mut c_void,
-            c_layout,
-            &heuristic.algo,
-            blas.workspace_ptr as usize as *mut c_void,
-            ws,
+            plan.c,
+            &plan.algo,
+            workspace.ptr().cast::<c_void>(),
+            WORKSPACE_BYTES,
             gpu.stream().0.cu_stream() as ltsys::cudaStream_t,
         )
     }
     .map_err(blas_err("matmul"))
+}
+
+/// Number of cuBLASLt plans cached for `dev` whose column-major product is
+/// `[m, k] x [k, n]` (0 on the emulator), for tests of the cache.
+pub fn cached_plans(dev: &Device, (m, n, k): (usize, usize, usize)) -> usize {
+    match dev {
+        Device::Gpu(g) => g
+            .state()
+            .blas
+            .lock()
+            .ok()
+            .and_then(|b| {
+                b.as_ref()
+                    .map(|b| b.plans_for(m as u64, n as u64, k as u64))
+            })
+            .unwrap_or(0),
+        #[cfg(feature = "emu")]
+        Device::Emu => 0,
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -482,6 +676,20 @@ mod emu {
 
     fn not_host(what: String) -> CudaError {
         CudaError::WrongDevice(format!("{what} used with the emulator"))
+    }
+
+    /// The first `len` elements of `out` set to zero (checked by the caller).
+    pub(super) fn zero_prefix(out: GemmOut<'_>, len: usize) -> Result<(), CudaError> {
+        // SAFETY: as in `widen`.
+        match out {
+            GemmOut::F32(buf) => {
+                unsafe { buf.host() }.ok_or_else(|| not_host(format!("{buf:?}")))?[..len].fill(0.0)
+            }
+            GemmOut::Bf16(buf) => unsafe { buf.host() }
+                .ok_or_else(|| not_host(format!("{buf:?}")))?[..len]
+                .fill(bf16::ZERO),
+        }
+        Ok(())
     }
 
     /// The operand widened to f32 (exact).

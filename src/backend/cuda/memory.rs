@@ -41,6 +41,58 @@ impl Elem for half::bf16 {
 pub struct Buffer<T: Elem> {
     pub(crate) len: usize,
     pub(crate) mem: Mem<T>,
+    /// The device handle that made it: launches, copies and GEMMs refuse a
+    /// buffer of another one (its address means nothing there).
+    pub(crate) owner: Owner,
+}
+
+/// Which device handle a buffer belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owner {
+    /// A [`Gpu`](super::Gpu) handle: GPU `ordinal`, and the handle's id
+    /// (unique in the process), because a buffer is freed on its handle's
+    /// stream and so may only be used in that stream's order.
+    Gpu { ordinal: usize, handle: u64 },
+    /// The CPU emulator (host memory).
+    #[cfg(feature = "emu")]
+    Emu,
+}
+
+impl fmt::Display for Owner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Owner::Gpu { ordinal, handle } => write!(f, "GPU {ordinal} (handle {handle})"),
+            #[cfg(feature = "emu")]
+            Owner::Emu => write!(f, "the emulator"),
+        }
+    }
+}
+
+/// Anything a launcher hands to a kernel as an address: a buffer, or an
+/// optional one (`None` passes null and belongs to every device).
+pub trait OnDevice {
+    /// The owner, `None` for an absent optional buffer.
+    fn owner(&self) -> Option<Owner>;
+    /// For messages.
+    fn describe(&self) -> String;
+}
+
+impl<T: Elem> OnDevice for Buffer<T> {
+    fn owner(&self) -> Option<Owner> {
+        Some(self.owner)
+    }
+    fn describe(&self) -> String {
+        format!("{self:?}")
+    }
+}
+
+impl<T: Elem> OnDevice for Option<&Buffer<T>> {
+    fn owner(&self) -> Option<Owner> {
+        self.map(|b| b.owner)
+    }
+    fn describe(&self) -> String {
+        format!("{self:?}")
+    }
 }
 
 pub(crate) enum Mem<T: Elem> {
@@ -51,8 +103,6 @@ pub(crate) enum Mem<T: Elem> {
         // Freed (stream-ordered) on drop.
         slice: CudaSlice<T>,
         ptr: u64,
-        /// The device ordinal, to catch a buffer used with another GPU.
-        ordinal: usize,
     },
     /// Host memory standing for device memory on the emulator target. The
     /// cell lets kernels write through `&Buffer`, as on a GPU; the vector is
@@ -63,16 +113,32 @@ pub(crate) enum Mem<T: Elem> {
 
 impl<T: Elem> fmt::Debug for Buffer<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let place = match &self.mem {
-            Mem::Gpu { ordinal, .. } => format!("gpu {ordinal}"),
-            #[cfg(feature = "emu")]
-            Mem::Host(_) => "emulator".to_string(),
-        };
-        write!(f, "Buffer<{}>[{}] on {place}", T::NAME, self.len)
+        write!(f, "Buffer<{}>[{}] of {}", T::NAME, self.len, self.owner)
+    }
+}
+
+impl<T: Elem> Drop for Buffer<T> {
+    // Without the emulator, every buffer is device memory.
+    #[allow(irrefutable_let_patterns)]
+    fn drop(&mut self) {
+        // cudarc frees device memory (cuMemFreeAsync on the allocating
+        // stream) without making its context current; a buffer dropped on a
+        // thread that never used this device would fail that call.
+        if let Mem::Gpu { slice, .. } = &self.mem {
+            // Directly: cudarc's bind would first hand back (and so skip
+            // binding on) an error recorded by an earlier drop.
+            // SAFETY: the context outlives its buffers (it is never released).
+            let _ = unsafe { cudarc::driver::result::ctx::set_current(slice.context().cu_ctx()) };
+        }
     }
 }
 
 impl<T: Elem> Buffer<T> {
+    /// The device handle it belongs to.
+    pub fn owner(&self) -> Owner {
+        self.owner
+    }
+
     /// Number of elements.
     pub fn len(&self) -> usize {
         self.len

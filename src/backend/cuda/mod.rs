@@ -35,7 +35,7 @@ pub use kernels::{
     embedded_modules, kernels_compiled, module, ptxas_report, EmbeddedModule, NVCC_FLAGS,
     NVCC_VERSION,
 };
-pub use memory::{Buffer, Elem};
+pub use memory::{Buffer, Elem, OnDevice, Owner};
 pub use ptxas::KernelResources;
 pub use runtime::{probe, DeviceInfo, Event, Gpu, Stream};
 
@@ -88,9 +88,20 @@ pub enum CudaError {
     /// Buffer sizes, offsets or shapes that do not fit the operation.
     #[error("{0}")]
     Shape(String),
-    /// A buffer used with a device it does not belong to.
+    /// A buffer (or stream) used with a device it does not belong to.
     #[error("{0}")]
     WrongDevice(String),
+    /// A launch asking for more shared memory per block than the device has.
+    #[error(
+        "{kernel}: {static_bytes} bytes of static plus {dynamic_bytes} of dynamic shared memory \
+         per block exceed the device's maximum of {max}"
+    )]
+    SharedMemory {
+        kernel: String,
+        static_bytes: u32,
+        dynamic_bytes: u32,
+        max: u32,
+    },
 }
 
 impl CudaError {

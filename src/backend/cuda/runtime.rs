@@ -5,26 +5,59 @@
 //!   that libcuda loads before any other driver call (cudarc panics at the
 //!   first call into a library it cannot load), and every failure is a
 //!   [`CudaError`].
-//! - A [`Gpu`] is one device's primary context and ONE stream; its buffers,
-//!   launches, copies and GEMMs are ordered by that stream, so cudarc's
-//!   per-buffer event tracking is switched off. Work on another [`Stream`]
-//!   is ordered against it with [`Event`]s by the caller.
+//! - One process-wide state per device ordinal, made at the first
+//!   [`Gpu::new`] and never dropped: the primary context (retained once, so
+//!   it is not torn down and rebuilt between handles while cuBLASLt or
+//!   loaded modules refer to it), the loaded modules, the cuBLASLt handle and
+//!   its descriptor cache. Handles on any thread share it; every call that
+//!   reaches the driver makes the context current on the calling thread
+//!   first.
+//! - A [`Gpu`] is a handle on that state with ONE stream of its own; its
+//!   buffers, launches, copies and GEMMs are ordered by that stream, so
+//!   cudarc's per-buffer event tracking is switched off, and a buffer is
+//!   refused by every other handle. Work on another [`Stream`] is ordered
+//!   against it with [`Event`]s by the caller.
 //! - Modules are loaded from the cubins embedded at build time, lazily, once
-//!   per module; functions are looked up once and cached.
+//!   per module and process; functions are looked up once and cached.
 
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::sys::{CUevent_flags, CUfunction, CUfunction_attribute, CUmodule};
 use cudarc::driver::{result, CudaContext, CudaEvent, CudaStream};
 
 use super::abi::{Kernel, KernelArgs, LaunchConfig};
-use super::memory::{Buffer, Elem, Mem};
+use super::memory::{Buffer, Elem, Mem, Owner};
 use super::{kernels, CudaError};
 
-/// Default dynamic shared memory a kernel may use without opting in.
-const DEFAULT_MAX_DYNAMIC_SHARED: u32 = 48 * 1024;
+/// Shared memory (static plus dynamic) a block may use without the
+/// function's opt-in attribute.
+const DEFAULT_MAX_SHARED: u32 = 48 * 1024;
+
+/// Checks a launch's shared memory against the rule of sm_90: static plus
+/// dynamic bytes at most the device's opt-in maximum `max` (a
+/// [`CudaError::SharedMemory`] otherwise, rather than a failed launch).
+/// Returns the value to give `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`
+/// when static plus dynamic exceeds 48 KiB: the dynamic bytes.
+pub fn check_shared_memory(
+    kernel: &str,
+    static_bytes: u32,
+    dynamic_bytes: u32,
+    max: u32,
+) -> Result<Option<u32>, CudaError> {
+    let total = u64::from(static_bytes) + u64::from(dynamic_bytes);
+    if total > u64::from(max) {
+        return Err(CudaError::SharedMemory {
+            kernel: kernel.to_string(),
+            static_bytes,
+            dynamic_bytes,
+            max,
+        });
+    }
+    Ok((total > u64::from(DEFAULT_MAX_SHARED)).then_some(dynamic_bytes))
+}
 
 /// What the probe found about one device.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,31 +99,41 @@ pub fn device_count() -> Result<usize, CudaError> {
 /// library is checked before the first call into it.
 pub fn probe() -> Result<Vec<DeviceInfo>, CudaError> {
     let count = device_count()?;
-    (0..count)
-        .map(|ordinal| {
-            let ctx = CudaContext::new(ordinal)
-                .map_err(|e| CudaError::driver(format!("opening device {ordinal}"), e))?;
-            info(&ctx)
-        })
-        .collect()
+    (0..count).map(info).collect()
 }
 
-fn info(ctx: &Arc<CudaContext>) -> Result<DeviceInfo, CudaError> {
-    use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT;
-    let ordinal = ctx.ordinal();
+/// What the driver says about device `ordinal`, from device queries alone:
+/// no context is made, so probing every GPU of a node does not leave a
+/// context (hundreds of MiB) on each.
+fn info(ordinal: usize) -> Result<DeviceInfo, CudaError> {
+    use cudarc::driver::sys::CUdevice_attribute as A;
     let op = |what: &str| format!("{what} of device {ordinal}");
+    let dev =
+        result::device::get(ordinal as i32).map_err(|e| CudaError::driver(op("handle"), e))?;
+    let attribute = |a: A, what: &str| {
+        // SAFETY: `dev` is a device handle from the driver.
+        unsafe { result::device::get_attribute(dev, a) }.map_err(|e| CudaError::driver(op(what), e))
+    };
     Ok(DeviceInfo {
         ordinal,
-        name: ctx.name().map_err(|e| CudaError::driver(op("name"), e))?,
-        capability: ctx
-            .compute_capability()
-            .map_err(|e| CudaError::driver(op("compute capability"), e))?,
-        total_memory: ctx
-            .total_mem()
+        name: result::device::get_name(dev).map_err(|e| CudaError::driver(op("name"), e))?,
+        capability: (
+            attribute(
+                A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+                "compute capability",
+            )?,
+            attribute(
+                A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
+                "compute capability",
+            )?,
+        ),
+        // SAFETY: as above.
+        total_memory: unsafe { result::device::total_mem(dev) }
             .map_err(|e| CudaError::driver(op("memory size"), e))?,
-        multiprocessors: ctx
-            .attribute(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            .map_err(|e| CudaError::driver(op("multiprocessor count"), e))?,
+        multiprocessors: attribute(
+            A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            "multiprocessor count",
+        )?,
     })
 }
 
@@ -137,59 +180,172 @@ impl Event {
     }
 }
 
+/// A kernel function and what launches need to know about it.
+struct Function {
+    raw: CUfunction,
+    /// `CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES`.
+    static_shared: u32,
+    /// The dynamic shared memory the function currently allows; only ever
+    /// raised, so a launch on another thread that relies on an earlier
+    /// value stays valid.
+    dynamic_allowed: u32,
+}
+
 /// A loaded module and the functions looked up in it.
 struct Module {
     raw: CUmodule,
-    functions: HashMap<&'static str, CUfunction>,
+    functions: HashMap<&'static str, Function>,
 }
 
-/// One CUDA device: its primary context, a stream, and the loaded modules.
-pub struct Gpu {
-    ctx: Arc<CudaContext>,
-    stream: Stream,
+// SAFETY: module and function handles are plain driver handles, valid on any
+// thread with their context current; every use holds the modules lock.
+unsafe impl Send for Module {}
+
+/// The process-wide state of one device ordinal (module docs).
+pub(crate) struct DeviceState {
+    pub(crate) ctx: Arc<CudaContext>,
     info: DeviceInfo,
+    /// `CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN` (227 KiB on sm_90).
+    max_shared_optin: u32,
     modules: Mutex<HashMap<&'static str, Module>>,
-    /// The cuBLASLt handle, created at the first GEMM.
+    /// cuBLASLt: the handle and cached descriptors, made at the first GEMM.
     pub(crate) blas: Mutex<Option<super::gemm::Blas>>,
+}
+
+impl DeviceState {
+    /// The state of `ordinal`, made on first use; `ordinal` must exist.
+    fn get(ordinal: usize) -> Result<&'static DeviceState, CudaError> {
+        static DEVICES: OnceLock<Mutex<HashMap<usize, &'static DeviceState>>> = OnceLock::new();
+        // Held while a state is made, so two threads never make one each.
+        let mut devices = DEVICES
+            .get_or_init(Default::default)
+            .lock()
+            .map_err(|_| poisoned("device table"))?;
+        if let Some(&state) = devices.get(&ordinal) {
+            return Ok(state);
+        }
+        // Retains the primary context (and makes it current here); the
+        // retain is never released, so the context lives as long as the process.
+        let ctx = CudaContext::new(ordinal)
+            .map_err(|e| CudaError::driver(format!("opening device {ordinal}"), e))?;
+        // SAFETY: no buffer of this context exists yet; every buffer of a Gpu
+        // is used on its one stream (module docs), so the per-buffer events
+        // cudarc would record are not needed.
+        unsafe { ctx.disable_event_tracking() };
+        let info = info(ordinal)?;
+        let optin = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )
+            .map_err(|e| CudaError::driver(format!("shared memory limit of device {ordinal}"), e))?;
+        keep_pool_memory(&ctx);
+        let state: &'static DeviceState = Box::leak(Box::new(DeviceState {
+            ctx,
+            info,
+            max_shared_optin: optin.max(0) as u32,
+            modules: Mutex::new(HashMap::new()),
+            blas: Mutex::new(None),
+        }));
+        devices.insert(ordinal, state);
+        Ok(state)
+    }
+
+    pub(crate) fn bind(&self) -> Result<(), CudaError> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| CudaError::driver("making the context current", e))
+    }
+}
+
+/// Stream-ordered frees return memory to the device's default pool, which by
+/// default hands it back to the driver at every synchronisation, so the next
+/// allocation maps it again; keeping it makes steady-state allocation cheap.
+fn keep_pool_memory(ctx: &CudaContext) {
+    use cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
+    if !ctx.has_async_alloc() {
+        return;
+    }
+    // SAFETY: the device comes from the context; the attribute is a u64.
+    unsafe {
+        if let Ok(pool) = result::device::get_default_mem_pool(ctx.cu_device()) {
+            let mut keep = u64::MAX;
+            // Only a speed-up: the pool works without it.
+            let _ = result::mem_pool::set_attribute(
+                pool,
+                CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut keep as *mut u64).cast::<c_void>(),
+            );
+        }
+    }
+}
+
+fn poisoned(what: &str) -> CudaError {
+    CudaError::Shape(format!("{what} lock poisoned by an earlier panic"))
+}
+
+/// A handle on one CUDA device: the process-wide [`DeviceState`] of its
+/// ordinal and a stream of its own.
+pub struct Gpu {
+    state: &'static DeviceState,
+    stream: Stream,
+    /// Unique in the process: the owner tag of this handle's buffers.
+    handle: u64,
+    /// This handle's cuBLASLt workspace (GEMMs on different streams must not
+    /// share one), made at its first GEMM.
+    pub(crate) workspace: Mutex<Option<Buffer<u8>>>,
 }
 
 impl std::fmt::Debug for Gpu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Gpu").field("info", &self.info).finish()
+        f.debug_struct("Gpu")
+            .field("info", &self.state.info)
+            .field("handle", &self.handle)
+            .finish()
     }
 }
 
 impl Gpu {
     /// Opens device `ordinal`, or [`CudaError::NoDevice`] when there is none.
     pub fn new(ordinal: usize) -> Result<Gpu, CudaError> {
+        static HANDLES: AtomicU64 = AtomicU64::new(1);
         let count = device_count()?;
         if ordinal >= count {
             return Err(CudaError::NoDevice(format!(
                 "device {ordinal} requested, the driver sees {count}"
             )));
         }
-        let ctx = CudaContext::new(ordinal)
-            .map_err(|e| CudaError::driver(format!("opening device {ordinal}"), e))?;
-        // SAFETY: no buffer or stream of this handle exists yet; every buffer
-        // of a Gpu is used on its one stream (module docs), so the per-buffer
-        // events cudarc would record are not needed. The primary context is
-        // shared by every Gpu of this ordinal, and all of them switch it off.
-        unsafe { ctx.disable_event_tracking() };
-        let info = info(&ctx)?;
-        let stream = ctx
+        let state = DeviceState::get(ordinal)?;
+        state.bind()?;
+        let stream = state
+            .ctx
             .new_stream()
             .map_err(|e| CudaError::driver("creating a stream", e))?;
         Ok(Gpu {
-            ctx,
+            state,
             stream: Stream(stream),
-            info,
-            modules: Mutex::new(HashMap::new()),
-            blas: Mutex::new(None),
+            handle: HANDLES.fetch_add(1, Ordering::Relaxed),
+            workspace: Mutex::new(None),
         })
     }
 
     pub fn info(&self) -> &DeviceInfo {
-        &self.info
+        &self.state.info
+    }
+    /// The owner tag of this handle's buffers.
+    pub fn owner(&self) -> Owner {
+        Owner::Gpu {
+            ordinal: self.state.info.ordinal,
+            handle: self.handle,
+        }
+    }
+    /// Whether both handles use the same CUDA context (every handle of one
+    /// ordinal does).
+    pub fn shares_context_with(&self, other: &Gpu) -> bool {
+        Arc::ptr_eq(&self.state.ctx, &other.state.ctx)
+    }
+    /// Shared memory a block may use with the opt-in (static plus dynamic).
+    pub fn max_shared_per_block(&self) -> u32 {
+        self.state.max_shared_optin
     }
     /// The stream every operation of this handle runs on.
     pub fn stream(&self) -> &Stream {
@@ -197,7 +353,8 @@ impl Gpu {
     }
     /// A further stream of the same context (ordered with [`Event`]s).
     pub fn new_stream(&self) -> Result<Stream, CudaError> {
-        self.ctx
+        self.state
+            .ctx
             .new_stream()
             .map(Stream)
             .map_err(|e| CudaError::driver("creating a stream", e))
@@ -207,10 +364,25 @@ impl Gpu {
         self.stream.synchronize()
     }
 
+    /// Refuses a stream of another context.
+    fn check_stream(&self, stream: &Stream) -> Result<(), CudaError> {
+        if Arc::ptr_eq(stream.0.context(), &self.state.ctx) {
+            Ok(())
+        } else {
+            Err(CudaError::WrongDevice(format!(
+                "a stream of GPU {} used with GPU {}",
+                stream.0.context().ordinal(),
+                self.state.info.ordinal
+            )))
+        }
+    }
+
     /// A timing event recorded now on `stream` (this handle's when `None`).
     pub fn record_event(&self, stream: Option<&Stream>) -> Result<Event, CudaError> {
         let stream = stream.unwrap_or(&self.stream);
+        self.check_stream(stream)?;
         let event = self
+            .state
             .ctx
             .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
             .map_err(|e| CudaError::driver("creating an event", e))?;
@@ -230,16 +402,20 @@ impl Gpu {
         };
         Buffer {
             len,
-            mem: Mem::Gpu {
-                slice,
-                ptr,
-                ordinal: self.info.ordinal,
-            },
+            mem: Mem::Gpu { slice, ptr },
+            owner: self.owner(),
         }
     }
 
     /// A zeroed buffer of `len` elements.
     pub fn zeros<T: Elem>(&self, len: usize) -> Result<Buffer<T>, CudaError> {
+        // cudarc multiplies without a check (a panic in debug builds).
+        if len.checked_mul(std::mem::size_of::<T>()).is_none() {
+            return Err(CudaError::Shape(format!(
+                "{len} {} elements overflow the address space",
+                T::NAME
+            )));
+        }
         // At least one element: every buffer then has a real address.
         let slice = self
             .stream
@@ -265,11 +441,13 @@ impl Gpu {
         &self,
         buf: &'b Buffer<T>,
     ) -> Result<&'b cudarc::driver::CudaSlice<T>, CudaError> {
+        // The owner names the handle, hence the stream the buffer is
+        // allocated and freed on, not just the ordinal.
         match &buf.mem {
-            Mem::Gpu { slice, ordinal, .. } if *ordinal == self.info.ordinal => Ok(slice),
+            Mem::Gpu { slice, .. } if buf.owner == self.owner() => Ok(slice),
             _ => Err(CudaError::WrongDevice(format!(
-                "{buf:?} used with GPU {}",
-                self.info.ordinal
+                "{buf:?} used with {}; a buffer may only be used with the device handle that made it",
+                self.owner()
             ))),
         }
     }
@@ -281,6 +459,7 @@ impl Gpu {
         if src.is_empty() {
             return Ok(());
         }
+        self.state.bind()?;
         // SAFETY: the destination holds src.len() elements (checked above);
         // the copy is ordered on this handle's stream and the driver stages
         // pageable host memory before returning, so `src` may go away after.
@@ -297,6 +476,7 @@ impl Gpu {
         let mut host = vec![T::default(); buf.len];
         if buf.len > 0 {
             use cudarc::driver::DevicePtr;
+            self.state.bind()?;
             let (ptr, _sync) = slice.device_ptr(&self.stream.0);
             // SAFETY: `host` and the allocation both hold buf.len elements.
             unsafe { result::memcpy_dtoh_async(&mut host[..], ptr, self.stream.0.cu_stream()) }
@@ -308,13 +488,23 @@ impl Gpu {
 
     /// Sets every byte of `buf` to zero (stream-ordered).
     pub fn zero<T: Elem>(&self, buf: &Buffer<T>) -> Result<(), CudaError> {
+        self.zero_prefix(buf, buf.len)
+    }
+
+    /// Sets the first `len` elements of `buf` to zero (stream-ordered).
+    pub fn zero_prefix<T: Elem>(&self, buf: &Buffer<T>, len: usize) -> Result<(), CudaError> {
         self.slice_of(buf)?;
-        // SAFETY: the allocation holds at least buf.bytes() bytes.
+        buf.check_len("zero", len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.state.bind()?;
+        // SAFETY: the allocation holds at least `len` elements (checked).
         unsafe {
             result::memset_d8_async(
                 buf.ptr() as usize as u64,
                 0,
-                buf.bytes(),
+                len * std::mem::size_of::<T>(),
                 self.stream.0.cu_stream(),
             )
         }
@@ -323,25 +513,29 @@ impl Gpu {
 
     // --- launches -------------------------------------------------------------
 
-    fn function(&self, module: &'static str, name: &'static str) -> Result<CUfunction, CudaError> {
-        let mut modules = self
-            .modules
-            .lock()
-            .map_err(|_| CudaError::Shape("module cache poisoned by an earlier panic".into()))?;
+    /// The function `name` of `module`, loaded on first use, allowed
+    /// `dynamic_shared` bytes of dynamic shared memory (a typed error when
+    /// static plus dynamic exceeds the device's maximum).
+    fn function(
+        &self,
+        module: &'static str,
+        name: &'static str,
+        dynamic_shared: u32,
+    ) -> Result<CUfunction, CudaError> {
+        let state = self.state;
+        let mut modules = state.modules.lock().map_err(|_| poisoned("module cache"))?;
+        state.bind()?;
         if !modules.contains_key(module) {
             let embedded = kernels::module(module)?;
-            let (major, minor) = self.info.capability;
+            let (major, minor) = state.info.capability;
             if (major, minor) != (9, 0) {
                 return Err(CudaError::UnsupportedDevice {
-                    ordinal: self.info.ordinal,
-                    name: self.info.name.clone(),
+                    ordinal: state.info.ordinal,
+                    name: state.info.name.clone(),
                     major,
                     minor,
                 });
             }
-            self.ctx
-                .bind_to_thread()
-                .map_err(|e| CudaError::driver("binding the context", e))?;
             // SAFETY: the cubin is a complete ELF image embedded by build.rs,
             // 16-byte aligned, and lives for the whole program.
             let raw =
@@ -358,24 +552,70 @@ impl Gpu {
         let Some(m) = modules.get_mut(module) else {
             return Err(CudaError::Shape(format!("module {module} vanished")));
         };
-        if let Some(&f) = m.functions.get(name) {
-            return Ok(f);
+        if !m.functions.contains_key(name) {
+            let cname = CString::new(name)
+                .map_err(|_| CudaError::Shape(format!("kernel name {name:?} has a NUL byte")))?;
+            // SAFETY: `m.raw` is a live module of this context.
+            let raw = unsafe { result::module::get_function(m.raw, cname) }.map_err(|e| {
+                CudaError::driver(format!("finding kernel {name} in {module}.cubin"), e)
+            })?;
+            let attribute = |a: CUfunction_attribute, what: &str| {
+                // SAFETY: `raw` is a live function of this context.
+                unsafe { result::function::get_function_attribute(raw, a) }
+                    .map(|v| v.max(0) as u32)
+                    .map_err(|e| CudaError::driver(format!("{what} of kernel {name}"), e))
+            };
+            let static_shared = attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES,
+                "static shared memory",
+            )?;
+            let dynamic_allowed = attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                "dynamic shared memory limit",
+            )?;
+            m.functions.insert(
+                name,
+                Function {
+                    raw,
+                    static_shared,
+                    dynamic_allowed,
+                },
+            );
         }
-        let cname = CString::new(name)
-            .map_err(|_| CudaError::Shape(format!("kernel name {name:?} has a NUL byte")))?;
-        // SAFETY: `m.raw` is a live module of this context.
-        let f = unsafe { result::module::get_function(m.raw, cname) }.map_err(|e| {
-            CudaError::driver(format!("finding kernel {name} in {module}.cubin"), e)
-        })?;
-        m.functions.insert(name, f);
-        Ok(f)
+        let Some(f) = m.functions.get_mut(name) else {
+            return Err(CudaError::Shape(format!("kernel {name} vanished")));
+        };
+        let opt_in = check_shared_memory(
+            name,
+            f.static_shared,
+            dynamic_shared,
+            state.max_shared_optin,
+        )?;
+        if let Some(bytes) = opt_in.filter(|&b| b > f.dynamic_allowed) {
+            // SAFETY: `f.raw` is a live function of this context.
+            unsafe {
+                result::function::set_function_attribute(
+                    f.raw,
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    bytes as i32,
+                )
+            }
+            .map_err(|e| {
+                CudaError::driver(
+                    format!("{name}: allowing {bytes} bytes of dynamic shared memory"),
+                    e,
+                )
+            })?;
+            f.dynamic_allowed = bytes;
+        }
+        Ok(f.raw)
     }
 
     /// Loads every embedded module now (otherwise the first launch does).
     pub fn load_all_modules(&self) -> Result<usize, CudaError> {
         let all = kernels::embedded_modules()?;
         for &(module, name, _) in super::abi::ALL_KERNELS {
-            self.function(module, name)?;
+            self.function(module, name, 0)?;
         }
         Ok(all.len())
     }
@@ -408,29 +648,9 @@ impl Gpu {
         cfg: &LaunchConfig,
         args: &A,
     ) -> Result<(), CudaError> {
-        let f = self.function(kernel.module(), kernel.name())?;
-        self.ctx
-            .bind_to_thread()
-            .map_err(|e| CudaError::driver("binding the context", e))?;
-        if cfg.shared_bytes > DEFAULT_MAX_DYNAMIC_SHARED {
-            // SAFETY: `f` is a live function of this context.
-            unsafe {
-                result::function::set_function_attribute(
-                    f,
-                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    cfg.shared_bytes as i32,
-                )
-            }
-            .map_err(|e| {
-                CudaError::driver(
-                    format!(
-                        "{kernel:?}: allowing {} bytes of shared memory",
-                        cfg.shared_bytes
-                    ),
-                    e,
-                )
-            })?;
-        }
+        self.check_stream(stream)?;
+        // Also makes the context current on this thread.
+        let f = self.function(kernel.module(), kernel.name(), cfg.shared_bytes)?;
         // The kernel's one parameter is the argument struct, by value: the
         // driver copies it from this address during the call.
         let mut params = [(args as *const A).cast_mut().cast::<c_void>()];
@@ -450,24 +670,15 @@ impl Gpu {
         .map_err(|e| CudaError::driver(format!("launching {kernel:?} with {cfg:?}"), e))
     }
 
-    pub(crate) fn ctx(&self) -> &Arc<CudaContext> {
-        &self.ctx
+    pub(crate) fn state(&self) -> &'static DeviceState {
+        self.state
     }
 }
 
 impl Drop for Gpu {
     fn drop(&mut self) {
-        // Pending work may still use the modules; errors here have nowhere to go.
+        // Lets this handle's work finish before its stream goes; the modules
+        // and the context stay for other handles. Errors have nowhere to go.
         let _ = self.stream.0.synchronize();
-        if self.ctx.bind_to_thread().is_err() {
-            return;
-        }
-        if let Ok(modules) = self.modules.get_mut() {
-            for (_, m) in modules.drain() {
-                // SAFETY: no work of this handle is pending (synchronised
-                // above) and the functions die with the map.
-                let _ = unsafe { result::module::unload(m.raw) };
-            }
-        }
     }
 }

@@ -201,6 +201,7 @@ pub fn attention_forward(
 ) -> Result<(), CudaError> {
     let what = "attention_forward";
     let k = kernels(what, &s)?;
+    dev.check_buffers(what, &[o, lse, qkv, cos, sin])?;
     check_common(what, &s, qkv, cos, sin)?;
     o.check_len(what, s.o_len()?)?;
     lse.check_len(what, s.rows()?)?;
@@ -245,6 +246,7 @@ pub fn attention_backward(
 ) -> Result<(), CudaError> {
     let what = "attention_backward";
     let k = kernels(what, &s)?;
+    dev.check_buffers(what, &[dqkv, delta, qkv, cos, sin, o, lse, dout])?;
     check_common(what, &s, qkv, cos, sin)?;
     dqkv.check_len(what, s.qkv_len()?)?;
     o.check_len(what, s.o_len()?)?;

@@ -12,6 +12,7 @@ const BLOCK: u32 = 256;
 
 /// `y[i] = bf16(x[i])` for every element of `x`.
 pub fn cast_f32_to_bf16(dev: &Device, y: &Buffer<bf16>, x: &Buffer<f32>) -> Result<(), CudaError> {
+    dev.check_buffers("cast_f32_to_bf16", &[y, x])?;
     let n = x.len();
     y.check_len("cast_f32_to_bf16: y", n)?;
     let args = CastF32ToBf16Args {
@@ -29,6 +30,7 @@ pub fn cast_f32_to_bf16(dev: &Device, y: &Buffer<bf16>, x: &Buffer<f32>) -> Resu
 
 /// `y[i] = f32(x[i])` for every element of `x`.
 pub fn cast_bf16_to_f32(dev: &Device, y: &Buffer<f32>, x: &Buffer<bf16>) -> Result<(), CudaError> {
+    dev.check_buffers("cast_bf16_to_f32", &[y, x])?;
     let n = x.len();
     y.check_len("cast_bf16_to_f32: y", n)?;
     let args = CastBf16ToF32Args {
@@ -46,6 +48,7 @@ pub fn cast_bf16_to_f32(dev: &Device, y: &Buffer<f32>, x: &Buffer<bf16>) -> Resu
 
 /// Every element of `y` set to `v`.
 pub fn fill_f32(dev: &Device, y: &Buffer<f32>, v: f32) -> Result<(), CudaError> {
+    dev.check_buffers("fill_f32", &[y])?;
     let n = y.len();
     let args = FillF32Args {
         y: y.ptr(),
@@ -62,6 +65,7 @@ pub fn fill_f32(dev: &Device, y: &Buffer<f32>, v: f32) -> Result<(), CudaError> 
 
 /// Every element of `y` set to `v`.
 pub fn fill_bf16(dev: &Device, y: &Buffer<bf16>, v: bf16) -> Result<(), CudaError> {
+    dev.check_buffers("fill_bf16", &[y])?;
     let n = y.len();
     let args = FillBf16Args {
         y: y.ptr(),

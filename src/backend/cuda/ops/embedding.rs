@@ -54,6 +54,8 @@ pub fn input_embedding_forward(
     s: EmbeddingShape,
 ) -> Result<(), CudaError> {
     let what = "input_embedding_forward";
+    let (pt, pi) = (puzzle.map(|p| p.0), puzzle.map(|p| p.1));
+    dev.check_buffers(what, &[x, embed, tokens, &pt, &pi])?;
     let n = s.check(what)?;
     x.check_len("input_embedding_forward: x", n)?;
     embed.check_len("input_embedding_forward: embed", mul(what, &[s.v, s.d])?)?;
@@ -107,6 +109,7 @@ pub fn input_embedding_backward(
     s: EmbeddingShape,
 ) -> Result<(), CudaError> {
     let what = "input_embedding_backward";
+    dev.check_buffers(what, &[dembed, &dpuzzle, dx, tokens])?;
     let n = s.check(what)?;
     dx.check_len("input_embedding_backward: dx", n)?;
     let table = mul(what, &[s.v, s.d])?;

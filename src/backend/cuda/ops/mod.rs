@@ -1,7 +1,9 @@
 //! Typed launchers: one function per kernel, named after it
 //! (`rmsnorm_forward` / `rmsnorm_backward`, ...), one file per kernel family.
-//! Each checks its buffers against the shapes (a [`CudaError::Shape`], never
-//! an out-of-bounds launch), picks grid and block from the shapes, and
+//! Each checks its buffers belong to the device ([`Device::check_buffers`]:
+//! a [`CudaError::WrongDevice`], never an address of another device reaching
+//! a kernel) and against the shapes (a [`CudaError::Shape`], never an
+//! out-of-bounds launch), picks grid and block from the shapes, and
 //! launches on a [`Device`], so the same call runs on the GPU or the emulator.
 
 pub mod attention;

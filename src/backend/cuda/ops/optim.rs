@@ -32,6 +32,7 @@ pub fn adam_atan2(
     w_bf16: Option<&Buffer<bf16>>,
     h: AdamAtan2Step,
 ) -> Result<(), CudaError> {
+    dev.check_buffers("adam_atan2", &[w, m, v, g, &w_bf16])?;
     let n = w.len();
     for (what, b) in [("m", m), ("v", v), ("g", g)] {
         b.check_len(&format!("adam_atan2: {what}"), n)?;
@@ -82,6 +83,7 @@ pub fn puzzle_sign_sgd(
     weight_decay: f64,
 ) -> Result<(), CudaError> {
     let what = "puzzle_sign_sgd";
+    dev.check_buffers(what, &[table, grad, ids])?;
     table.check_len(what, mul(what, &[num_ids, d])?)?;
     grad.check_len(what, mul(what, &[n, d])?)?;
     ids.check_len(what, n)?;
@@ -111,6 +113,7 @@ pub fn ema(
     w: &Buffer<f32>,
     rate: f64,
 ) -> Result<(), CudaError> {
+    dev.check_buffers("ema", &[shadow, w])?;
     let n = shadow.len();
     w.check_len("ema: w", n)?;
     let args = EmaArgs {

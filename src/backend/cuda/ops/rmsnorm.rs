@@ -26,6 +26,7 @@ pub fn rmsnorm_forward(
     d: usize,
     eps: f32,
 ) -> Result<(), CudaError> {
+    dev.check_buffers("rmsnorm_forward", &[y, rstd, x, &r])?;
     let n = mul("rmsnorm_forward", &[m, d])?;
     y.check_len("rmsnorm_forward: y", n)?;
     x.check_len("rmsnorm_forward: x", n)?;
@@ -55,6 +56,7 @@ pub fn rmsnorm_backward(
     m: usize,
     d: usize,
 ) -> Result<(), CudaError> {
+    dev.check_buffers("rmsnorm_backward", &[dx, dy, y, rstd])?;
     let n = mul("rmsnorm_backward", &[m, d])?;
     dx.check_len("rmsnorm_backward: dx", n)?;
     dy.check_len("rmsnorm_backward: dy", n)?;

@@ -36,6 +36,7 @@ fn rope(
         )));
     }
     let tokens = mul(what, &[s.batch, s.seq])?;
+    dev.check_buffers(what, &[qkv, cos, sin])?;
     qkv.check_len(what, mul(what, &[tokens, 3, s.heads, s.head_dim])?)?;
     cos.check_len(what, mul(what, &[s.seq, s.head_dim])?)?;
     sin.check_len(what, mul(what, &[s.seq, s.head_dim])?)?;

@@ -67,6 +67,19 @@ pub fn stablemax_ce_forward(
     let what = "stablemax_ce_forward";
     check_vocab(what, v)?;
     let bt = mul(what, &[b, t])?;
+    dev.check_buffers(
+        what,
+        &[
+            logits,
+            &labels,
+            &out.loss,
+            &out.preds,
+            &out.sample_loss,
+            &out.count,
+            &out.correct,
+            &out.seq_correct,
+        ],
+    )?;
     logits.check_len("stablemax_ce_forward: logits", mul(what, &[bt, v])?)?;
     let args = StablemaxCeForwardArgs {
         logits: logits.cptr(),
@@ -102,6 +115,7 @@ pub fn stablemax_ce_backward(
     let what = "stablemax_ce_backward";
     check_vocab(what, v)?;
     let bt = mul(what, &[b, t])?;
+    dev.check_buffers("stablemax_ce_backward", &[dlogits, logits, labels, count])?;
     dlogits.check_len("stablemax_ce_backward: dlogits", bt * v)?;
     logits.check_len("stablemax_ce_backward: logits", bt * v)?;
     labels.check_len("stablemax_ce_backward: labels", bt)?;
@@ -155,6 +169,7 @@ pub fn q_bce_forward(
     b: usize,
 ) -> Result<(), CudaError> {
     let what = "q_bce_forward";
+    dev.check_buffers(what, &[loss, q, seq_correct, &q_continue_target])?;
     loss.check_len(what, 2 * b)?;
     let args = QHeadBceArgs {
         loss: loss.ptr(),
@@ -174,6 +189,7 @@ pub fn q_bce_backward(
     b: usize,
 ) -> Result<(), CudaError> {
     let what = "q_bce_backward";
+    dev.check_buffers(what, &[dq, q, seq_correct, &q_continue_target])?;
     dq.check_len(what, 2 * b)?;
     let args = QHeadBceArgs {
         dq: dq.ptr(),

@@ -19,6 +19,7 @@ pub fn swiglu_forward(
     f: usize,
 ) -> Result<(), CudaError> {
     let n = mul("swiglu_forward", &[m, f])?;
+    dev.check_buffers("swiglu_forward", &[a, gu])?;
     a.check_len("swiglu_forward: a", n)?;
     gu.check_len("swiglu_forward: gu", 2 * n)?;
     let args = SwigluForwardArgs {
@@ -45,6 +46,7 @@ pub fn swiglu_backward(
     f: usize,
 ) -> Result<(), CudaError> {
     let n = mul("swiglu_backward", &[m, f])?;
+    dev.check_buffers("swiglu_backward", &[dgu, da, gu])?;
     dgu.check_len("swiglu_backward: dgu", 2 * n)?;
     da.check_len("swiglu_backward: da", n)?;
     gu.check_len("swiglu_backward: gu", 2 * n)?;
