@@ -65,6 +65,13 @@ struct ForwardTiles {
     static constexpr int BQ = ATT_WARPS * 16 * MT;
 };
 
+// Query rows per warp in the dQ kernel: 32 for d <= 64, 16 for d 128.
+template <int HD>
+struct DqTiles {
+    static constexpr int MT = HD <= 64 ? 2 : 1;  // m-tiles per warp
+    static constexpr int BQ = ATT_WARPS * 16 * MT;
+};
+
 // Queries per inner tile of the dK/dV kernel.
 template <int HD>
 struct KeyTileBackward {
@@ -175,42 +182,53 @@ static __device__ __forceinline__ void acc_to_a(uint32_t a[4], const float c0[4]
     a[3] = pack_bf16x2(c1[2], c1[3]);
 }
 
-// acc[16 x N] += A_tile[rows row0.., all K columns] * B where B's rows are
-// the n index (scores: q k^T, k q^T, dO v^T, v dO^T). K = HD.
-template <int HD, int NT>
-static __device__ __forceinline__ void mma_rows_nrows(float acc[NT][4], const bf16* a_tile, int row0,
+// acc[m][16 x N] += A_tile[rows row0 + 16 m.., all K columns] * B for MT
+// m-tiles, where B's rows are the n index (scores: q k^T, k q^T, dO v^T,
+// v dO^T). K = HD. Each B fragment serves all MT m-tiles.
+template <int HD, int NT, int MT>
+static __device__ __forceinline__ void mma_rows_nrows(float acc[MT][NT][4], const bf16* a_tile, int row0,
                                                       const bf16* b_tile, int lane) {
     constexpr int LD = Row<HD>::LD;
 #pragma unroll
     for (int ks = 0; ks < HD / 16; ks++) {
-        uint32_t a[4];
-        frag_a<LD>(a, a_tile, row0, ks * 16, lane);
+        uint32_t a[MT][4];
+#pragma unroll
+        for (int m = 0; m < MT; m++) frag_a<LD>(a[m], a_tile, row0 + 16 * m, ks * 16, lane);
 #pragma unroll
         for (int nt = 0; nt < NT; nt += 2) {
             uint32_t b[4];
             frag_b_nrows<LD>(b, b_tile, nt * 8, ks * 16, lane);
-            mma_m16n8k16_bf16_f32(acc[nt], a, b, acc[nt]);
-            mma_m16n8k16_bf16_f32(acc[nt + 1], a, b + 2, acc[nt + 1]);
+#pragma unroll
+            for (int m = 0; m < MT; m++) {
+                mma_m16n8k16_bf16_f32(acc[m][nt], a[m], b, acc[m][nt]);
+                mma_m16n8k16_bf16_f32(acc[m][nt + 1], a[m], b + 2, acc[m][nt + 1]);
+            }
         }
     }
 }
 
-// acc[16 x HD] += P[16 x KN] * T where P is in accumulator tiles p[KN / 8]
-// and T [KN][HD] is a tile whose rows are the k index (P v, P^T dO, dS k, dS^T q).
-template <int HD, int KN>
-static __device__ __forceinline__ void mma_acc_krows(float acc[HD / 8][4], const float p[KN / 8][4],
+// acc[m][16 x HD] += P[m][16 x KN] * T for MT m-tiles, where P is in
+// accumulator tiles p[m][KN / 8] and T [KN][HD] is a tile whose rows are the k
+// index (P v, P^T dO, dS k, dS^T q). Each B fragment serves all MT m-tiles
+// (shared-memory reads, not the mma, bound an mma.sync kernel).
+template <int HD, int KN, int MT>
+static __device__ __forceinline__ void mma_acc_krows(float acc[MT][HD / 8][4], const float p[MT][KN / 8][4],
                                                      const bf16* b_tile, int lane) {
     constexpr int LD = Row<HD>::LD;
 #pragma unroll
     for (int kk = 0; kk < KN / 16; kk++) {
-        uint32_t a[4];
-        acc_to_a(a, p[2 * kk], p[2 * kk + 1]);
+        uint32_t a[MT][4];
+#pragma unroll
+        for (int m = 0; m < MT; m++) acc_to_a(a[m], p[m][2 * kk], p[m][2 * kk + 1]);
 #pragma unroll
         for (int ot = 0; ot < HD / 8; ot += 2) {
             uint32_t b[4];
             frag_b_krows<LD>(b, b_tile, kk * 16, ot * 8, lane);
-            mma_m16n8k16_bf16_f32(acc[ot], a, b, acc[ot]);
-            mma_m16n8k16_bf16_f32(acc[ot + 1], a, b + 2, acc[ot + 1]);
+#pragma unroll
+            for (int m = 0; m < MT; m++) {
+                mma_m16n8k16_bf16_f32(acc[m][ot], a[m], b, acc[m][ot]);
+                mma_m16n8k16_bf16_f32(acc[m][ot + 1], a[m], b + 2, acc[m][ot + 1]);
+            }
         }
     }
 }
@@ -322,32 +340,37 @@ static __device__ void attention_forward_impl(const AttentionForwardArgs& a) {
         const bf16* k_tile = sK + buf * ATT_BK * LD;
         const bf16* v_tile = sV + buf * ATT_BK * LD;
         const int k0 = j * ATT_BK;
+        // Scores of all MT m-tiles, each K fragment loaded once for them.
+        float s[MT][NT][4];
+#pragma unroll
+        for (int m = 0; m < MT; m++) zero_acc<NT>(s[m]);
+#pragma unroll
+        for (int ks = 0; ks < KS; ks++)
+#pragma unroll
+            for (int nt = 0; nt < NT; nt += 2) {
+                uint32_t kb[4];
+                frag_b_nrows<LD>(kb, k_tile, nt * 8, ks * 16, lane);
+#pragma unroll
+                for (int m = 0; m < MT; m++) {
+                    mma_m16n8k16_bf16_f32(s[m][nt], qf[m][ks], kb, s[m][nt]);
+                    mma_m16n8k16_bf16_f32(s[m][nt + 1], qf[m][ks], kb + 2, s[m][nt + 1]);
+                }
+            }
 #pragma unroll
         for (int m = 0; m < MT; m++) {
-            float s[NT][4];
-            zero_acc<NT>(s);
-#pragma unroll
-            for (int ks = 0; ks < KS; ks++)
-#pragma unroll
-                for (int nt = 0; nt < NT; nt += 2) {
-                    uint32_t kb[4];
-                    frag_b_nrows<LD>(kb, k_tile, nt * 8, ks * 16, lane);
-                    mma_m16n8k16_bf16_f32(s[nt], qf[m][ks], kb, s[nt]);
-                    mma_m16n8k16_bf16_f32(s[nt + 1], qf[m][ks], kb + 2, s[nt + 1]);
-                }
             // Keys past S (the tail tile) get no weight.
             if (k0 + ATT_BK > S) {
 #pragma unroll
                 for (int nt = 0; nt < NT; nt++)
 #pragma unroll
                     for (int i = 0; i < 4; i++)
-                        if (k0 + nt * 8 + 2 * t + i % 2 >= S) s[nt][i] = neg_inf();
+                        if (k0 + nt * 8 + 2 * t + i % 2 >= S) s[m][nt][i] = neg_inf();
             }
 #pragma unroll
             for (int half = 0; half < 2; half++) {
                 float mx = row_max[m][half];
 #pragma unroll
-                for (int nt = 0; nt < NT; nt++) mx = fmaxf(mx, fmaxf(s[nt][2 * half], s[nt][2 * half + 1]));
+                for (int nt = 0; nt < NT; nt++) mx = fmaxf(mx, fmaxf(s[m][nt][2 * half], s[m][nt][2 * half + 1]));
                 mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 1));
                 mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 2));
                 // The first key tile always holds a valid key, so mx is finite.
@@ -359,8 +382,8 @@ static __device__ void attention_forward_impl(const AttentionForwardArgs& a) {
                 for (int nt = 0; nt < NT; nt++)
 #pragma unroll
                     for (int e = 0; e < 2; e++) {
-                        const float p = exp2f(fmaf(s[nt][2 * half + e], sl2, -shift));
-                        s[nt][2 * half + e] = p;
+                        const float p = exp2f(fmaf(s[m][nt][2 * half + e], sl2, -shift));
+                        s[m][nt][2 * half + e] = p;
                         sum += p;
                     }
                 row_sum[m][half] = row_sum[m][half] * corr + sum;
@@ -370,8 +393,8 @@ static __device__ void attention_forward_impl(const AttentionForwardArgs& a) {
                     o[m][ot][2 * half + 1] *= corr;
                 }
             }
-            mma_acc_krows<HD, ATT_BK>(o[m], s, v_tile, lane);
         }
+        mma_acc_krows<HD, ATT_BK, MT>(o, s, v_tile, lane);
         if (j + 1 < k_tiles) {
             cp_async_wait<0>();
             __syncthreads();  // barrier: next K/V tile landed (forward)
@@ -515,8 +538,8 @@ static __device__ void attention_backward_dkdv_impl(const AttentionBackwardArgs&
         float pt[QT][4], dpt[QT][4];
         zero_acc<QT>(pt);
         zero_acc<QT>(dpt);
-        mma_rows_nrows<HD, QT>(pt, sK, kw, q_tile, lane);
-        mma_rows_nrows<HD, QT>(dpt, sV, kw, do_tile, lane);
+        mma_rows_nrows<HD, QT, 1>(&pt, sK, kw, q_tile, lane);
+        mma_rows_nrows<HD, QT, 1>(&dpt, sV, kw, do_tile, lane);
 #pragma unroll
         for (int nt = 0; nt < QT; nt++)
 #pragma unroll
@@ -526,8 +549,8 @@ static __device__ void attention_backward_dkdv_impl(const AttentionBackwardArgs&
                 pt[nt][e] = p;
                 dpt[nt][e] = p * (dpt[nt][e] - delta[c]);  // dS^T
             }
-        mma_acc_krows<HD, BQ>(dv, pt, do_tile, lane);
-        mma_acc_krows<HD, BQ>(dk, dpt, q_tile, lane);
+        mma_acc_krows<HD, BQ, 1>(&dv, &pt, do_tile, lane);
+        mma_acc_krows<HD, BQ, 1>(&dk, &dpt, q_tile, lane);
 
         if (i + 1 < q_tiles) {
             cp_async_wait<0>();
@@ -558,9 +581,11 @@ static __device__ void attention_backward_dkdv_impl(const AttentionBackwardArgs&
 
 template <int HD>
 static __device__ void attention_backward_dq_impl(const AttentionBackwardArgs& a) {
-    constexpr int BQ = ATT_WARPS * 16;
+    constexpr int MT = DqTiles<HD>::MT;
+    constexpr int BQ = DqTiles<HD>::BQ;
     constexpr int LD = Row<HD>::LD;
-    constexpr int NT = ATT_BK / 8;
+    constexpr int DQ_KEYS = 32;       // keys per step within a tile
+    constexpr int NT = DQ_KEYS / 8;
     constexpr int OT = HD / 8;
     const int S = a.S, H = a.H;
     const int q_tiles = (int)ceil_div(S, BQ);
@@ -580,17 +605,19 @@ static __device__ void attention_backward_dq_impl(const AttentionBackwardArgs& a
     const int g = lane / 4, t = lane % 4;
     const int k_tiles = (int)ceil_div(S, ATT_BK);
     const float sl2 = a.scale * LOG2E;
-    const int qw = warp * 16;  // this warp's queries in the tile
+    const int qw = warp * 16 * MT;  // this warp's queries in the tile
 
-    // lse (in log2 units) and delta of this lane's two rows.
-    float lse2[2], delta[2];
+    // lse (in log2 units) and delta of this lane's rows.
+    float lse2[MT][2], delta[MT][2];
 #pragma unroll
-    for (int half = 0; half < 2; half++) {
-        const int q = q0 + qw + g + 8 * half;
-        const bool valid = q < S;
-        lse2[half] = valid ? a.lse[(long)bh * S + q] * LOG2E : 0.0f;
-        delta[half] = valid ? a.delta[(long)bh * S + q] : 0.0f;
-    }
+    for (int m = 0; m < MT; m++)
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            const int q = q0 + qw + 16 * m + g + 8 * half;
+            const bool valid = q < S;
+            lse2[m][half] = valid ? a.lse[(long)bh * S + q] * LOG2E : 0.0f;
+            delta[m][half] = valid ? a.delta[(long)bh * S + q] : 0.0f;
+        }
 
     bf16* sQ = dynamic_shared<bf16>();
     bf16* sdO = sQ + BQ * LD;
@@ -607,8 +634,9 @@ static __device__ void attention_backward_dq_impl(const AttentionBackwardArgs& a
     tile_rotate<HD, ATT_BK>(sK, a.cos, a.sin, 0, S);
     __syncthreads();
 
-    float dq[OT][4];
-    zero_acc<OT>(dq);
+    float dq[MT][OT][4];
+#pragma unroll
+    for (int m = 0; m < MT; m++) zero_acc<OT>(dq[m]);
     for (int j = 0; j < k_tiles; j++) {
         const int buf = j & 1;
         const int k0 = j * ATT_BK;
@@ -620,20 +648,31 @@ static __device__ void attention_backward_dq_impl(const AttentionBackwardArgs& a
         const bf16* k_tile = sK + buf * ATT_BK * LD;
         const bf16* v_tile = sV + buf * ATT_BK * LD;
 
-        float p[NT][4], ds[NT][4];
-        zero_acc<NT>(p);
-        zero_acc<NT>(ds);
-        mma_rows_nrows<HD, NT>(p, sQ, qw, k_tile, lane);
-        mma_rows_nrows<HD, NT>(ds, sdO, qw, v_tile, lane);
+        // Half a key tile (32 keys) at a time: the scores and dP of 32
+        // queries per warp for a whole tile would not fit in registers.
+#pragma unroll 1
+        for (int kh = 0; kh < ATT_BK; kh += DQ_KEYS) {
+            const bf16* k_part = k_tile + kh * LD;
+            float p[MT][NT][4], ds[MT][NT][4];
 #pragma unroll
-        for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int key = k0 + nt * 8 + 2 * t + e % 2;
-                const float pe = key < S ? exp2f(fmaf(p[nt][e], sl2, -lse2[e / 2])) : 0.0f;
-                ds[nt][e] = pe * (ds[nt][e] - delta[e / 2]);
+            for (int m = 0; m < MT; m++) {
+                zero_acc<NT>(p[m]);
+                zero_acc<NT>(ds[m]);
             }
-        mma_acc_krows<HD, ATT_BK>(dq, ds, k_tile, lane);
+            mma_rows_nrows<HD, NT, MT>(p, sQ, qw, k_part, lane);
+            mma_rows_nrows<HD, NT, MT>(ds, sdO, qw, v_tile + kh * LD, lane);
+#pragma unroll
+            for (int m = 0; m < MT; m++)
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const int key = k0 + kh + nt * 8 + 2 * t + e % 2;
+                        const float pe = key < S ? exp2f(fmaf(p[m][nt][e], sl2, -lse2[m][e / 2])) : 0.0f;
+                        ds[m][nt][e] = pe * (ds[m][nt][e] - delta[m][e / 2]);
+                    }
+            mma_acc_krows<HD, DQ_KEYS, MT>(dq, ds, k_part, lane);
+        }
 
         if (j + 1 < k_tiles) {
             cp_async_wait<0>();
@@ -643,7 +682,9 @@ static __device__ void attention_backward_dq_impl(const AttentionBackwardArgs& a
         }
     }
     bf16* out = a.dqkv + (long)b * S * W + (long)h * HD;
-    store_rotated_grad<HD>(dq, a.scale, a.cos, a.sin, q0 + qw, S, out, W, lane);
+#pragma unroll
+    for (int m = 0; m < MT; m++)
+        store_rotated_grad<HD>(dq[m], a.scale, a.cos, a.sin, q0 + qw + 16 * m, S, out, W, lane);
 }
 
 extern "C" __global__ void __launch_bounds__(128) attention_backward_dkdv_d32(const AttentionBackwardArgs a) {

@@ -16,8 +16,6 @@ use crate::backend::cuda::{Buffer, CudaError, Device};
 const THREADS: u32 = 128;
 /// Key rows per tile (forward, dQ) and keys per block (dK/dV).
 const BK: usize = 64;
-/// Queries per block of the dQ kernel.
-const BQ_DQ: usize = 64;
 const DELTA_BLOCK: u32 = 256;
 
 /// The qkv layout: `[batch, seq, 3 * heads * head_dim]`.
@@ -64,6 +62,11 @@ fn forward_queries(d: usize) -> usize {
     }
 }
 
+/// Queries per block of the dQ kernel for head dim `d` (as the forward).
+fn dq_queries(d: usize) -> usize {
+    forward_queries(d)
+}
+
 /// Queries per inner tile of the dK/dV kernel for head dim `d`.
 fn dkdv_queries(d: usize) -> usize {
     if d <= 64 {
@@ -93,7 +96,7 @@ pub fn dkdv_shared_bytes(d: usize) -> usize {
 /// Dynamic shared memory of the dQ kernel: the Q and dO tiles, two K and two
 /// V tiles.
 pub fn dq_shared_bytes(d: usize) -> usize {
-    tile_bytes(2 * BQ_DQ + 4 * BK, d)
+    tile_bytes(2 * dq_queries(d) + 4 * BK, d)
 }
 
 /// The three kernels of one head dim.
@@ -287,6 +290,11 @@ pub fn attention_backward(
     };
     let dkdv = tile_grid(what, &s, BK, dkdv_shared_bytes(s.head_dim))?;
     launch(dev, k.dkdv, dkdv, &args)?;
-    let dq = tile_grid(what, &s, BQ_DQ, dq_shared_bytes(s.head_dim))?;
+    let dq = tile_grid(
+        what,
+        &s,
+        dq_queries(s.head_dim),
+        dq_shared_bytes(s.head_dim),
+    )?;
     launch(dev, k.dq, dq, &args)
 }
