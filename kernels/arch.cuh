@@ -57,6 +57,19 @@ static __device__ __forceinline__ void store_stream16(void* p, int4 v) {
 #endif
 }
 
+// 2^x by the special-function unit (ex2.approx.ftz: about 2 ulp, results
+// below 2^-126 flush to 0), without the extra scaling exp2f adds for
+// subnormal results: softmax weights that small are 0 in bf16 anyway.
+static __device__ __forceinline__ float fast_exp2(float x) {
+#ifdef TRM_EMU
+    return exp2f(x);
+#else
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+#endif
+}
+
 // ---------------------------------------------------------------------------
 // Warp-level matrix instructions and asynchronous copies
 //

@@ -109,11 +109,31 @@ static __device__ __forceinline__ void vector_load_async(float* dst, const float
     }
 }
 
+// Issues cp.async copies of the RoPE table rows of positions row0 ..
+// row0 + ROWS - 1 into dst_cos, dst_sin [ROWS][HD] (rows past S skipped): the
+// rotation pass in a tile loop then reads shared memory, not global, so its
+// latency is not exposed between the loop's two barriers.
+template <int HD, int ROWS>
+static __device__ __forceinline__ void table_load_async(float* dst_cos, float* dst_sin, const float* cos,
+                                                        const float* sin, int row0, int S) {
+    constexpr int CHUNKS = HD / 4;  // 16-byte chunks per row
+    for (int c = threadIdx.x; c < ROWS * CHUNKS; c += ATT_THREADS) {
+        const int r = c / CHUNKS;
+        const int k = c % CHUNKS * 4;
+        if (row0 + r >= S) continue;
+        const long at = (long)(row0 + r) * HD + k;
+        cp_async_16(dst_cos + r * HD + k, cos + at);
+        cp_async_16(dst_sin + r * HD + k, sin + at);
+    }
+}
+
 // Rotates the rows of a landed tile in place (rope.cu's forward formula, f32,
-// one bf16 rounding); rows past S stay zero. Each step takes 8 consecutive
-// pairs as 16-byte packs (shared rows are 16-byte aligned, d / 2 is a
-// multiple of 8) and the tables as 16-byte f32 packs (the launcher checks
-// that every global pointer is 16-byte aligned).
+// one bf16 rounding); rows past S stay zero. `cos`, `sin` point at the table
+// row of position row0 (rows HD apart: the global tables or a block's copy
+// from table_load_async). Each step takes 8 consecutive pairs as 16-byte
+// packs (shared rows are 16-byte aligned, d / 2 is a multiple of 8) and the
+// tables as 16-byte f32 packs (the launcher checks every global pointer is
+// 16-byte aligned).
 template <int HD, int ROWS>
 static __device__ __forceinline__ void tile_rotate(bf16* t, const float* cos, const float* sin, int row0, int S) {
     constexpr int HALF = HD / 2;
@@ -126,8 +146,8 @@ static __device__ __forceinline__ void tile_rotate(bf16* t, const float* cos, co
         const int pos = row0 + r;
         if (pos >= S) continue;
         bf16* x = t + r * Row<HD>::LD;
-        const float* c = cos + (long)pos * HD;
-        const float* s = sin + (long)pos * HD;
+        const float* c = cos + (long)r * HD;
+        const float* s = sin + (long)r * HD;
         const Pack128<bf16> x1 = load128(x + i), x2 = load128(x + i + HALF);
         Pack128<bf16> o1, o2;
 #pragma unroll
@@ -304,13 +324,15 @@ static __device__ void attention_forward_impl(const AttentionForwardArgs& a) {
     bf16* sQ = dynamic_shared<bf16>();
     bf16* sK = sQ + BQ * LD;          // two buffers
     bf16* sV = sK + 2 * ATT_BK * LD;  // two buffers
+    float* sCos = reinterpret_cast<float*>(sV + 2 * ATT_BK * LD);  // the next K tile's table rows
+    float* sSin = sCos + ATT_BK * HD;
 
     tile_load_async<HD, BQ>(sQ, qg, W, q0, S);
     tile_load_async<HD, ATT_BK>(sK, kg, W, 0, S);
     tile_load_async<HD, ATT_BK>(sV, vg, W, 0, S);
     cp_async_wait_all();
     __syncthreads();
-    tile_rotate<HD, BQ>(sQ, a.cos, a.sin, q0, S);
+    tile_rotate<HD, BQ>(sQ, a.cos + (long)q0 * HD, a.sin + (long)q0 * HD, q0, S);
     tile_rotate<HD, ATT_BK>(sK, a.cos, a.sin, 0, S);
     __syncthreads();
 
@@ -335,6 +357,7 @@ static __device__ void attention_forward_impl(const AttentionForwardArgs& a) {
         if (j + 1 < k_tiles) {
             tile_load_async<HD, ATT_BK>(sK + (buf ^ 1) * ATT_BK * LD, kg, W, (j + 1) * ATT_BK, S);
             tile_load_async<HD, ATT_BK>(sV + (buf ^ 1) * ATT_BK * LD, vg, W, (j + 1) * ATT_BK, S);
+            table_load_async<HD, ATT_BK>(sCos, sSin, a.cos, a.sin, (j + 1) * ATT_BK, S);
             cp_async_commit();
         }
         const bf16* k_tile = sK + buf * ATT_BK * LD;
@@ -374,7 +397,7 @@ static __device__ void attention_forward_impl(const AttentionForwardArgs& a) {
                 mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 1));
                 mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 2));
                 // The first key tile always holds a valid key, so mx is finite.
-                const float corr = exp2f((row_max[m][half] - mx) * sl2);
+                const float corr = fast_exp2((row_max[m][half] - mx) * sl2);
                 row_max[m][half] = mx;
                 const float shift = mx * sl2;
                 float sum = 0.0f;
@@ -382,7 +405,7 @@ static __device__ void attention_forward_impl(const AttentionForwardArgs& a) {
                 for (int nt = 0; nt < NT; nt++)
 #pragma unroll
                     for (int e = 0; e < 2; e++) {
-                        const float p = exp2f(fmaf(s[m][nt][2 * half + e], sl2, -shift));
+                        const float p = fast_exp2(fmaf(s[m][nt][2 * half + e], sl2, -shift));
                         s[m][nt][2 * half + e] = p;
                         sum += p;
                     }
@@ -398,7 +421,7 @@ static __device__ void attention_forward_impl(const AttentionForwardArgs& a) {
         if (j + 1 < k_tiles) {
             cp_async_wait<0>();
             __syncthreads();  // barrier: next K/V tile landed (forward)
-            tile_rotate<HD, ATT_BK>(sK + (buf ^ 1) * ATT_BK * LD, a.cos, a.sin, (j + 1) * ATT_BK, S);
+            tile_rotate<HD, ATT_BK>(sK + (buf ^ 1) * ATT_BK * LD, sCos, sSin, (j + 1) * ATT_BK, S);
             __syncthreads();  // barrier: rotated K tile (forward)
         }
     }
@@ -500,6 +523,8 @@ static __device__ void attention_backward_dkdv_impl(const AttentionBackwardArgs&
     bf16* sdO = sQ + 2 * BQ * LD;  // two buffers
     float* sLse = reinterpret_cast<float*>(sdO + 2 * BQ * LD);  // two buffers
     float* sDelta = sLse + 2 * BQ;                              // two buffers
+    float* sCos = sDelta + 2 * BQ;                              // the next Q tile's table rows
+    float* sSin = sCos + BQ * HD;
 
     tile_load_async<HD, ATT_BK>(sK, kg, W, k0, S);
     tile_load_async<HD, ATT_BK>(sV, vg, W, k0, S);
@@ -509,7 +534,7 @@ static __device__ void attention_backward_dkdv_impl(const AttentionBackwardArgs&
     vector_load_async<BQ>(sDelta, delta_g, 0, S);
     cp_async_wait_all();
     __syncthreads();
-    tile_rotate<HD, ATT_BK>(sK, a.cos, a.sin, k0, S);
+    tile_rotate<HD, ATT_BK>(sK, a.cos + (long)k0 * HD, a.sin + (long)k0 * HD, k0, S);
     tile_rotate<HD, BQ>(sQ, a.cos, a.sin, 0, S);
     __syncthreads();
 
@@ -527,6 +552,7 @@ static __device__ void attention_backward_dkdv_impl(const AttentionBackwardArgs&
             tile_load_async<HD, BQ>(sdO + n * BQ * LD, dog, O, q0 + BQ, S);
             vector_load_async<BQ>(sLse + n * BQ, lse_g, q0 + BQ, S);
             vector_load_async<BQ>(sDelta + n * BQ, delta_g, q0 + BQ, S);
+            table_load_async<HD, BQ>(sCos, sSin, a.cos, a.sin, q0 + BQ, S);
             cp_async_commit();
         }
         const bf16* q_tile = sQ + buf * BQ * LD;
@@ -545,7 +571,7 @@ static __device__ void attention_backward_dkdv_impl(const AttentionBackwardArgs&
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int c = nt * 8 + 2 * t + e % 2;  // query in the tile
-                const float p = q0 + c < S ? exp2f(fmaf(pt[nt][e], sl2, -lse[c] * LOG2E)) : 0.0f;
+                const float p = q0 + c < S ? fast_exp2(fmaf(pt[nt][e], sl2, -lse[c] * LOG2E)) : 0.0f;
                 pt[nt][e] = p;
                 dpt[nt][e] = p * (dpt[nt][e] - delta[c]);  // dS^T
             }
@@ -555,7 +581,7 @@ static __device__ void attention_backward_dkdv_impl(const AttentionBackwardArgs&
         if (i + 1 < q_tiles) {
             cp_async_wait<0>();
             __syncthreads();  // barrier: next Q/dO tile landed (dK/dV)
-            tile_rotate<HD, BQ>(sQ + (buf ^ 1) * BQ * LD, a.cos, a.sin, q0 + BQ, S);
+            tile_rotate<HD, BQ>(sQ + (buf ^ 1) * BQ * LD, sCos, sSin, q0 + BQ, S);
             __syncthreads();  // barrier: rotated Q tile (dK/dV)
         }
     }
@@ -623,6 +649,8 @@ static __device__ void attention_backward_dq_impl(const AttentionBackwardArgs& a
     bf16* sdO = sQ + BQ * LD;
     bf16* sK = sdO + BQ * LD;         // two buffers
     bf16* sV = sK + 2 * ATT_BK * LD;  // two buffers
+    float* sCos = reinterpret_cast<float*>(sV + 2 * ATT_BK * LD);  // the next K tile's table rows
+    float* sSin = sCos + ATT_BK * HD;
 
     tile_load_async<HD, BQ>(sQ, qg, W, q0, S);
     tile_load_async<HD, BQ>(sdO, dog, O, q0, S);
@@ -630,7 +658,7 @@ static __device__ void attention_backward_dq_impl(const AttentionBackwardArgs& a
     tile_load_async<HD, ATT_BK>(sV, vg, W, 0, S);
     cp_async_wait_all();
     __syncthreads();
-    tile_rotate<HD, BQ>(sQ, a.cos, a.sin, q0, S);
+    tile_rotate<HD, BQ>(sQ, a.cos + (long)q0 * HD, a.sin + (long)q0 * HD, q0, S);
     tile_rotate<HD, ATT_BK>(sK, a.cos, a.sin, 0, S);
     __syncthreads();
 
@@ -643,6 +671,7 @@ static __device__ void attention_backward_dq_impl(const AttentionBackwardArgs& a
         if (j + 1 < k_tiles) {
             tile_load_async<HD, ATT_BK>(sK + (buf ^ 1) * ATT_BK * LD, kg, W, k0 + ATT_BK, S);
             tile_load_async<HD, ATT_BK>(sV + (buf ^ 1) * ATT_BK * LD, vg, W, k0 + ATT_BK, S);
+            table_load_async<HD, ATT_BK>(sCos, sSin, a.cos, a.sin, k0 + ATT_BK, S);
             cp_async_commit();
         }
         const bf16* k_tile = sK + buf * ATT_BK * LD;
@@ -668,7 +697,7 @@ static __device__ void attention_backward_dq_impl(const AttentionBackwardArgs& a
 #pragma unroll
                     for (int e = 0; e < 4; e++) {
                         const int key = k0 + kh + nt * 8 + 2 * t + e % 2;
-                        const float pe = key < S ? exp2f(fmaf(p[m][nt][e], sl2, -lse2[m][e / 2])) : 0.0f;
+                        const float pe = key < S ? fast_exp2(fmaf(p[m][nt][e], sl2, -lse2[m][e / 2])) : 0.0f;
                         ds[m][nt][e] = pe * (ds[m][nt][e] - delta[m][e / 2]);
                     }
             mma_acc_krows<HD, DQ_KEYS, MT>(dq, ds, k_part, lane);
@@ -677,7 +706,7 @@ static __device__ void attention_backward_dq_impl(const AttentionBackwardArgs& a
         if (j + 1 < k_tiles) {
             cp_async_wait<0>();
             __syncthreads();  // barrier: next K/V tile landed (dQ)
-            tile_rotate<HD, ATT_BK>(sK + (buf ^ 1) * ATT_BK * LD, a.cos, a.sin, k0 + ATT_BK, S);
+            tile_rotate<HD, ATT_BK>(sK + (buf ^ 1) * ATT_BK * LD, sCos, sSin, k0 + ATT_BK, S);
             __syncthreads();  // barrier: rotated K tile (dQ)
         }
     }

@@ -81,22 +81,28 @@ fn tile_bytes(rows: usize, d: usize) -> usize {
     rows * (d + 8) * 2
 }
 
-/// Dynamic shared memory of the forward: the Q tile and two K and two V tiles.
+/// Bytes of the cos and sin table rows of `rows` positions (f32).
+fn table_bytes(rows: usize, d: usize) -> usize {
+    2 * rows * d * 4
+}
+
+/// Dynamic shared memory of the forward: the Q tile, two K and two V tiles,
+/// the next K tile's table rows.
 pub fn forward_shared_bytes(d: usize) -> usize {
-    tile_bytes(forward_queries(d) + 4 * BK, d)
+    tile_bytes(forward_queries(d) + 4 * BK, d) + table_bytes(BK, d)
 }
 
 /// Dynamic shared memory of the dK/dV kernel: the K and V tiles, two Q and
-/// two dO tiles, two lse and two delta vectors.
+/// two dO tiles, two lse and two delta vectors, the next Q tile's table rows.
 pub fn dkdv_shared_bytes(d: usize) -> usize {
     let bq = dkdv_queries(d);
-    tile_bytes(2 * BK + 4 * bq, d) + 4 * bq * 4
+    tile_bytes(2 * BK + 4 * bq, d) + 4 * bq * 4 + table_bytes(bq, d)
 }
 
 /// Dynamic shared memory of the dQ kernel: the Q and dO tiles, two K and two
-/// V tiles.
+/// V tiles, the next K tile's table rows.
 pub fn dq_shared_bytes(d: usize) -> usize {
-    tile_bytes(2 * dq_queries(d) + 4 * BK, d)
+    tile_bytes(2 * dq_queries(d) + 4 * BK, d) + table_bytes(BK, d)
 }
 
 /// The three kernels of one head dim.
