@@ -16,6 +16,9 @@
 //! in TFLOP/s (forward 4 B H S^2 d, backward 2.5 times that). With
 //! `TRM_BENCH_ATTENTION_JSON=FILE` the attention rows are also written there
 //! as JSON, for tools/gpu-check.sh to set beside PyTorch's SDPA.
+//!
+//! `TRM_BENCH_ONLY=attention` runs the attention rows alone and
+//! `TRM_BENCH_REPS=N` sets the repetitions (for a profiler: tools/profile-attention.sh).
 
 use std::time::Instant;
 
@@ -158,6 +161,9 @@ fn run(dev: &Device, z: &Sizes) -> Result<(), CudaError> {
         if let Err(e) = std::fs::write(&path, json) {
             eprintln!("could not write {path}: {e}");
         }
+    }
+    if std::env::var("TRM_BENCH_ONLY").is_ok_and(|v| v == "attention") {
+        return dev.synchronize();
     }
 
     let (m, d, f) = (z.rows, z.d, z.f);
@@ -315,7 +321,10 @@ fn main() {
                 params: 7_000_000,
                 gemms: vec![(3664, 512, 2048), (3664, 2048, 512), (8192, 8192, 8192)],
                 attention: vec![(96, 8, 916, 64), (8, 8, 4096, 64)],
-                reps: 20,
+                reps: std::env::var("TRM_BENCH_REPS")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(20),
             };
             if let Err(e) = run(&dev, &sizes) {
                 eprintln!("kernel benchmarks failed: {e}");
