@@ -18,15 +18,20 @@ if [[ -z $ncu ]]; then
 fi
 [[ -n $ncu ]] || { echo "ncu not found" >&2; exit 1; }
 out=${OUT:-.}/ncu-attention.txt
+# cudarc opens the bare names (libcuda.so, libcublasLt.so): links to the real
+# libraries in a private folder (tools/gpu-check.sh explains why).
+shim=$(mktemp -d)
+trap 'rm -rf "$shim"' EXIT
+for lib in libcuda.so.1 libcublasLt.so.13; do
+  for d in /usr/local/nvidia/lib64 /usr/lib/x86_64-linux-gnu /usr/local/cuda/targets/x86_64-linux/lib /usr/local/cuda/lib64; do
+    if [[ -e $d/$lib ]]; then ln -sf "$d/$lib" "$shim/${lib%.so*}.so"; break; fi
+  done
+done
+export LD_LIBRARY_PATH=$shim${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 sections=(--section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis
   --section Occupancy --section LaunchStats --section SchedulerStats --section WarpStateStats
   --section InstructionStats
-  --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio"
-  --metrics sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active
-  --metrics l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum
-  --metrics l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum
-  --metrics l1tex__data_pipe_lsu_wavefronts_mem_shared.sum
-  --metrics smsp__inst_executed.sum)
+  --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared.sum,smsp__inst_executed.sum")
 : >"$out"
 for k in attention_forward_d64 attention_backward_dkdv_d64 attention_backward_dq_d64; do
   echo "=== $k ===" | tee -a "$out"
