@@ -15,29 +15,38 @@
 //
 // RoPE is applied as tiles arrive: a tile of raw q or k rows is copied into
 // shared memory (cp.async), then rotated there in f32 and rounded to bf16 once
-// (as rope.cu does), so no rotated copy ever reaches global memory. The
-// backward rotation of dq / dk happens in registers on the f32 accumulators:
-// in the mma accumulator layout a lane holding column i of a tile also holds
-// column i + d/2 (the same slot of the tile d/16 tiles later).
+// (as rope.cu does), so no rotated copy ever reaches global memory. In the
+// forward and dQ loops the next K tile's table rows are copied along with it;
+// the dK/dV loop reads them from global (L2), since its third block per
+// multiprocessor is worth more than the staging (measured: 2.11 against 2.49
+// ms at the ARC shape). The backward rotation of dq / dk happens in registers
+// on the f32 accumulators: in the mma accumulator layout a lane holding column
+// i of a tile also holds column i + d/2 (the same slot d/16 tiles later).
 //
 // Online softmax (forward) keeps the row max m in raw-score units and uses
-// exp2((x - m) c log2 e), with per-lane partial row sums reduced across the
-// 4 lanes of a row once, at the end.
+// 2^((x - m) c log2 e) (ex2.approx), with per-lane partial row sums reduced
+// across the 4 lanes of a row once, at the end.
 //
-// Tiles and why: blocks of 4 warps (128 threads); each warp owns 16 rows per
-// m-tile. Key tiles are 64 rows, double-buffered in shared memory so the
-// copies of tile j+1 fly while tile j is computed.
-// - forward: 32 query rows per warp (2 m-tiles: 128 per block) for d <= 64,
-//   which halves the K/V traffic per query against 64 and keeps the Q
-//   fragments, scores and output accumulators (~160 registers) in registers;
-//   16 rows per warp for d 128, where the accumulators double.
+// Tiles and why (H200, ARC shape B 96, H 8, S 916, d 64; figures from
+// benches/kernels.rs and tools/profile-attention.sh, bench/results/): blocks
+// of 4 warps; each warp owns 16 rows per m-tile. Key tiles are 64 rows,
+// double-buffered in shared memory so the copies of tile j+1 fly while tile j
+// is computed. The kernels are latency-bound (two warps per scheduler, the
+// register limit): what paid was fewer instructions per mma, not fewer bytes.
+// - forward: 32 query rows per warp (2 m-tiles: 128 per block) for d <= 64;
+//   each K and V fragment read from shared memory serves both m-tiles (1.49 ->
+//   1.29 ms), and the Q fragments, scores and output stay in registers (255).
+//   16 rows per warp (3 blocks per multiprocessor) measured 1.52 ms. d 128: 16
+//   rows per warp, where the accumulators double.
 // - backward, key-tile kernel (dK, dV): each warp owns 16 keys of a 64-key
 //   tile and walks all query tiles (64 queries; 16 for d 128, where the two
 //   16 x d accumulators take 128 registers and 32 queries spilled), so dK and
-//   dV stay in registers for the whole sweep and are written once.
-// - backward, query-tile kernel (dQ): each warp owns 16 queries of a 64-query
-//   tile and walks all key tiles; a second pass over keys instead of atomics,
-//   so the result does not depend on scheduling (bit-identical resume).
+//   dV stay in registers for the whole sweep and are written once. 32 keys
+//   per warp (16-query tiles, to fit) gained 1%.
+// - backward, query-tile kernel (dQ): each warp owns 32 queries (16 for d
+//   128) of a tile and walks all key tiles, 32 keys at a time (a whole tile's
+//   scores and dP would spill); a second pass over keys instead of atomics, so
+//   the result does not depend on scheduling (bit-identical resume).
 // - Shared rows are padded by 8 bf16 (16 bytes): the 8 row addresses of an
 //   ldmatrix then fall in 8 different 4-bank groups (no conflicts), and every
 //   row stays 16-byte aligned for cp.async and ldmatrix.
@@ -62,7 +71,6 @@ struct Row {
 template <int HD>
 struct ForwardTiles {
     static constexpr int MT = HD <= 64 ? 2 : 1;  // m-tiles per warp
-    static constexpr int BQ = ATT_WARPS * 16 * MT;
 };
 
 // Query rows per warp in the dQ kernel: 32 for d <= 64, 16 for d 128.
@@ -299,7 +307,7 @@ static __device__ __forceinline__ void store_rotated_grad(float acc[HD / 8][4], 
 template <int HD>
 static __device__ void attention_forward_impl(const AttentionForwardArgs& a) {
     constexpr int MT = ForwardTiles<HD>::MT;
-    constexpr int BQ = ForwardTiles<HD>::BQ;
+    constexpr int BQ = ATT_WARPS * 16 * MT;
     constexpr int LD = Row<HD>::LD;
     constexpr int KS = HD / 16;      // k16 steps over the head dim
     constexpr int NT = ATT_BK / 8;   // n8 tiles over a key tile
@@ -391,25 +399,33 @@ static __device__ void attention_forward_impl(const AttentionForwardArgs& a) {
             }
 #pragma unroll
             for (int half = 0; half < 2; half++) {
-                float mx = row_max[m][half];
+                // Pairwise trees for the row max and sum: short dependency
+                // chains, as two warps per scheduler hide little latency.
+                float part[NT];
 #pragma unroll
-                for (int nt = 0; nt < NT; nt++) mx = fmaxf(mx, fmaxf(s[m][nt][2 * half], s[m][nt][2 * half + 1]));
+                for (int nt = 0; nt < NT; nt++) part[nt] = fmaxf(s[m][nt][2 * half], s[m][nt][2 * half + 1]);
+#pragma unroll
+                for (int w = NT / 2; w > 0; w /= 2)
+#pragma unroll
+                    for (int nt = 0; nt < w; nt++) part[nt] = fmaxf(part[nt], part[nt + w]);
+                float mx = fmaxf(row_max[m][half], part[0]);
                 mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 1));
                 mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 2));
                 // The first key tile always holds a valid key, so mx is finite.
                 const float corr = fast_exp2((row_max[m][half] - mx) * sl2);
                 row_max[m][half] = mx;
                 const float shift = mx * sl2;
-                float sum = 0.0f;
 #pragma unroll
-                for (int nt = 0; nt < NT; nt++)
+                for (int nt = 0; nt < NT; nt++) {
 #pragma unroll
-                    for (int e = 0; e < 2; e++) {
-                        const float p = fast_exp2(fmaf(s[m][nt][2 * half + e], sl2, -shift));
-                        s[m][nt][2 * half + e] = p;
-                        sum += p;
-                    }
-                row_sum[m][half] = row_sum[m][half] * corr + sum;
+                    for (int e = 0; e < 2; e++) s[m][nt][2 * half + e] = fast_exp2(fmaf(s[m][nt][2 * half + e], sl2, -shift));
+                    part[nt] = s[m][nt][2 * half] + s[m][nt][2 * half + 1];
+                }
+#pragma unroll
+                for (int w = NT / 2; w > 0; w /= 2)
+#pragma unroll
+                    for (int nt = 0; nt < w; nt++) part[nt] += part[nt + w];
+                row_sum[m][half] = fmaf(row_sum[m][half], corr, part[0]);
 #pragma unroll
                 for (int ot = 0; ot < OT; ot++) {
                     o[m][ot][2 * half] *= corr;
@@ -523,8 +539,6 @@ static __device__ void attention_backward_dkdv_impl(const AttentionBackwardArgs&
     bf16* sdO = sQ + 2 * BQ * LD;  // two buffers
     float* sLse = reinterpret_cast<float*>(sdO + 2 * BQ * LD);  // two buffers
     float* sDelta = sLse + 2 * BQ;                              // two buffers
-    float* sCos = sDelta + 2 * BQ;                              // the next Q tile's table rows
-    float* sSin = sCos + BQ * HD;
 
     tile_load_async<HD, ATT_BK>(sK, kg, W, k0, S);
     tile_load_async<HD, ATT_BK>(sV, vg, W, k0, S);
@@ -552,7 +566,6 @@ static __device__ void attention_backward_dkdv_impl(const AttentionBackwardArgs&
             tile_load_async<HD, BQ>(sdO + n * BQ * LD, dog, O, q0 + BQ, S);
             vector_load_async<BQ>(sLse + n * BQ, lse_g, q0 + BQ, S);
             vector_load_async<BQ>(sDelta + n * BQ, delta_g, q0 + BQ, S);
-            table_load_async<HD, BQ>(sCos, sSin, a.cos, a.sin, q0 + BQ, S);
             cp_async_commit();
         }
         const bf16* q_tile = sQ + buf * BQ * LD;
@@ -581,7 +594,10 @@ static __device__ void attention_backward_dkdv_impl(const AttentionBackwardArgs&
         if (i + 1 < q_tiles) {
             cp_async_wait<0>();
             __syncthreads();  // barrier: next Q/dO tile landed (dK/dV)
-            tile_rotate<HD, BQ>(sQ + (buf ^ 1) * BQ * LD, sCos, sSin, q0 + BQ, S);
+            // Table rows from global (L2): staging them in shared memory
+            // costs a third block per multiprocessor (15% slower, measured).
+            const long next = (long)(q0 + BQ) * HD;
+            tile_rotate<HD, BQ>(sQ + (buf ^ 1) * BQ * LD, a.cos + next, a.sin + next, q0 + BQ, S);
             __syncthreads();  // barrier: rotated Q tile (dK/dV)
         }
     }

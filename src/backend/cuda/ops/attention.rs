@@ -93,10 +93,10 @@ pub fn forward_shared_bytes(d: usize) -> usize {
 }
 
 /// Dynamic shared memory of the dK/dV kernel: the K and V tiles, two Q and
-/// two dO tiles, two lse and two delta vectors, the next Q tile's table rows.
+/// two dO tiles, two lse and two delta vectors.
 pub fn dkdv_shared_bytes(d: usize) -> usize {
     let bq = dkdv_queries(d);
-    tile_bytes(2 * BK + 4 * bq, d) + 4 * bq * 4 + table_bytes(bq, d)
+    tile_bytes(2 * BK + 4 * bq, d) + 4 * bq * 4
 }
 
 /// Dynamic shared memory of the dQ kernel: the Q and dO tiles, two K and two
