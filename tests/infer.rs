@@ -331,8 +331,12 @@ fn fit_steps_fit_only_the_unknown_puzzles_rows() {
         assert_eq!(row(&blank.params.puzzle_emb, r), row(table, 0));
     }
 
-    // Fitting: the rows move, nothing else does.
-    let steps = 40;
+    // Fitting: the rows move, nothing else does. Sign-SGD at the run's
+    // constant puzzle lr is noisy over a few dozen steps on this tiny model:
+    // with the gemm crate's products (AVX-512 CPUs) the probe went 1.088 ->
+    // 1.074 / 1.092 / 1.095 / 0.997 after 10 / 20 / 40 / 160 steps, so the
+    // test fits 160 (the own sgemm's products fell by 40 already).
+    let steps = 160;
     let fitted = infer(&InferOptions {
         fit_steps: steps,
         batch_size: Some(8),
