@@ -15,15 +15,15 @@ use super::alloc::peak_during;
 use super::fixture::{copy_dir, fixture, write_rehashed};
 use super::mutate::{apply, ops};
 
-pub const CASES_ARC: u32 = 512;
-pub const CASES_NPY: u32 = 512;
-pub const CASES_DATASET_JSON: u32 = 512;
-pub const CASES_SAFETENSORS: u32 = 384;
-pub const CASES_CHECKPOINT: u32 = 192;
-pub const CASES_LOADER_STATE: u32 = 256;
-pub const CASES_YAML: u32 = 256;
-pub const CASES_OVERRIDES: u32 = 512;
-pub const CASES_MODEL_FOLDER: u32 = 192;
+pub const CASES_ARC: u32 = 2048;
+pub const CASES_NPY: u32 = 2048;
+pub const CASES_DATASET_JSON: u32 = 2048;
+pub const CASES_SAFETENSORS: u32 = 1024;
+pub const CASES_CHECKPOINT: u32 = 1024;
+pub const CASES_LOADER_STATE: u32 = 1024;
+pub const CASES_YAML: u32 = 1024;
+pub const CASES_OVERRIDES: u32 = 2048;
+pub const CASES_MODEL_FOLDER: u32 = 512;
 
 fn cfg(cases: u32) -> Config {
     Config {

@@ -53,6 +53,13 @@ fn train_with_a_huge_batch_or_width_is_refused() {
 }
 
 #[test]
+fn epochs_at_u64_max_give_an_error_not_a_panic() {
+    let e = train_err(&["epochs=18446744073709551615", "eval_interval=18446744073709551615"]);
+    eprintln!("epochs=u64::MAX: {e}");
+    assert!(!e.is_empty());
+}
+
+#[test]
 fn infer_with_a_huge_batch_or_num_aug_is_refused() {
     let f = fixture();
     for (num_aug, batch) in [(3, Some(100_000_000)), (100_000_000_000, None)] {

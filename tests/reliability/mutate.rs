@@ -39,6 +39,40 @@ pub enum Op {
     Token(usize, usize),
     /// Writes a little-endian u64 (binary headers: lengths, offsets).
     U64(usize, usize),
+    /// In a JSON text: replaces one value (leaf or container, picked
+    /// uniformly) with a tricky one, so every field is reached.
+    Json(usize, usize),
+}
+
+fn tricky_json(t: usize) -> serde_json::Value {
+    use serde_json::json;
+    [
+        json!(u64::MAX), json!(-1), json!(1e308), json!(0), json!(""), json!(null),
+        json!([]), json!({}), json!(4294967296u64), json!(99999999999u64), json!("x|||y"),
+        json!([[1, 2], [3]]), json!(true), json!(-9223372036854775808i64),
+    ][t % 14]
+        .clone()
+}
+
+/// Visits every value of a JSON tree, pre-order.
+fn nth_value(v: &mut serde_json::Value, n: &mut usize) -> Option<*mut serde_json::Value> {
+    if *n == 0 {
+        return Some(v as *mut _);
+    }
+    *n -= 1;
+    match v {
+        serde_json::Value::Array(a) => a.iter_mut().find_map(|c| nth_value(c, n)),
+        serde_json::Value::Object(o) => o.values_mut().find_map(|c| nth_value(c, n)),
+        _ => None,
+    }
+}
+
+fn count_values(v: &serde_json::Value) -> usize {
+    1 + match v {
+        serde_json::Value::Array(a) => a.iter().map(count_values).sum(),
+        serde_json::Value::Object(o) => o.values().map(count_values).sum(),
+        _ => 0,
+    }
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -52,6 +86,7 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (p, 0..TOKENS.len()).prop_map(|(p, t)| Op::Number(p, t)),
         2 => (p, 0..TOKENS.len()).prop_map(|(p, t)| Op::Token(p, t)),
         2 => (p, 0..U64S.len()).prop_map(|(p, t)| Op::U64(p, t)),
+        4 => (p, 0usize..14).prop_map(|(p, t)| Op::Json(p, t)),
     ]
 }
 
@@ -103,6 +138,16 @@ pub fn apply(base: &[u8], ops: &[Op]) -> Vec<u8> {
             Op::Token(p, t) => {
                 let i = p % (v.len() + 1);
                 v.splice(i..i, TOKENS[t].bytes());
+            }
+            Op::Json(p, t) => {
+                if let Ok(mut tree) = serde_json::from_slice::<serde_json::Value>(&v) {
+                    let mut n = p % count_values(&tree);
+                    if let Some(at) = nth_value(&mut tree, &mut n) {
+                        // SAFETY: `at` points into `tree`, alive and not otherwise borrowed.
+                        unsafe { *at = tricky_json(t) };
+                    }
+                    v = serde_json::to_vec_pretty(&tree).unwrap();
+                }
             }
             Op::U64(p, t) => {
                 if v.len() >= 8 {
