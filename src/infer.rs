@@ -176,10 +176,19 @@ pub struct InferOutput {
 
 /// Memory of the in-memory test set (every augmented copy of every test
 /// input, rendered) plus the model at `batch` examples.
-fn infer_memory(puzzles: &[Puzzle], num_aug: usize, seq_len: usize, arch: &crate::model::config::ArchConfig, batch: usize) -> Option<u64> {
+fn infer_memory(
+    puzzles: &[Puzzle],
+    num_aug: usize,
+    seq_len: usize,
+    arch: &crate::model::config::ArchConfig,
+    batch: usize,
+) -> Option<u64> {
     use crate::limits::{product, sum};
     let members = (num_aug as u64).checked_add(1)?;
-    let examples: u64 = puzzles.iter().map(|p| (p.train.len() + p.test.len()) as u64).sum();
+    let examples: u64 = puzzles
+        .iter()
+        .map(|p| (p.train.len() + p.test.len()) as u64)
+        .sum();
     // Canvases (inputs and labels) plus the vote tally's per-example record.
     let per_example = (2 * seq_len as u64).checked_add(64)?;
     sum(&[

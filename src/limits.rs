@@ -89,7 +89,9 @@ pub fn memory_limit() -> Result<MemoryLimit, LimitError> {
     Ok(match available {
         Some(bytes) => MemoryLimit {
             bytes,
-            source: format!("the memory available now, MemAvailable in /proc/meminfo; {LIMIT_ENV} overrides it"),
+            source: format!(
+                "the memory available now, MemAvailable in /proc/meminfo; {LIMIT_ENV} overrides it"
+            ),
         },
         None => MemoryLimit {
             bytes: u64::MAX,
@@ -143,7 +145,11 @@ pub fn check(what: &str, need: Option<u64>, hint: &str) -> Result<(), LimitError
 /// layer of the last cycle for the backward pass). A rough upper estimate;
 /// computed in f64 so absurd widths (`expansion=1e9`) give a number, not an
 /// overflow.
-pub fn model_bytes(arch: &crate::model::config::ArchConfig, batch: usize, training: bool) -> Option<u64> {
+pub fn model_bytes(
+    arch: &crate::model::config::ArchConfig,
+    batch: usize,
+    training: bool,
+) -> Option<u64> {
     let h = arch.hidden_size as f64;
     let inter = (arch.expansion * h * 2.0 / 3.0).max(0.0);
     let vocab = arch.vocab_size as f64;
@@ -208,8 +214,13 @@ mod tests {
 
     #[test]
     fn refusals_say_the_estimate_the_limit_and_what_to_do() {
-        let e = check_against("the dataset", Some(5 << 40), "lower --num-aug", &limit(24 << 30))
-            .unwrap_err();
+        let e = check_against(
+            "the dataset",
+            Some(5 << 40),
+            "lower --num-aug",
+            &limit(24 << 30),
+        )
+        .unwrap_err();
         assert_eq!(
             e.to_string(),
             "the dataset would need about 5.0 TiB of memory, more than the limit of 24.0 GiB (test); lower --num-aug"

@@ -927,6 +927,12 @@ pub fn train_with(
         crate::limits::model_bytes(&arch, cfg.global_batch_size, true),
         "lower global_batch_size or the model's size (arch.hidden_size, arch.expansion)",
     )?;
+    // The loader holds one iteration's group order: groups x epochs per iteration.
+    crate::limits::check(
+        "the data order of one iteration",
+        crate::limits::product(&[meta.total_groups as u64, cfg.epochs_per_iter() as u64, 8]),
+        "lower eval_interval (epochs per evaluation)",
+    )?;
     let schedule = Schedule::new(cfg, meta.total_groups, meta.mean_puzzle_examples);
     let local_batch = train_ds.local_batch_size();
 

@@ -468,7 +468,8 @@ fn build_memory(subsets: &[arc::Subset], num_aug: usize, side: usize) -> Option<
         let per = BYTES_PER_AUGMENTATION.checked_add(2 * p.id.len() as u64)?;
         total = total.checked_add(crate::limits::product(&[members, per])?)?;
         let examples = (p.train.len() + p.test.len()) as u64;
-        largest_group = largest_group.max(crate::limits::product(&[members, examples, seq_len, 2])?);
+        largest_group =
+            largest_group.max(crate::limits::product(&[members, examples, seq_len, 2])?);
     }
     total.checked_add(largest_group)
 }

@@ -37,7 +37,12 @@ pub fn check_grid_sizes(bytes: &[u8], max: usize) -> Result<(), GridTooLarge> {
     let fail = |at: usize, what: String| {
         let before = &bytes[..at.min(bytes.len())];
         let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
-        let column = at - before.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1) + 1;
+        let column = at
+            - before
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(0, |p| p + 1)
+            + 1;
         GridTooLarge {
             line,
             column,

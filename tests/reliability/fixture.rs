@@ -27,9 +27,14 @@ pub fn fixture() -> &'static Fixture {
             num_aug: 1,
             seed: 5,
             verbose: false,
-            overrides: ["epochs=2", "eval_interval=2", "global_batch_size=8", "ema=True"]
-                .map(String::from)
-                .to_vec(),
+            overrides: [
+                "epochs=2",
+                "eval_interval=2",
+                "global_batch_size=8",
+                "ema=True",
+            ]
+            .map(String::from)
+            .to_vec(),
             ..DemoOptions::default()
         };
         let s = trm::demo::run(&opts).expect("demo training");

@@ -135,9 +135,21 @@ proptest! {
 }
 
 /// A checkpoint with one file damaged (and, behind the hash check, rehashed).
-fn damaged_checkpoint(edits: &[super::mutate::Op], which: usize, rehash: bool) -> (std::path::PathBuf, usize) {
-    let dir = copy_dir(&fixture().checkpoint, &format!("ck-{:?}", std::thread::current().id()));
-    let name = ["state.json", "manifest.json", "puzzle_emb.safetensors", "model.safetensors"][which];
+fn damaged_checkpoint(
+    edits: &[super::mutate::Op],
+    which: usize,
+    rehash: bool,
+) -> (std::path::PathBuf, usize) {
+    let dir = copy_dir(
+        &fixture().checkpoint,
+        &format!("ck-{:?}", std::thread::current().id()),
+    );
+    let name = [
+        "state.json",
+        "manifest.json",
+        "puzzle_emb.safetensors",
+        "model.safetensors",
+    ][which];
     let bytes = apply(&read(&dir.join(name)), edits);
     if rehash && name != "manifest.json" {
         write_rehashed(&dir, name, &bytes);
@@ -214,15 +226,59 @@ proptest! {
 }
 
 const KEYS: &[&str] = &[
-    "epochs", "eval_interval", "global_batch_size", "lr", "lr_warmup_steps", "arch.hidden_size",
-    "arch.expansion", "arch.num_heads", "arch.L_cycles", "arch.H_cycles", "arch.halt_max_steps",
-    "data_paths", "evaluators", "checkpoint_keep_last", "+run_name", "+x.y", "arch", "ema_rate",
-    "min_eval_interval", "puzzle_emb_lr", "seed", "", "=", "arch.",
+    "epochs",
+    "eval_interval",
+    "global_batch_size",
+    "lr",
+    "lr_warmup_steps",
+    "arch.hidden_size",
+    "arch.expansion",
+    "arch.num_heads",
+    "arch.L_cycles",
+    "arch.H_cycles",
+    "arch.halt_max_steps",
+    "data_paths",
+    "evaluators",
+    "checkpoint_keep_last",
+    "+run_name",
+    "+x.y",
+    "arch",
+    "ema_rate",
+    "min_eval_interval",
+    "puzzle_emb_lr",
+    "seed",
+    "",
+    "=",
+    "arch.",
 ];
 const VALUES: &[&str] = &[
-    "1", "0", "-1", "1e9", "18446744073709551615", "99999999999999999999", "nan", ".inf", "True",
-    "False", "null", "~", "[", "[a, b]", "{a: 1}", "'x'", "\"", "${epochs}", "${a.b}", "${", "", "é",
-    "[[[[[[[[", "!!binary AAAA", "&a [*a]", "0x10", "1_000",
+    "1",
+    "0",
+    "-1",
+    "1e9",
+    "18446744073709551615",
+    "99999999999999999999",
+    "nan",
+    ".inf",
+    "True",
+    "False",
+    "null",
+    "~",
+    "[",
+    "[a, b]",
+    "{a: 1}",
+    "'x'",
+    "\"",
+    "${epochs}",
+    "${a.b}",
+    "${",
+    "",
+    "é",
+    "[[[[[[[[",
+    "!!binary AAAA",
+    "&a [*a]",
+    "0x10",
+    "1_000",
 ];
 
 proptest! {

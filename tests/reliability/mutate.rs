@@ -23,7 +23,16 @@ const TOKENS: &[&str] = &[
     "é",
 ];
 
-const U64S: &[u64] = &[0, 1, 0xff, 1 << 31, 1 << 32, 1 << 40, u64::MAX / 2, u64::MAX];
+const U64S: &[u64] = &[
+    0,
+    1,
+    0xff,
+    1 << 31,
+    1 << 32,
+    1 << 40,
+    u64::MAX / 2,
+    u64::MAX,
+];
 
 #[derive(Debug, Clone)]
 pub enum Op {
@@ -47,9 +56,20 @@ pub enum Op {
 fn tricky_json(t: usize) -> serde_json::Value {
     use serde_json::json;
     [
-        json!(u64::MAX), json!(-1), json!(1e308), json!(0), json!(""), json!(null),
-        json!([]), json!({}), json!(4294967296u64), json!(99999999999u64), json!("x|||y"),
-        json!([[1, 2], [3]]), json!(true), json!(-9223372036854775808i64),
+        json!(u64::MAX),
+        json!(-1),
+        json!(1e308),
+        json!(0),
+        json!(""),
+        json!(null),
+        json!([]),
+        json!({}),
+        json!(4294967296u64),
+        json!(99999999999u64),
+        json!("x|||y"),
+        json!([[1, 2], [3]]),
+        json!(true),
+        json!(-9223372036854775808i64),
     ][t % 14]
         .clone()
 }
@@ -152,7 +172,11 @@ pub fn apply(base: &[u8], ops: &[Op]) -> Vec<u8> {
             Op::U64(p, t) => {
                 if v.len() >= 8 {
                     // Header fields sit near the start: favour the first 64 bytes.
-                    let i = if p % 2 == 0 { (p / 2) % 57.min(v.len() - 7) } else { p % (v.len() - 7) };
+                    let i = if p % 2 == 0 {
+                        (p / 2) % 57.min(v.len() - 7)
+                    } else {
+                        p % (v.len() - 7)
+                    };
                     v[i..i + 8].copy_from_slice(&U64S[t].to_le_bytes());
                 }
             }

@@ -26,9 +26,16 @@ fn build_dataset_refuses_a_non_utf8_output_dir_and_leaves_nothing() {
     let opts = BuildOptions {
         num_aug: 1,
         canvas_side: 5,
-        ..BuildOptions::new(&prefix.display().to_string(), &out, &["training", "evaluation"], "evaluation")
+        ..BuildOptions::new(
+            &prefix.display().to_string(),
+            &out,
+            &["training", "evaluation"],
+            "evaluation",
+        )
     };
-    let e = build_dataset(&opts, BuildUi::default()).unwrap_err().to_string();
+    let e = build_dataset(&opts, BuildUi::default())
+        .unwrap_err()
+        .to_string();
     assert_eq!(
         e,
         format!(
@@ -36,7 +43,11 @@ fn build_dataset_refuses_a_non_utf8_output_dir_and_leaves_nothing() {
             out.display()
         )
     );
-    assert_eq!(entries(dir.path()), before, "no .partial or other folder left");
+    assert_eq!(
+        entries(dir.path()),
+        before,
+        "no .partial or other folder left"
+    );
 }
 
 #[test]
@@ -49,6 +60,9 @@ fn demo_refuses_a_non_utf8_out_before_writing() {
         ..Default::default()
     };
     let e = trm::demo::run(&opts).unwrap_err().to_string();
-    assert!(e.starts_with("--out '") && e.contains("is not valid UTF-8"), "{e}");
+    assert!(
+        e.starts_with("--out '") && e.contains("is not valid UTF-8"),
+        "{e}"
+    );
     assert!(entries(dir.path()).is_empty());
 }
