@@ -30,7 +30,7 @@ fn a_5000x5000_grid_is_refused_with_bounded_memory() {
     assert!(size > 49_000_000, "{size}");
     let (r, peak) =
         peak_during(|| trm::data::arc::load_subset(&prefix.display().to_string(), "big"));
-    let e = r.err().expect("refused").to_string();
+    let e = refused(r);
     assert_eq!(
         e,
         format!(
@@ -61,4 +61,12 @@ fn thirty_one_rows_are_refused_and_thirty_by_thirty_is_read() {
     write_challenges(&dir.path().join("arc_ok_challenges.json"), 30, 30);
     let s = trm::data::arc::load_subset(&prefix, "ok").expect("a 30x30 grid is valid");
     assert_eq!(s.puzzles[0].train[0].input.rows(), 30);
+}
+
+/// The error of a call that must be refused.
+fn refused<T, E: std::fmt::Display>(r: Result<T, E>) -> String {
+    match r {
+        Ok(_) => panic!("not refused"),
+        Err(e) => e.to_string(),
+    }
 }

@@ -34,7 +34,7 @@ fn train_err(overrides: &[&str]) -> String {
     };
     match RunConfig::load(ConfigSource::builtin("cpu-tiny").unwrap(), &o) {
         Err(e) => e.to_string(),
-        Ok(cfg) => train(&cfg, &opts).err().expect("refused").to_string(),
+        Ok(cfg) => refused(train(&cfg, &opts)),
     }
 }
 
@@ -99,7 +99,7 @@ fn infer_with_a_huge_batch_or_num_aug_is_refused() {
             batch_size: batch,
             ..trm::infer::InferOptions::new(&f.model, &f.challenges)
         };
-        let e = trm::infer::infer(&opts).err().expect("refused").to_string();
+        let e = refused(trm::infer::infer(&opts));
         assert_refused(&e, "this inference", "lower --num-aug or --batch-size");
     }
 }
@@ -120,4 +120,12 @@ fn demo_with_huge_puzzle_counts_is_refused_before_writing() {
         "lower --train-puzzles, --eval-puzzles or --num-aug",
     );
     assert!(!dir.path().join("demo").exists());
+}
+
+/// The error of a call that must be refused.
+fn refused<T, E: std::fmt::Display>(r: Result<T, E>) -> String {
+    match r {
+        Ok(_) => panic!("not refused"),
+        Err(e) => e.to_string(),
+    }
 }
