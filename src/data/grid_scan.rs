@@ -12,8 +12,10 @@ const MAX_DEPTH: usize = 130;
 
 /// An oversized grid, with where it is.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("line {line} column {column}: {what} (ARC grids are at most {max}x{max})")]
+#[error("{place}line {line} column {column}: {what} (ARC grids are at most {max}x{max})")]
 pub struct GridTooLarge {
+    /// Where in the puzzle, e.g. "puzzle 'p1': train example 0 'input': ".
+    pub place: String,
     pub line: usize,
     pub column: usize,
     pub what: String,
@@ -29,12 +31,38 @@ struct Frame {
     has_number: bool,
     /// Holds a row: a grid.
     has_row: bool,
+    /// Objects: the next string is a key; the byte range of the last key.
+    expect_key: bool,
+    key: (usize, usize),
+}
+
+/// "puzzle 'ID': SPLIT example I 'FIELD': " from the keys and indices of the
+/// enclosing frames, as far as they go (the challenges layout).
+fn place(bytes: &[u8], stack: &[Frame]) -> String {
+    let key = |f: &Frame| String::from_utf8_lossy(&bytes[f.key.0..f.key.1]).into_owned();
+    let mut out = String::new();
+    if let [puzzles, ..] = stack {
+        if !puzzles.is_array && stack.len() > 1 {
+            out.push_str(&format!("puzzle '{}': ", key(puzzles)));
+        }
+    }
+    if let [_, p, examples, ex, ..] = stack {
+        if !p.is_array && examples.is_array && !ex.is_array {
+            out.push_str(&format!(
+                "{} example {} '{}': ",
+                key(p),
+                examples.len.saturating_sub(1),
+                key(ex)
+            ));
+        }
+    }
+    out
 }
 
 /// Refuses any array of numbers (a grid row) longer than `max` and any array
 /// of such rows (a grid) longer than `max`, as soon as the excess is seen.
 pub fn check_grid_sizes(bytes: &[u8], max: usize) -> Result<(), GridTooLarge> {
-    let fail = |at: usize, what: String| {
+    let fail = |at: usize, what: String, stack: &[Frame]| {
         let before = &bytes[..at.min(bytes.len())];
         let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
         let column = at
@@ -44,6 +72,7 @@ pub fn check_grid_sizes(bytes: &[u8], max: usize) -> Result<(), GridTooLarge> {
                 .map_or(0, |p| p + 1)
             + 1;
         GridTooLarge {
+            place: place(bytes, stack),
             line,
             column,
             what,
@@ -59,7 +88,8 @@ pub fn check_grid_sizes(bytes: &[u8], max: usize) -> Result<(), GridTooLarge> {
                 top.len += 1;
                 top.has_number |= number;
                 if top.has_number && top.len > max {
-                    return Err(fail(at, format!("a grid row has more than {max} cells")));
+                    let what = format!("a grid row has more than {max} columns");
+                    return Err(fail(at, what, stack));
                 }
             }
             Ok(())
@@ -67,12 +97,28 @@ pub fn check_grid_sizes(bytes: &[u8], max: usize) -> Result<(), GridTooLarge> {
     while i < bytes.len() {
         let b = bytes[i];
         match b {
-            b' ' | b'\t' | b'\n' | b'\r' | b',' | b':' => i += 1,
+            b' ' | b'\t' | b'\n' | b'\r' | b':' => i += 1,
+            b',' => {
+                if let Some(top) = stack.last_mut().filter(|f| !f.is_array) {
+                    top.expect_key = true;
+                }
+                i += 1;
+            }
             b'"' => {
-                start_value(&mut stack, i, false)?;
+                let start = i + 1;
+                let is_key = stack.last().is_some_and(|f| !f.is_array && f.expect_key);
+                if !is_key {
+                    start_value(&mut stack, i, false)?;
+                }
                 i += 1;
                 while i < bytes.len() && bytes[i] != b'"' {
                     i += if bytes[i] == b'\\' { 2 } else { 1 };
+                }
+                if is_key {
+                    if let Some(top) = stack.last_mut() {
+                        top.expect_key = false;
+                        top.key = (start, i.min(bytes.len()));
+                    }
                 }
                 i += 1;
             }
@@ -83,6 +129,7 @@ pub fn check_grid_sizes(bytes: &[u8], max: usize) -> Result<(), GridTooLarge> {
                 }
                 stack.push(Frame {
                     is_array: b == b'[',
+                    expect_key: b == b'{',
                     ..Frame::default()
                 });
                 i += 1;
@@ -95,7 +142,8 @@ pub fn check_grid_sizes(bytes: &[u8], max: usize) -> Result<(), GridTooLarge> {
                 if let Some(parent) = stack.last_mut().filter(|f| f.is_array) {
                     parent.has_row |= row;
                     if parent.has_row && parent.len > max {
-                        return Err(fail(i, format!("a grid has more than {max} rows")));
+                        let what = format!("a grid has more than {max} rows");
+                        return Err(fail(i, what, &stack));
                     }
                 }
                 i += 1;
@@ -150,7 +198,7 @@ mod tests {
         assert_eq!(e.column, 8 + 30 * 2 + 1);
         assert_eq!(
             e.to_string(),
-            "line 1 column 69: a grid row has more than 30 cells (ARC grids are at most 30x30)"
+            "puzzle 'x': line 1 column 69: a grid row has more than 30 columns (ARC grids are at most 30x30)"
         );
     }
 

@@ -34,7 +34,7 @@ fn a_5000x5000_grid_is_refused_with_bounded_memory() {
     assert_eq!(
         e,
         format!(
-            "{}: line 1 column 92: a grid row has more than 30 cells (ARC grids are at most 30x30)",
+            "{}: puzzle 'big': train example 0 'input': line 1 column 92: a grid row has more than 30 columns (ARC grids are at most 30x30)",
             path.display()
         )
     );
