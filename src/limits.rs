@@ -141,8 +141,9 @@ pub fn check(what: &str, need: Option<u64>, hint: &str) -> Result<(), LimitError
 
 /// Heap bytes a model of `arch` needs at `batch` examples: parameters
 /// (training: with gradients, two Adam moments and an EMA copy), the
-/// puzzle-embedding table, and activations per token (training keeps every
-/// layer of the last cycle for the backward pass). A rough upper estimate;
+/// puzzle-embedding table, and activations per token (one layer's worth
+/// per layer). A floor rather than a ceiling, so that only runs that surely
+/// cannot fit are refused;
 /// computed in f64 so absurd widths (`expansion=1e9`) give a number, not an
 /// overflow.
 pub fn model_bytes(
@@ -159,7 +160,7 @@ pub fn model_bytes(
     let tokens = batch as f64 * arch.total_seq_len() as f64;
     let per_token_layer = 10.0 * h + 3.0 * inter;
     let (copies, table_copies, kept_layers) = if training {
-        (5.0, 3.0, (arch.l_cycles.max(1) as f64 + 1.0) * layers)
+        (5.0, 3.0, layers)
     } else {
         (1.0, 1.0, 2.0)
     };
