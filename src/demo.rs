@@ -65,6 +65,8 @@ pub struct DemoSummary {
 /// The demo's training config: `cpu-tiny` on the demo dataset, run folder
 /// `OUT/run`, then the caller's overrides.
 pub fn demo_config(opts: &DemoOptions, dataset_dir: &Path) -> anyhow::Result<RunConfig> {
+    // The run folder is passed on as override text: a lossy name would be another folder.
+    crate::paths::require_utf8("--out", &opts.out_dir)?;
     let mut overrides = vec![
         format!("data_paths=[{}]", dataset_dir.display()),
         format!("checkpoint_path={}", opts.out_dir.join("run").display()),
@@ -77,12 +79,37 @@ pub fn demo_config(opts: &DemoOptions, dataset_dir: &Path) -> anyhow::Result<Run
     )?)
 }
 
+/// Heap bytes of one synthetic puzzle while it is generated, written and
+/// read back (JSON text and tree, grids): a few KiB each.
+const BYTES_PER_PUZZLE: u64 = 16 << 10;
+
+/// Memory of the synthetic puzzles and their augmented, rendered copies
+/// (the dataset the demo trains on is held in memory).
+fn demo_memory(opts: &DemoOptions) -> Option<u64> {
+    use crate::limits::{product, sum};
+    let puzzles = (opts.train_puzzles as u64).checked_add(opts.eval_puzzles as u64)?;
+    let side = opts.canvas_side as u64;
+    let copies = (opts.num_aug as u64).checked_add(1)?;
+    // About 4 examples a puzzle, inputs and labels, plus bookkeeping.
+    let per_copy = product(&[4, side, side, 2])?.checked_add(160)?;
+    sum(&[
+        product(&[puzzles, BYTES_PER_PUZZLE]),
+        product(&[puzzles, copies, per_copy]),
+    ])
+}
+
 pub fn run(opts: &DemoOptions) -> anyhow::Result<DemoSummary> {
     let say = |m: &str| {
         if opts.verbose {
             eprintln!("{m}");
         }
     };
+    crate::paths::require_utf8("--out", &opts.out_dir)?;
+    crate::limits::check(
+        "the demo's puzzles",
+        demo_memory(opts),
+        "lower --train-puzzles, --eval-puzzles or --num-aug",
+    )?;
     let dataset_dir = opts.out_dir.join("data");
     let build_opts = match &opts.arc {
         Some((prefix, subsets, test)) => {

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 
 use crate::config::Schedule;
-use crate::data::arc::{parse_challenges, ArcError, Puzzle};
+use crate::data::arc::{parse_challenges, parse_json_bytes, ArcError, Puzzle};
 use crate::data::augment::Augmentation;
 use crate::data::builder::{puzzle_group, render_split, SplitMember};
 use crate::data::grid::VOCAB_SIZE;
@@ -60,6 +60,8 @@ pub enum InferError {
     },
     #[error("{path}: {what}")]
     Input { path: PathBuf, what: String },
+    #[error(transparent)]
+    Limit(#[from] crate::limits::LimitError),
     #[error("invalid option: {0}")]
     Options(String),
     #[error("building the test set: {0}")]
@@ -172,6 +174,29 @@ pub struct InferOutput {
     pub fit: Option<FitReport>,
 }
 
+/// Memory of the in-memory test set (every augmented copy of every test
+/// input, rendered) plus the model at `batch` examples.
+fn infer_memory(
+    puzzles: &[Puzzle],
+    num_aug: usize,
+    seq_len: usize,
+    arch: &crate::model::config::ArchConfig,
+    batch: usize,
+) -> Option<u64> {
+    use crate::limits::{product, sum};
+    let members = (num_aug as u64).checked_add(1)?;
+    let examples: u64 = puzzles
+        .iter()
+        .map(|p| (p.train.len() + p.test.len()) as u64)
+        .sum();
+    // Canvases (inputs and labels) plus the vote tally's per-example record.
+    let per_example = (2 * seq_len as u64).checked_add(64)?;
+    sum(&[
+        product(&[members, examples, per_example]),
+        crate::limits::model_bytes(arch, batch, false),
+    ])
+}
+
 /// Reads and validates the challenges (and solutions) file.
 fn read_puzzles(challenges: &Path, solutions: Option<&Path>) -> Result<Vec<Puzzle>> {
     let read = |p: &Path| -> Result<serde_json::Value> {
@@ -179,12 +204,7 @@ fn read_puzzles(challenges: &Path, solutions: Option<&Path>) -> Result<Vec<Puzzl
             path: p.to_path_buf(),
             source,
         })?;
-        Ok(
-            serde_json::from_slice(&bytes).map_err(|source| ArcError::Json {
-                path: p.to_path_buf(),
-                source,
-            })?,
-        )
+        Ok(parse_json_bytes(p, &bytes)?)
     };
     let chal = read(challenges)?;
     let sols = solutions.map(|p| read(p).map(|v| (p, v))).transpose()?;
@@ -328,6 +348,11 @@ pub fn infer(opts: &InferOptions) -> Result<InferOutput> {
 
     let puzzles = read_puzzles(&opts.challenges, opts.solutions.as_deref())?;
     check_fits(&opts.challenges, &puzzles, side)?;
+    crate::limits::check(
+        "this inference",
+        infer_memory(&puzzles, opts.num_aug, seq_len, &pkg.arch, batch),
+        "lower --num-aug or --batch-size",
+    )?;
 
     // Build-order positions of the originals the model knows.
     let start = ds.puzzle_identifiers_start as usize;

@@ -285,7 +285,7 @@ fn run_build_dataset(a: BuildDatasetArgs) -> anyhow::Result<()> {
         if n == 0 {
             anyhow::bail!("--threads must be at least 1");
         }
-        pool = pool.num_threads(n);
+        pool = pool.num_threads(capped_threads(n));
     }
     let pool = pool.build()?;
     let report = pool.install(|| build_dataset(&opts, ui))?;
@@ -364,8 +364,18 @@ fn run_demo(a: DemoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A thread count capped at the CPUs, with a warning when it was higher.
+fn capped_threads(n: usize) -> usize {
+    let (n, warning) = trm::limits::cap_threads(n, trm::limits::cpu_count());
+    if let Some(w) = warning {
+        eprintln!("{w}");
+    }
+    n
+}
+
 /// Sizes rayon's global pool (`threads = 0`: every core).
 fn init_threads(n: usize) -> anyhow::Result<()> {
+    let n = capped_threads(n);
     if n > 0 {
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)

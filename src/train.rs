@@ -81,6 +81,8 @@ pub enum TrainError {
     Collective(#[from] crate::dist::CollectiveError),
     #[error("global_batch_size {global} is not divisible by the {world} ranks")]
     BatchSplit { global: usize, world: usize },
+    #[error(transparent)]
+    Limit(#[from] crate::limits::LimitError),
 }
 
 type Result<T> = std::result::Result<T, TrainError>;
@@ -920,6 +922,17 @@ pub fn train_with(
     };
     let meta = train_ds.metadata().clone();
     let arch = cfg.arch_for_dataset(meta.seq_len, meta.vocab_size, meta.num_puzzle_identifiers)?;
+    crate::limits::check(
+        "training this model",
+        crate::limits::model_bytes(&arch, cfg.global_batch_size, true),
+        "lower global_batch_size or the model's size (arch.hidden_size, arch.expansion)",
+    )?;
+    // The loader holds one iteration's group order: groups x epochs per iteration.
+    crate::limits::check(
+        "the data order of one iteration",
+        crate::limits::product(&[meta.total_groups as u64, cfg.epochs_per_iter() as u64, 8]),
+        "lower eval_interval (epochs per evaluation)",
+    )?;
     let schedule = Schedule::new(cfg, meta.total_groups, meta.mean_puzzle_examples);
     let local_batch = train_ds.local_batch_size();
 

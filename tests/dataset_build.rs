@@ -589,7 +589,7 @@ fn bad_inputs_give_clear_errors_naming_file_and_puzzle() {
         &[
             "arc_big_challenges.json",
             "'p1'",
-            "31 columns",
+            "more than 30 columns",
             "train example 0",
         ],
     );
@@ -603,7 +603,7 @@ fn bad_inputs_give_clear_errors_naming_file_and_puzzle() {
         ),
         Some(sol),
     );
-    expect_error(&f, "tall", &["'p1'", "31 rows", "'output'"]);
+    expect_error(&f, "tall", &["'p1'", "more than 30 rows", "'output'"]);
 
     write_raw(
         &f,

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{Map, Value};
 
 use super::grid::{Grid, MAX_SIDE, NUM_COLOURS};
+use super::grid_scan;
 
 /// One input/output pair.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -111,11 +112,21 @@ fn read_json(path: &Path) -> Result<(Value, Vec<u8>), ArcError> {
         path: path.to_path_buf(),
         source,
     })?;
-    let value = serde_json::from_slice(&bytes).map_err(|source| ArcError::Json {
+    let value = parse_json_bytes(path, &bytes)?;
+    Ok((value, bytes))
+}
+
+/// Parses the bytes of a challenges or solutions file, refusing oversized
+/// grids before the JSON tree (about 32 bytes per cell) is built.
+pub fn parse_json_bytes(path: &Path, bytes: &[u8]) -> Result<Value, ArcError> {
+    grid_scan::check_grid_sizes(bytes, MAX_SIDE).map_err(|e| ArcError::File {
+        path: path.to_path_buf(),
+        what: e.to_string(),
+    })?;
+    serde_json::from_slice(bytes).map_err(|source| ArcError::Json {
         path: path.to_path_buf(),
         source,
-    })?;
-    Ok((value, bytes))
+    })
 }
 
 /// Parse a grid: a non-empty list of equally long, non-empty rows of

@@ -127,6 +127,10 @@ pub enum BuildError {
     },
     #[error("invalid options: {0}")]
     Options(String),
+    #[error(transparent)]
+    Path(#[from] crate::paths::NonUtf8Path),
+    #[error(transparent)]
+    Limit(#[from] crate::limits::LimitError),
     #[error("{path}: puzzle '{puzzle}': {place} is {rows}x{cols}, larger than the {side}x{side} canvas ({puzzles} puzzle(s) in all do not fit); rebuild with a canvas side of at least {needed}")]
     GridTooLarge {
         path: PathBuf,
@@ -449,6 +453,27 @@ pub fn render_split(
     }
 }
 
+/// Heap bytes per augmented puzzle besides its canvases: the augmentation,
+/// its identifier name (twice: list and index) and index entry.
+const BYTES_PER_AUGMENTATION: u64 = 160;
+
+/// Memory the build needs: every augmented puzzle's bookkeeping, plus the
+/// largest group's rendered inputs and labels (groups are written in windows).
+fn build_memory(subsets: &[arc::Subset], num_aug: usize, side: usize) -> Option<u64> {
+    let members = (num_aug as u64).checked_add(1)?;
+    let seq_len = (side * side) as u64;
+    let mut total = 0u64;
+    let mut largest_group = 0u64;
+    for p in subsets.iter().flat_map(|s| &s.puzzles) {
+        let per = BYTES_PER_AUGMENTATION.checked_add(2 * p.id.len() as u64)?;
+        total = total.checked_add(crate::limits::product(&[members, per])?)?;
+        let examples = (p.train.len() + p.test.len()) as u64;
+        largest_group =
+            largest_group.max(crate::limits::product(&[members, examples, seq_len, 2])?);
+    }
+    total.checked_add(largest_group)
+}
+
 /// Build the dataset. Progress and messages go to stderr when `ui.verbose`.
 pub fn build_dataset(opts: &BuildOptions, ui: BuildUi) -> Result<BuildReport, BuildError> {
     let start = Instant::now();
@@ -474,6 +499,9 @@ pub fn build_dataset(opts: &BuildOptions, ui: BuildUi) -> Result<BuildReport, Bu
         )));
     }
     let out = opts.output_dir.clone();
+    // build_info.json records the folder as text, and the loader and
+    // `trm package` find the dataset again by it.
+    crate::paths::require_utf8("--output-dir", &out)?;
     let out_name = out
         .file_name()
         .ok_or_else(|| {
@@ -506,6 +534,11 @@ pub fn build_dataset(opts: &BuildOptions, ui: BuildUi) -> Result<BuildReport, Bu
         subsets.push(s);
     }
     check_grids_fit(&opts.input_file_prefix, &subsets, opts.canvas_side)?;
+    crate::limits::check(
+        "the build",
+        build_memory(&subsets, opts.num_aug, opts.canvas_side),
+        "lower --num-aug or build fewer subsets",
+    )?;
     let hash = input_hash(opts, &subsets);
     if !ui.force {
         if let Some(mut report) = existing_build(&out, &hash) {
@@ -616,7 +649,7 @@ pub fn build_dataset(opts: &BuildOptions, ui: BuildUi) -> Result<BuildReport, Bu
     ));
 
     // 5. Write everything into <out>.partial.
-    let partial = parent.join(format!("{}.partial", out_name.to_string_lossy()));
+    let partial = parent.join(with_suffix(&out_name, ".partial"));
     if partial.exists() {
         say(&format!(
             "removing an interrupted build at {}",
@@ -663,7 +696,10 @@ pub fn build_dataset(opts: &BuildOptions, ui: BuildUi) -> Result<BuildReport, Bu
             seconds: start.elapsed().as_secs_f64(),
             skipped: false,
         };
-        let text = serde_json::to_string_pretty(&report).expect("report serialises");
+        let text = serde_json::to_string_pretty(&report).map_err(|e| BuildError::Io {
+            path: partial.join(BUILD_INFO_FILE),
+            source: e.into(),
+        })?;
         write_file_synced(&partial.join(BUILD_INFO_FILE), text.as_bytes())?;
         Ok(report)
     })();
@@ -677,7 +713,7 @@ pub fn build_dataset(opts: &BuildOptions, ui: BuildUi) -> Result<BuildReport, Bu
 
     // 6. Swap into place: the old build (if any) is moved aside first and
     //    removed only once the new one is in place.
-    let old = parent.join(format!("{}.old", out_name.to_string_lossy()));
+    let old = parent.join(with_suffix(&out_name, ".old"));
     if old.exists() {
         std::fs::remove_dir_all(&old).map_err(io_err(&old))?;
     }
@@ -692,6 +728,14 @@ pub fn build_dataset(opts: &BuildOptions, ui: BuildUi) -> Result<BuildReport, Bu
         let _ = d.sync_all();
     }
     Ok(report)
+}
+
+/// `name` + `suffix` without a lossy detour through UTF-8, so the sibling
+/// folder is exactly the one the next build looks for.
+fn with_suffix(name: &std::ffi::OsStr, suffix: &str) -> std::ffi::OsString {
+    let mut s = name.to_os_string();
+    s.push(suffix);
+    s
 }
 
 fn write_file_synced(path: &Path, bytes: &[u8]) -> Result<(), BuildError> {

@@ -5,6 +5,7 @@ pub mod arc;
 pub mod augment;
 pub mod builder;
 pub mod grid;
+pub mod grid_scan;
 pub mod loader;
 pub mod metadata;
 pub mod npy;

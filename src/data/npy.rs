@@ -262,8 +262,14 @@ impl NpyArray {
             return Err(fmt_err("Fortran-order arrays are not supported".into()));
         }
         let offset = hstart + hlen;
-        let n: usize = shape.iter().product::<usize>() * dtype.size();
-        if offset + n != len {
+        // A shape from the file may be huge: an overflow is a mismatch too.
+        let n = data_bytes(&shape, dtype).ok_or_else(|| {
+            fmt_err(format!(
+                "shape {shape:?} of {} overflows the addressable size (corrupt)",
+                dtype.descr()
+            ))
+        })?;
+        if offset.checked_add(n) != Some(len) {
             return Err(fmt_err(format!(
                 "shape {:?} of {} needs {} data bytes, file has {} (truncated or corrupt)",
                 shape,
@@ -289,7 +295,7 @@ impl NpyArray {
         shape: &[usize],
         data: Vec<u8>,
     ) -> Result<NpyArray, NpyError> {
-        let n = shape.iter().product::<usize>() * dtype.size();
+        let n = data_bytes(shape, dtype).unwrap_or(usize::MAX);
         if data.len() != n {
             return Err(NpyError::Format {
                 path: name,
@@ -371,6 +377,13 @@ impl NpyArray {
 }
 
 /// Parse `{'descr': '<i4', 'fortran_order': False, 'shape': (3, 4), }`.
+/// Data bytes of `shape`, `None` on overflow.
+fn data_bytes(shape: &[usize], dtype: Dtype) -> Option<usize> {
+    shape
+        .iter()
+        .try_fold(dtype.size(), |acc, &d| acc.checked_mul(d))
+}
+
 fn parse_header(h: &str) -> Result<(String, bool, Vec<usize>), String> {
     let find_value = |key: &str| -> Result<&str, String> {
         let pat = format!("'{key}'");

@@ -265,7 +265,12 @@ impl ArchConfig {
                 len: self.puzzle_emb_len,
             });
         }
-        if self.puzzle_emb_ndim > self.puzzle_len() * self.hidden_size {
+        // Checked: widths come from files and overrides.
+        if self
+            .puzzle_len()
+            .checked_mul(self.hidden_size)
+            .is_some_and(|w| self.puzzle_emb_ndim > w)
+        {
             return Err(ConfigError::PuzzleEmbTooWide {
                 ndim: self.puzzle_emb_ndim,
                 len: self.puzzle_len(),
@@ -317,7 +322,8 @@ fn swiglu_intermediate(expansion: f64, hidden: usize) -> usize {
         return 0;
     }
     let rounded = x.round_ties_even() as usize;
-    rounded.div_ceil(256) * 256
+    // Saturates: an absurd expansion is then refused by the memory check.
+    rounded.div_ceil(256).saturating_mul(256)
 }
 
 /// On-disk form: every field optional so defaults can depend on other fields
