@@ -98,6 +98,10 @@ struct TrainArgs {
     /// Only errors and the final summary (no progress bar).
     #[arg(long)]
     quiet: bool,
+    /// Start a fresh run even if the run folder holds one: the old run is
+    /// moved aside to `<folder>.previous-N` (never deleted).
+    #[arg(long, conflicts_with = "resume")]
+    start_over: bool,
     /// Hydra-style overrides: key=value, +key=value, arch.key=value.
     overrides: Vec<String>,
 }
@@ -375,6 +379,10 @@ fn init_threads(n: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Set when a run stopped on a signal after checkpointing: `main` then exits
+/// with [`trm::signals::EXIT_PREEMPTED`].
+static PREEMPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn run_train(a: TrainArgs) -> anyhow::Result<()> {
     let source = trm::config::ConfigSource::from_arg(&a.config)?;
     let cfg = trm::config::RunConfig::load(source, &a.overrides)?;
@@ -383,8 +391,21 @@ fn run_train(a: TrainArgs) -> anyhow::Result<()> {
         resume: a.resume,
         progress: !a.quiet,
         verbose: !a.quiet,
+        start_over: a.start_over,
+        handle_signals: true,
     };
     let r = trm::train::train(&cfg, &opts)?;
+    if let Some(sig) = r.stopped_by {
+        let ckpt = r.checkpoints.last().map(|p| p.display().to_string());
+        eprintln!(
+            "stopped by {} after step {}: checkpoint {}; continue with the same command and `--resume latest`",
+            trm::signals::name(sig),
+            r.total_steps.min(r.train_log.last().map(|(s, _)| *s).unwrap_or(0)),
+            ckpt.unwrap_or_default()
+        );
+        PREEMPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+        return Ok(());
+    }
     println!(
         "trained {} steps (of {}) in {:.1} s; run folder {}",
         r.steps_run,
@@ -482,9 +503,12 @@ fn main() -> ExitCode {
         Command::StepDump(a) => trm::stepdump::run(&a),
     };
     match result {
+        Ok(()) if PREEMPTED.load(std::sync::atomic::Ordering::SeqCst) => {
+            ExitCode::from(trm::signals::EXIT_PREEMPTED)
+        }
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", trm::errors::chain_once(e.as_ref()));
             ExitCode::FAILURE
         }
     }
