@@ -133,9 +133,9 @@ struct InferArgs {
     /// Where to write the Kaggle submission.
     #[arg(long, default_value = "submission.json")]
     out: PathBuf,
-    /// Augmented copies per puzzle that vote.
-    #[arg(long, default_value_t = trm::infer::DEFAULT_NUM_AUG)]
-    num_aug: usize,
+    /// Augmented copies per puzzle that vote (default: the number the model's dataset was built with).
+    #[arg(long)]
+    num_aug: Option<usize>,
     /// Augmentation seed (default: the seed the model's dataset was built with).
     #[arg(long)]
     seed: Option<u64>,
@@ -188,10 +188,10 @@ struct DemoArgs {
     #[arg(long, requires = "arc_subsets", requires = "arc_test_set")]
     arc_prefix: Option<String>,
     /// Subsets of the real ARC files (with --arc-prefix).
-    #[arg(long, num_args = 1..)]
+    #[arg(long, num_args = 1.., requires = "arc_prefix")]
     arc_subsets: Vec<String>,
     /// Test subset of the real ARC files (with --arc-prefix).
-    #[arg(long)]
+    #[arg(long, requires = "arc_prefix")]
     arc_test_set: Option<String>,
     /// Overrides of the cpu-tiny training config, e.g. `epochs=20 arch.hidden_size=128`.
     overrides: Vec<String>,
@@ -297,7 +297,18 @@ fn run_build_dataset(a: BuildDatasetArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run_demo(a: DemoArgs) -> anyhow::Result<()> {
+fn run_demo(mut a: DemoArgs) -> anyhow::Result<()> {
+    // `--arc-subsets a b epochs=1`: a list option would swallow the trailing
+    // overrides; no subset name holds `=`, so those are overrides.
+    let (over, subsets): (Vec<String>, Vec<String>) =
+        a.arc_subsets.drain(..).partition(|s| s.contains('='));
+    a.arc_subsets = subsets;
+    a.overrides.splice(0..0, over);
+    if a.arc_prefix.is_some() && a.arc_subsets.is_empty() {
+        anyhow::bail!(
+            "--arc-subsets needs at least one subset name (e.g. --arc-subsets training evaluation)"
+        );
+    }
     let arc = a
         .arc_prefix
         .map(|p| (p, a.arc_subsets, a.arc_test_set.unwrap_or_default()));
