@@ -97,11 +97,10 @@ fn a_fresh_run_never_overwrites_a_run() {
     );
     assert_eq!(std::fs::read(run.join("metrics.jsonl")).unwrap(), before);
     // asked explicitly: the old run is moved aside whole, not mixed
-    let err = ok(&train_cmd(&data, &run, &["epochs=2", "eval_interval=1"])
+    ok(&train_cmd(&data, &run, &["epochs=2", "eval_interval=1"])
         .arg("--start-over")
         .output()
         .unwrap());
-    let _ = err;
     let aside = tmp.path().join("v.previous-1");
     assert_eq!(std::fs::read(aside.join("metrics.jsonl")).unwrap(), before);
     assert!(!steps(&aside).is_empty());
@@ -158,7 +157,7 @@ fn sigterm_checkpoints_and_resume_is_exact() {
     ok(&train_cmd(&data, &full, &args).output().unwrap());
 
     let run = tmp.path().join("cut");
-    let mut child = train_cmd(&data, &run, &args)
+    let child = train_cmd(&data, &run, &args)
         .env("TRM_STEP_PAUSE_MS", "150")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -228,4 +227,41 @@ fn sigterm_checkpoints_and_resume_is_exact() {
     // the replayed steps were cut from metrics.jsonl before the resume
     let (ma, mb) = (metric_steps(&full), metric_steps(&run));
     assert_eq!(ma, mb);
+}
+
+/// Demo options: subset lists never swallow overrides, options that need
+/// `--arc-prefix` say so, and the config is checked before any build.
+#[test]
+fn demo_options_are_checked_together_and_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("d");
+    let err = fails(
+        &trm()
+            .args(["demo", "--out"])
+            .arg(&out)
+            .args(["--arc-subsets", "concept", "epochs=1"])
+            .output()
+            .unwrap(),
+    );
+    assert!(err.contains("--arc-prefix"), "{err}");
+    // `epochs=20` reaches the config (cpu-tiny's eval_interval does not divide it)
+    let err = fails(
+        &trm()
+            .args(["demo", "--out"])
+            .arg(&out)
+            .args([
+                "--arc-prefix",
+                "/nonexistent/arc",
+                "--arc-test-set",
+                "concept",
+            ])
+            .args(["--arc-subsets", "concept", "epochs=20"])
+            .output()
+            .unwrap(),
+    );
+    assert!(err.contains("epochs 20"), "{err}");
+    assert!(
+        !out.join("data").exists(),
+        "built before the config was checked"
+    );
 }
