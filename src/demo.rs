@@ -111,6 +111,9 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<DemoSummary> {
         "lower --train-puzzles, --eval-puzzles or --num-aug",
     )?;
     let dataset_dir = opts.out_dir.join("data");
+    // The config is checked before any work, so a bad override fails now,
+    // not after the dataset build.
+    let cfg = demo_config(opts, &dataset_dir)?;
     let build_opts = match &opts.arc {
         Some((prefix, subsets, test)) => {
             let subsets: Vec<&str> = subsets.iter().map(String::as_str).collect();
@@ -157,7 +160,6 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<DemoSummary> {
         },
     )?;
 
-    let cfg = demo_config(opts, &dataset_dir)?;
     say(&format!(
         "[3/4] training the cpu-tiny model (hidden {}, {} layers, H {} x L {} cycles, up to {} ACT steps) for {} epochs",
         cfg.arch.hidden_size,
@@ -171,6 +173,7 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<DemoSummary> {
         resume: None,
         progress: opts.verbose,
         verbose: opts.verbose,
+        ..TrainOptions::default()
     };
     let report = train(&cfg, &train_opts)?;
     say("[4/4] plotting the metrics");

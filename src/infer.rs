@@ -40,9 +40,6 @@ use crate::telemetry::progress::{Progress, ProgressMode};
 use crate::tensor::Tensor;
 use crate::train::{evaluate_batches, mean_row, TrainError, TrainerState};
 
-/// The issue's default: 1000 augmentations per puzzle, as the reference builds.
-pub const DEFAULT_NUM_AUG: usize = 1000;
-
 #[derive(Debug, thiserror::Error)]
 pub enum InferError {
     #[error(transparent)]
@@ -103,7 +100,10 @@ pub struct InferOptions {
     /// the augmentations do, as in the builder: without solutions the test
     /// outputs are `[[0]]`, as `trm build-dataset` fills them).
     pub solutions: Option<PathBuf>,
-    pub num_aug: usize,
+    /// Augmented copies per puzzle; `None` = the model's dataset value (the
+    /// augmentation draw depends on it, so only that value gives puzzles the
+    /// model trained on their trained embeddings).
+    pub num_aug: Option<usize>,
     /// Augmentation seed; `None` = the seed the model's dataset was built with.
     pub seed: Option<u64>,
     /// Examples per forward batch; `None` = the training run's global batch size.
@@ -124,7 +124,7 @@ impl InferOptions {
             model_dir: model_dir.to_path_buf(),
             challenges: challenges.to_path_buf(),
             solutions: None,
-            num_aug: DEFAULT_NUM_AUG,
+            num_aug: None,
             seed: None,
             batch_size: None,
             fit_steps: 0,
@@ -338,6 +338,7 @@ pub fn infer(opts: &InferOptions) -> Result<InferOutput> {
     let pkg = ModelPackage::open(&opts.model_dir)?;
     let ds = pkg.config.dataset.clone();
     let seed = opts.seed.unwrap_or(ds.seed);
+    let num_aug = opts.num_aug.unwrap_or(ds.num_aug);
     let batch = opts.batch_size.unwrap_or(pkg.config.global_batch_size);
     let ks = opts
         .pass_ks
@@ -350,7 +351,7 @@ pub fn infer(opts: &InferOptions) -> Result<InferOutput> {
     check_fits(&opts.challenges, &puzzles, side)?;
     crate::limits::check(
         "this inference",
-        infer_memory(&puzzles, opts.num_aug, seq_len, &pkg.arch, batch),
+        infer_memory(&puzzles, num_aug, seq_len, &pkg.arch, batch),
         "lower --num-aug or --batch-size",
     )?;
 
@@ -378,7 +379,7 @@ pub fn infer(opts: &InferOptions) -> Result<InferOutput> {
     order.sort_by_key(|(index, _)| *index);
     let groups: Vec<Vec<Augmentation>> = order
         .par_iter()
-        .map(|(index, p)| puzzle_group(p, *index, seed, opts.num_aug))
+        .map(|(index, p)| puzzle_group(p, *index, seed, num_aug))
         .collect();
 
     // Rows: trained ones by name, new ones appended.
@@ -459,6 +460,16 @@ pub fn infer(opts: &InferOptions) -> Result<InferOutput> {
                 if unknown_puzzles.len() > shown.len() { ", ..." } else { "" },
                 new_names.len()
             ));
+            if num_aug != ds.num_aug || seed != ds.seed {
+                // The draw of augmentations depends on both: the model's own
+                // puzzles then come out as new, untrained names.
+                warn(format!(
+                    "note: --num-aug {num_aug} / --seed {seed} differ from the model's dataset \
+                     ({} augmentations, seed {}), so the augmentations drawn differ from those \
+                     it trained on; drop --num-aug/--seed to use the dataset's values",
+                    ds.num_aug, ds.seed
+                ));
+            }
         }
     }
     let weights = Weights::from_tensors(&arch, tensors).map_err(|e| InferError::Input {

@@ -98,6 +98,10 @@ struct TrainArgs {
     /// Only errors and the final summary (no progress bar).
     #[arg(long)]
     quiet: bool,
+    /// Start a fresh run even if the run folder holds one: the old run is
+    /// moved aside to `<folder>.previous-N` (never deleted).
+    #[arg(long, conflicts_with = "resume")]
+    start_over: bool,
     /// Hydra-style overrides: key=value, +key=value, arch.key=value.
     overrides: Vec<String>,
 }
@@ -129,9 +133,9 @@ struct InferArgs {
     /// Where to write the Kaggle submission.
     #[arg(long, default_value = "submission.json")]
     out: PathBuf,
-    /// Augmented copies per puzzle that vote.
-    #[arg(long, default_value_t = trm::infer::DEFAULT_NUM_AUG)]
-    num_aug: usize,
+    /// Augmented copies per puzzle that vote (default: the number the model's dataset was built with).
+    #[arg(long)]
+    num_aug: Option<usize>,
     /// Augmentation seed (default: the seed the model's dataset was built with).
     #[arg(long)]
     seed: Option<u64>,
@@ -184,10 +188,10 @@ struct DemoArgs {
     #[arg(long, requires = "arc_subsets", requires = "arc_test_set")]
     arc_prefix: Option<String>,
     /// Subsets of the real ARC files (with --arc-prefix).
-    #[arg(long, num_args = 1..)]
+    #[arg(long, num_args = 1.., requires = "arc_prefix")]
     arc_subsets: Vec<String>,
     /// Test subset of the real ARC files (with --arc-prefix).
-    #[arg(long)]
+    #[arg(long, requires = "arc_prefix")]
     arc_test_set: Option<String>,
     /// Overrides of the cpu-tiny training config, e.g. `epochs=20 arch.hidden_size=128`.
     overrides: Vec<String>,
@@ -293,7 +297,18 @@ fn run_build_dataset(a: BuildDatasetArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run_demo(a: DemoArgs) -> anyhow::Result<()> {
+fn run_demo(mut a: DemoArgs) -> anyhow::Result<()> {
+    // `--arc-subsets a b epochs=1`: a list option would swallow the trailing
+    // overrides; no subset name holds `=`, so those are overrides.
+    let (over, subsets): (Vec<String>, Vec<String>) =
+        a.arc_subsets.drain(..).partition(|s| s.contains('='));
+    a.arc_subsets = subsets;
+    a.overrides.splice(0..0, over);
+    if a.arc_prefix.is_some() && a.arc_subsets.is_empty() {
+        anyhow::bail!(
+            "--arc-subsets needs at least one subset name (e.g. --arc-subsets training evaluation)"
+        );
+    }
     let arc = a
         .arc_prefix
         .map(|p| (p, a.arc_subsets, a.arc_test_set.unwrap_or_default()));
@@ -385,6 +400,10 @@ fn init_threads(n: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Set when a run stopped on a signal after checkpointing: `main` then exits
+/// with [`trm::signals::EXIT_PREEMPTED`].
+static PREEMPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn run_train(a: TrainArgs) -> anyhow::Result<()> {
     let source = trm::config::ConfigSource::from_arg(&a.config)?;
     let cfg = trm::config::RunConfig::load(source, &a.overrides)?;
@@ -393,8 +412,21 @@ fn run_train(a: TrainArgs) -> anyhow::Result<()> {
         resume: a.resume,
         progress: !a.quiet,
         verbose: !a.quiet,
+        start_over: a.start_over,
+        handle_signals: true,
     };
     let r = trm::train::train(&cfg, &opts)?;
+    if let Some(sig) = r.stopped_by {
+        let ckpt = r.checkpoints.last().map(|p| p.display().to_string());
+        eprintln!(
+            "stopped by {} after step {}: checkpoint {}; continue with the same command and `--resume latest`",
+            trm::signals::name(sig),
+            r.total_steps.min(r.train_log.last().map(|(s, _)| *s).unwrap_or(0)),
+            ckpt.unwrap_or_default()
+        );
+        PREEMPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+        return Ok(());
+    }
     println!(
         "trained {} steps (of {}) in {:.1} s; run folder {}",
         r.steps_run,
@@ -492,9 +524,12 @@ fn main() -> ExitCode {
         Command::StepDump(a) => trm::stepdump::run(&a),
     };
     match result {
+        Ok(()) if PREEMPTED.load(std::sync::atomic::Ordering::SeqCst) => {
+            ExitCode::from(trm::signals::EXIT_PREEMPTED)
+        }
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", trm::errors::chain_once(e.as_ref()));
             ExitCode::FAILURE
         }
     }

@@ -79,6 +79,13 @@ pub enum TrainError {
     Resume { path: PathBuf, reason: String },
     #[error(transparent)]
     Collective(#[from] crate::dist::CollectiveError),
+    #[error(transparent)]
+    Folder(#[from] crate::run_folder::FolderError),
+    #[error(
+        "this run would train 0 steps: the dataset gives {batches} full batches of \
+         global_batch_size {global} per epoch; lower global_batch_size or use a larger dataset"
+    )]
+    NoSteps { batches: u64, global: usize },
     #[error("global_batch_size {global} is not divisible by the {world} ranks")]
     BatchSplit { global: usize, world: usize },
     #[error(transparent)]
@@ -97,6 +104,11 @@ pub struct TrainOptions {
     pub progress: bool,
     /// Print the schedule and per-evaluation summaries.
     pub verbose: bool,
+    /// A fresh run into a folder holding a run moves that run aside
+    /// (else it is refused).
+    pub start_over: bool,
+    /// Catch SIGTERM/SIGINT (with `checkpoint_on_signal`): checkpoint and stop.
+    pub handle_signals: bool,
 }
 
 impl Default for TrainOptions {
@@ -105,6 +117,8 @@ impl Default for TrainOptions {
             resume: None,
             progress: true,
             verbose: true,
+            start_over: false,
+            handle_signals: false,
         }
     }
 }
@@ -122,6 +136,8 @@ pub struct TrainReport {
     pub eval_log: Vec<(u64, Vec<(String, f64)>)>,
     pub checkpoints: Vec<PathBuf>,
     pub seconds: f64,
+    /// The signal that stopped the run early (its checkpoint is the last one).
+    pub stopped_by: Option<i32>,
 }
 
 impl TrainReport {
@@ -936,11 +952,22 @@ pub fn train_with(
     let schedule = Schedule::new(cfg, meta.total_groups, meta.mean_puzzle_examples);
     let local_batch = train_ds.local_batch_size();
 
+    for w in crate::run_guard::schedule_warnings(cfg, &schedule)? {
+        if coll.rank() == 0 {
+            eprintln!("warning: {w}");
+        }
+    }
     let dir = run_dir(cfg);
-    std::fs::create_dir_all(&dir).map_err(|source| TrainError::Io {
-        path: dir.clone(),
-        source,
-    })?;
+    // One writer per run folder, for the whole run (rank 0 writes it).
+    let _lock = if coll.rank() == 0 {
+        Some(crate::run_folder::lock(&dir)?)
+    } else {
+        None
+    };
+    let moved_aside = match (&_lock, &opts.resume) {
+        (Some(l), None) => crate::run_folder::claim_fresh(l, opts.start_over)?,
+        _ => None,
+    };
     let ckpt = CheckpointDir::new(dir.clone()).with_keep_last(cfg.checkpoint_keep_last);
 
     // weights: +load_checkpoint, else seeded init
@@ -965,8 +992,16 @@ pub fn train_with(
         let yaml = cfg.to_yaml()?;
         let p = dir.join("all_config.yaml");
         std::fs::write(&p, yaml).map_err(|source| TrainError::Io { path: p, source })?;
+        if resumed_from.is_some() {
+            // The steps after the checkpoint are replayed: their old records go.
+            MetricsWriter::cut_after(&dir, st.step)?;
+        }
         metrics_out = Some(MetricsWriter::create(&dir)?);
-        events = Some(EventWriter::create(&dir)?);
+        let mut ev = EventWriter::create(&dir)?;
+        if resumed_from.is_some() {
+            ev.mark_restart(st.step)?;
+        }
+        events = Some(ev);
     }
     let say = |msg: &str| {
         if opts.verbose && rank0 {
@@ -974,6 +1009,12 @@ pub fn train_with(
         }
     };
     say(&format!("run folder: {}", dir.display()));
+    if let Some(p) = &moved_aside {
+        say(&format!(
+            "--start-over: the previous run was moved to {}",
+            p.display()
+        ));
+    }
     say(&format!("{schedule}"));
     say(&format!(
         "model: {} dense parameters, puzzle embedding {} x {}; {} ranks, local batch {}",
@@ -1000,7 +1041,12 @@ pub fn train_with(
         eval_log: Vec::new(),
         checkpoints: Vec::new(),
         seconds: 0.0,
+        stopped_by: None,
     };
+    if opts.handle_signals && cfg.checkpoint_on_signal && world == 1 {
+        crate::signals::install();
+    }
+    let pause = crate::run_guard::step_pause();
     let mut progress = rank0.then(|| {
         Progress::new(
             schedule.total_steps,
@@ -1042,6 +1088,22 @@ pub fn train_with(
                 p.update(st.step, Some(loss));
             }
             report.train_log.push((st.step, log));
+            if let Some(d) = pause {
+                std::thread::sleep(d);
+            }
+            if let (true, Some(sig)) = (opts.handle_signals, crate::signals::requested()) {
+                // Mid-iteration checkpoint: the loader saves its position in
+                // the walk, so a resume continues with the next batch.
+                let c = st.checkpoint_contents(cfg, batches.state())?;
+                let path = ckpt.save(&c)?;
+                if let Some(p) = &mut progress {
+                    p.finish();
+                }
+                report.checkpoints.push(path);
+                report.stopped_by = Some(sig);
+                report.seconds = t0.elapsed().as_secs_f64();
+                return Ok(report);
+            }
         }
         st.iters_done = it + 1;
         if !schedule.evaluates_after(it) {

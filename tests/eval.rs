@@ -391,7 +391,9 @@ fn bad_outputs_are_rejected_without_recording() {
     let r = ev.result();
     assert_eq!(r.report.examples, 1);
     assert_eq!(metric(&r, 1), 0.0);
-    assert_eq!(attempts(&r, "p", 0).0, json!([]));
+    // The only prediction crops to an empty grid, which takes no vote: the
+    // attempt is the [[0]] placeholder of a test input without candidates.
+    assert_eq!(attempts(&r, "p", 0).0, json!([[0]]));
 }
 
 #[test]
@@ -753,4 +755,37 @@ fn a_cleared_evaluator_equals_a_fresh_one() {
     assert_eq!(r.metrics, w.metrics);
     assert_eq!(r.submission, w.submission);
     assert_eq!(r.report.puzzles[0].tests[0].votes, 1);
+}
+
+/// An empty crop (the canvas's first token is not a colour) gets no vote:
+/// attempts are real grids, and `[[0]]` only when nothing else is left.
+#[test]
+fn empty_predictions_never_take_an_attempt() {
+    let input = g23(0);
+    let (a, t) = (g23(1), g23(2));
+    let f = fixture(
+        &names(&["p", "q"]),
+        &[("p", vec![(input, t)]), ("q", vec![(input, a)])],
+    );
+    let mut ev = ArcEvaluator::new(&f.dir, &[1, 2]).unwrap();
+    let mut out = outputs();
+    let empty = |out: &mut EvalOutputs, id: i32| {
+        out.puzzle_ids.push(id);
+        out.inputs.extend(canvas(&input));
+        out.preds.extend(vec![0i32; SIDE * SIDE]);
+        out.q_halt.push(9.0);
+    };
+    for _ in 0..3 {
+        empty(&mut out, 1);
+        empty(&mut out, 2);
+    }
+    push(&mut out, 1, &input, &a, -1.0);
+    push(&mut out, 1, &input, &t, -2.0);
+    ev.add(&out).unwrap();
+    let r = ev.result();
+    assert_eq!(attempts(&r, "p", 0), (grid_to_json(&a), grid_to_json(&t)));
+    assert_eq!(metric(&r, 2), 0.5);
+    // "q" had only empty predictions: both attempts are [[0]]
+    let zero = json!([[0]]);
+    assert_eq!(attempts(&r, "q", 0), (zero.clone(), zero));
 }

@@ -86,7 +86,7 @@ fn read_json(p: &Path) -> Value {
 fn options(f: &Fixture, model: &Path, challenges: &Path) -> InferOptions {
     InferOptions {
         solutions: Some(f.solutions.clone()),
-        num_aug: NUM_AUG,
+        num_aug: Some(NUM_AUG),
         ..InferOptions::new(model, challenges)
     }
 }
@@ -315,7 +315,7 @@ fn fit_steps_fit_only_the_unknown_puzzles_rows() {
     let known = pkg.identifiers.len();
     let base = InferOptions {
         solutions: Some(sols),
-        num_aug: NUM_AUG,
+        num_aug: Some(NUM_AUG),
         ..InferOptions::new(&f.model, &chal)
     };
 

@@ -42,6 +42,7 @@ fn quiet(resume: Option<String>) -> TrainOptions {
         resume,
         progress: false,
         verbose: false,
+        ..TrainOptions::default()
     }
 }
 

@@ -151,6 +151,14 @@ pub struct RunConfig {
     pub threads: usize,
     #[serde(default)]
     pub backend: Backend,
+    /// On SIGTERM/SIGINT: finish the step, checkpoint, exit 75 (`false`:
+    /// the signal ends the process at once).
+    #[serde(default = "default_true")]
+    pub checkpoint_on_signal: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_arch() -> ArchConfig {
@@ -368,6 +376,31 @@ impl RunConfig {
         };
         if self.data_paths.is_empty() {
             return Err(invalid("data_paths", "name at least one dataset folder"));
+        }
+        if let Some(p) = &self.checkpoint_path {
+            if p.as_os_str().is_empty() {
+                return Err(invalid(
+                    "checkpoint_path",
+                    "is empty (that would write the run into the current folder); \
+                     name a run folder, or drop the key to use checkpoints/<project>/<run_name>",
+                ));
+            }
+        }
+        // Keys the engine reads but cannot honour yet are refused, so a run
+        // never silently does something other than what was asked.
+        if self.backend != Backend::Cpu {
+            return Err(invalid(
+                "backend",
+                "only `cpu` is used for now: `trm train` runs on the CPU engine \
+                 (a `--device` flag comes with the GPU engine); set backend=cpu or drop the key",
+            ));
+        }
+        if !self.eval_save_outputs.is_empty() {
+            return Err(invalid(
+                "eval_save_outputs",
+                "saving evaluation outputs is not implemented yet; set eval_save_outputs=[] \
+                 (the ARC evaluator's submission.json is written under the run folder)",
+            ));
         }
         if self.global_batch_size == 0 {
             return Err(invalid("global_batch_size", "must be at least 1"));

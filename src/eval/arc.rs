@@ -15,6 +15,8 @@
 //!   submission; the reference leaves it out, which shifts later entries;
 //! - a puzzle with no test inputs scores 0 (the reference divides by zero),
 //!   and an empty `test_puzzles.json` gives pass@K = 0;
+//! - an empty predicted grid gets no vote (the reference ranks it like any
+//!   other and can submit `[]`); this can only raise pass@K;
 //! - canvases may be any square of side 1..=30, not just 30x30;
 //! - votes for puzzles or inputs that are not test inputs are counted (in
 //!   the report) and dropped at once instead of being kept until the end;
@@ -436,6 +438,11 @@ impl ArcEvaluator {
                 continue;
             }
             let pred = aug.invert(&crop_tokens(&out.preds[i * s..(i + 1) * s], &mut buf));
+            if pred.rows() == 0 || pred.cols() == 0 {
+                // An empty crop (first token not a colour) can never be a
+                // correct answer: it gets no vote, so it never takes an attempt.
+                continue;
+            }
             let pred_hash = pred.hash();
             self.grids.entry(pred_hash).or_insert(pred);
             // The reference takes sigmoid in float64 of the logit.

@@ -51,6 +51,35 @@ impl MetricsWriter {
         Ok(MetricsWriter { path, file })
     }
 
+    /// Drops the records past `step` (those a resume from `step` replays),
+    /// rewriting the file atomically; returns how many were dropped.
+    pub fn cut_after(run_dir: &Path, step: u64) -> Result<usize> {
+        let path = run_dir.join(METRICS_FILE);
+        let Ok(text) = fs::read_to_string(&path) else {
+            return Ok(0);
+        };
+        let mut kept = String::with_capacity(text.len());
+        let mut dropped = 0;
+        for line in text.lines() {
+            let later = serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                .is_some_and(|s| s > step);
+            if later {
+                dropped += 1;
+            } else {
+                kept.push_str(line);
+                kept.push('\n');
+            }
+        }
+        if dropped > 0 {
+            let tmp = run_dir.join(format!("{METRICS_FILE}.tmp"));
+            fs::write(&tmp, kept).map_err(io_err(&tmp))?;
+            fs::rename(&tmp, &path).map_err(io_err(&path))?;
+        }
+        Ok(dropped)
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -99,6 +99,9 @@ fn put_bytes(out: &mut Vec<u8>, field: u8, bytes: &[u8]) {
 enum Payload<'a> {
     FileVersion(&'a str),
     Scalars(&'a [(&'a str, f32)]),
+    /// `SessionLog { status = START }` (field 6): TensorBoard then drops the
+    /// events of earlier files past this step, i.e. those a resume replays.
+    SessionStart,
 }
 
 fn encode_event(wall_time: f64, step: i64, payload: Payload<'_>) -> Vec<u8> {
@@ -121,6 +124,7 @@ fn encode_event(wall_time: f64, step: i64, payload: Payload<'_>) -> Vec<u8> {
             }
             put_bytes(&mut ev, 5, &summary);
         }
+        Payload::SessionStart => put_bytes(&mut ev, 6, &[0x08, 0x01]),
     }
     ev
 }
@@ -177,6 +181,14 @@ impl EventWriter {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Marks a restart at `step` (after a resume), superseding what earlier
+    /// event files logged past it.
+    pub fn mark_restart(&mut self, step: u64) -> Result<()> {
+        let step = i64::try_from(step).unwrap_or(i64::MAX);
+        let ev = encode_event(unix_time(), step, Payload::SessionStart);
+        self.write_event(&ev)
     }
 
     /// Logs one scalar at `step`.

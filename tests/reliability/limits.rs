@@ -95,7 +95,7 @@ fn infer_with_a_huge_batch_or_num_aug_is_refused() {
     let f = fixture();
     for (num_aug, batch) in [(3, Some(100_000_000)), (100_000_000_000, None)] {
         let opts = trm::infer::InferOptions {
-            num_aug,
+            num_aug: Some(num_aug),
             batch_size: batch,
             ..trm::infer::InferOptions::new(&f.model, &f.challenges)
         };
