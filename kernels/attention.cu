@@ -90,6 +90,32 @@ struct KeyTileBackward {
 
 static __device__ __forceinline__ float neg_inf() { return __int_as_float((int)0xff800000u); }
 
+// This block's (sample, head) and tile (grids are 1-D: block = (sample * H +
+// head) * tiles + tile), and that head's column slices of qkv and do: row s
+// of q is at q + s * W, of do at dout + s * O.
+template <int HD>
+struct HeadTile {
+    int tile, bh, b, h;
+    long W, O;
+    const bf16* q;
+    const bf16* k;
+    const bf16* v;
+    const bf16* dout;  // null when the kernel has no do
+    __device__ __forceinline__ HeadTile(const bf16* qkv, const bf16* dout_all, int S, int H, int tiles) {
+        tile = blockIdx.x % tiles;
+        bh = blockIdx.x / tiles;
+        b = bh / H;
+        h = bh % H;
+        W = 3L * H * HD;
+        O = (long)H * HD;
+        const bf16* base = qkv + (long)b * S * W;
+        q = base + (long)h * HD;
+        k = base + (long)(H + h) * HD;
+        v = base + (long)(2 * H + h) * HD;
+        dout = dout_all ? dout_all + (long)b * S * O + (long)h * HD : nullptr;
+    }
+};
+
 // ---------------------------------------------------------------------------
 // Tiles in shared memory
 
@@ -313,16 +339,11 @@ static __device__ void attention_forward_impl(const AttentionForwardArgs& a) {
     constexpr int NT = ATT_BK / 8;   // n8 tiles over a key tile
     constexpr int OT = HD / 8;       // n8 tiles over the head dim
     const int S = a.S, H = a.H;
-    const int q_tiles = (int)ceil_div(S, BQ);
-    const int tile = blockIdx.x % q_tiles;
-    const int bh = blockIdx.x / q_tiles;
-    const int b = bh / H, h = bh % H;
-    const int q0 = tile * BQ;
-    const long W = 3L * H * HD;
-    const bf16* base = a.qkv + (long)b * S * W;
-    const bf16* qg = base + (long)h * HD;
-    const bf16* kg = base + (long)(H + h) * HD;
-    const bf16* vg = base + (long)(2 * H + h) * HD;
+    const HeadTile<HD> ht(a.qkv, nullptr, S, H, (int)ceil_div(S, BQ));
+    const int bh = ht.bh, b = ht.b, h = ht.h;
+    const int q0 = ht.tile * BQ;
+    const long W = ht.W;
+    const bf16 *qg = ht.q, *kg = ht.k, *vg = ht.v;
     const int lane = lane_id();
     const int warp = threadIdx.x / 32;
     const int t = lane % 4;
@@ -513,18 +534,11 @@ static __device__ void attention_backward_dkdv_impl(const AttentionBackwardArgs&
     constexpr int QT = BQ / 8;  // n8 tiles over a query tile
     constexpr int OT = HD / 8;
     const int S = a.S, H = a.H;
-    const int k_tiles = (int)ceil_div(S, ATT_BK);
-    const int tile = blockIdx.x % k_tiles;
-    const int bh = blockIdx.x / k_tiles;
-    const int b = bh / H, h = bh % H;
-    const int k0 = tile * ATT_BK;
-    const long W = 3L * H * HD;
-    const long O = (long)H * HD;
-    const bf16* base = a.qkv + (long)b * S * W;
-    const bf16* qg = base + (long)h * HD;
-    const bf16* kg = base + (long)(H + h) * HD;
-    const bf16* vg = base + (long)(2 * H + h) * HD;
-    const bf16* dog = a.dout + (long)b * S * O + (long)h * HD;
+    const HeadTile<HD> ht(a.qkv, a.dout, S, H, (int)ceil_div(S, ATT_BK));
+    const int bh = ht.bh, b = ht.b, h = ht.h;
+    const int k0 = ht.tile * ATT_BK;
+    const long W = ht.W, O = ht.O;
+    const bf16 *qg = ht.q, *kg = ht.k, *vg = ht.v, *dog = ht.dout;
     const float* lse_g = a.lse + (long)bh * S;
     const float* delta_g = a.delta + (long)bh * S;
     const int lane = lane_id();
@@ -595,7 +609,8 @@ static __device__ void attention_backward_dkdv_impl(const AttentionBackwardArgs&
             cp_async_wait<0>();
             __syncthreads();  // barrier: next Q/dO tile landed (dK/dV)
             // Table rows from global (L2): staging them in shared memory
-            // costs a third block per multiprocessor (15% slower, measured).
+            // costs a third block per multiprocessor (15% slower, measured;
+            // the kernel's launch bounds hold it at 168 registers for it).
             const long next = (long)(q0 + BQ) * HD;
             tile_rotate<HD, BQ>(sQ + (buf ^ 1) * BQ * LD, a.cos + next, a.sin + next, q0 + BQ, S);
             __syncthreads();  // barrier: rotated Q tile (dK/dV)
@@ -630,18 +645,11 @@ static __device__ void attention_backward_dq_impl(const AttentionBackwardArgs& a
     constexpr int NT = DQ_KEYS / 8;
     constexpr int OT = HD / 8;
     const int S = a.S, H = a.H;
-    const int q_tiles = (int)ceil_div(S, BQ);
-    const int tile = blockIdx.x % q_tiles;
-    const int bh = blockIdx.x / q_tiles;
-    const int b = bh / H, h = bh % H;
-    const int q0 = tile * BQ;
-    const long W = 3L * H * HD;
-    const long O = (long)H * HD;
-    const bf16* base = a.qkv + (long)b * S * W;
-    const bf16* qg = base + (long)h * HD;
-    const bf16* kg = base + (long)(H + h) * HD;
-    const bf16* vg = base + (long)(2 * H + h) * HD;
-    const bf16* dog = a.dout + (long)b * S * O + (long)h * HD;
+    const HeadTile<HD> ht(a.qkv, a.dout, S, H, (int)ceil_div(S, BQ));
+    const int bh = ht.bh, b = ht.b, h = ht.h;
+    const int q0 = ht.tile * BQ;
+    const long W = ht.W, O = ht.O;
+    const bf16 *qg = ht.q, *kg = ht.k, *vg = ht.v, *dog = ht.dout;
     const int lane = lane_id();
     const int warp = threadIdx.x / 32;
     const int g = lane / 4, t = lane % 4;
@@ -732,13 +740,13 @@ static __device__ void attention_backward_dq_impl(const AttentionBackwardArgs& a
         store_rotated_grad<HD>(dq[m], a.scale, a.cos, a.sin, q0 + qw + 16 * m, S, out, W, lane);
 }
 
-extern "C" __global__ void __launch_bounds__(128) attention_backward_dkdv_d32(const AttentionBackwardArgs a) {
+extern "C" __global__ void __launch_bounds__(128, 3) attention_backward_dkdv_d32(const AttentionBackwardArgs a) {
     attention_backward_dkdv_impl<32>(a);
 }
 extern "C" __global__ void __launch_bounds__(128, 2) attention_backward_dq_d32(const AttentionBackwardArgs a) {
     attention_backward_dq_impl<32>(a);
 }
-extern "C" __global__ void __launch_bounds__(128) attention_backward_dkdv_d64(const AttentionBackwardArgs a) {
+extern "C" __global__ void __launch_bounds__(128, 3) attention_backward_dkdv_d64(const AttentionBackwardArgs a) {
     attention_backward_dkdv_impl<64>(a);
 }
 extern "C" __global__ void __launch_bounds__(128, 2) attention_backward_dq_d64(const AttentionBackwardArgs a) {
