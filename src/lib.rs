@@ -18,6 +18,7 @@ pub mod limits;
 pub mod loss;
 pub mod model;
 pub mod optim;
+pub mod out_guard;
 pub mod package;
 pub mod paths;
 pub mod run_folder;
