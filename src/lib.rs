@@ -9,6 +9,7 @@ pub mod backend;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod dataset_ref;
 pub mod demo;
 pub mod dist;
 pub mod errors;
