@@ -114,7 +114,8 @@ struct PackageArgs {
     /// The model folder to write.
     #[arg(long)]
     out: PathBuf,
-    /// The dataset the run trained on (default: the run config's data_paths).
+    /// The dataset the run trained on (default: where the checkpoint recorded
+    /// it; a moved copy is accepted when its build hash matches).
     #[arg(long)]
     dataset: Option<PathBuf>,
 }
@@ -130,9 +131,13 @@ struct InferArgs {
     /// Solutions JSON for the challenges: pass@K is printed.
     #[arg(long)]
     solutions: Option<PathBuf>,
-    /// Where to write the Kaggle submission.
+    /// Where to write the Kaggle submission. An existing file is replaced
+    /// only if it is a previous submission (or with --force).
     #[arg(long, default_value = "submission.json")]
     out: PathBuf,
+    /// Replace --out even if it is not a previous submission.
+    #[arg(long)]
+    force: bool,
     /// Augmented copies per puzzle that vote (default: the number the model's dataset was built with).
     #[arg(long)]
     num_aug: Option<usize>,
@@ -458,6 +463,8 @@ fn run_infer(a: InferArgs) -> anyhow::Result<()> {
         anyhow::bail!("--threads must be at least 1");
     }
     init_threads(a.threads.unwrap_or(0))?;
+    // Refused before the work, not after it.
+    trm::out_guard::check_replaceable(&a.out, trm::out_guard::OutputKind::Submission, a.force)?;
     let opts = trm::infer::InferOptions {
         solutions: a.solutions,
         num_aug: a.num_aug,

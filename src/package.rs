@@ -39,6 +39,8 @@ const PACKAGE_KIND: &str = "trm-model";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PackageError {
+    #[error(transparent)]
+    Dataset(#[from] crate::dataset_ref::DatasetRefError),
     #[error("checkpoint {path}: {source}")]
     Checkpoint {
         path: PathBuf,
@@ -387,19 +389,20 @@ pub fn package(checkpoint: &Path, out: &Path, dataset: Option<&Path>) -> Result<
         source,
     })?;
 
-    let data_dir = match dataset {
-        Some(d) => d.to_path_buf(),
-        None => {
-            // The puzzle table's rows are the training dataset's identifiers.
-            if cfg.data_paths.len() != 1 {
-                return Err(invalid(
-                    &state_path,
-                    "the run trained on several datasets; name the one to package with --dataset",
-                ));
-            }
-            cfg.data_paths[0].clone()
-        }
-    };
+    // The puzzle table's rows are the training dataset's identifiers.
+    if dataset.is_none() && cfg.data_paths.len() != 1 {
+        return Err(invalid(
+            &state_path,
+            "the run trained on several datasets; name the one to package with --dataset",
+        ));
+    }
+    let recorded = crate::dataset_ref::recorded(&c.state.extra);
+    let typed = cfg.data_paths.first().cloned().unwrap_or_default();
+    let data_dir = crate::dataset_ref::resolve(
+        &typed,
+        recorded.first().filter(|_| cfg.data_paths.len() == 1),
+        dataset,
+    )?;
     let build_path = data_dir.join(BUILD_INFO_FILE);
     if !build_path.is_file() {
         return Err(invalid(

@@ -57,26 +57,30 @@ impl FolderLock {
 pub fn lock(dir: &Path) -> Result<FolderLock, FolderError> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let path = dir.join(LOCK_FILE);
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(io(&path))?;
-    if !try_lock(&file).map_err(io(&path))? {
-        let mut pid = String::new();
-        let _ = file.read_to_string(&mut pid);
-        let pid = pid.trim();
-        return Err(FolderError::Locked {
-            dir: dir.to_path_buf(),
-            pid: if pid.is_empty() {
-                "unknown".into()
-            } else {
-                pid.into()
-            },
-        });
-    }
+    let mut attempts = 0;
+    let mut file = loop {
+        let mut file = open_lock_file(&path)?;
+        if !try_lock(&file).map_err(io(&path))? {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            let pid = pid.trim();
+            return Err(FolderError::Locked {
+                dir: dir.to_path_buf(),
+                pid: if pid.is_empty() {
+                    "unknown".into()
+                } else {
+                    pid.into()
+                },
+            });
+        }
+        // The dataset builder moves its locked lock file along when it swaps
+        // a new build into place: a lock won on a file that was just moved
+        // away is on the wrong file, so take it again on the one at `path`.
+        attempts += 1;
+        if still_at(&file, &path) || attempts >= 8 {
+            break file;
+        }
+    };
     // The pid is informative only: the lock itself is the flock.
     let _ = file.set_len(0);
     let _ = file.rewind();
@@ -86,6 +90,31 @@ pub fn lock(dir: &Path) -> Result<FolderLock, FolderError> {
         _file: file,
         dir: dir.to_path_buf(),
     })
+}
+
+fn open_lock_file(path: &Path) -> Result<File, FolderError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(io(path))
+}
+
+/// Whether `path` still names the open `file` (same inode).
+#[cfg(unix)]
+fn still_at(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+#[cfg(not(unix))]
+fn still_at(_file: &File, _path: &Path) -> bool {
+    true
 }
 
 #[cfg(unix)]

@@ -55,9 +55,14 @@ pub struct StepDumpArgs {
     #[arg(long, value_name = "B.safetensors")]
     pub batch: PathBuf,
 
-    /// Output safetensors file (written atomically).
+    /// Output safetensors file (written atomically). An existing file is
+    /// replaced only if it is a previous step dump (or with --force).
     #[arg(long, value_name = "O.safetensors")]
     pub out: PathBuf,
+
+    /// Replace --out even if it is not a previous step dump.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// One batch of training samples, row-major.
@@ -287,6 +292,11 @@ fn model_step(
 /// `trm step-dump`: load config, weights (or init) and batch, run
 /// [`step_dump`], write the dump as f32.
 pub fn run(args: &StepDumpArgs) -> anyhow::Result<()> {
+    crate::out_guard::check_replaceable(
+        &args.out,
+        crate::out_guard::OutputKind::StepDump,
+        args.force,
+    )?;
     let config = ArchConfig::from_json_file(&args.arch)?;
     config.validate_supported()?;
     let weights = match (&args.weights, args.init_seed) {

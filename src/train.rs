@@ -644,7 +644,12 @@ impl TrainerState {
                 rng: serde_json::to_value(rng).unwrap_or_default(),
                 loader: serde_json::to_value(loader).unwrap_or_default(),
                 config: cfg.to_yaml()?,
-                extra: serde_json::json!({ "iters_done": self.iters_done }),
+                // Absolute paths and build hashes, so `trm package` finds
+                // the datasets again from anywhere (the config has them as typed).
+                extra: serde_json::json!({
+                    "iters_done": self.iters_done,
+                    crate::dataset_ref::EXTRA_KEY: crate::dataset_ref::record(&cfg.data_paths),
+                }),
             },
         })
     }

@@ -985,3 +985,123 @@ fn real_arc_agi_2_subsets() {
     }
     assert_eq!(per_group_inputs, 172);
 }
+
+/// Runs `trm build-dataset` on the fixture's subsets into `out`.
+fn cli_build(f: &Fixture, out: &Path, extra: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_trm"))
+        .args(["build-dataset", "--input-file-prefix", &f.prefix])
+        .arg("--output-dir")
+        .arg(out)
+        .args([
+            "--subsets",
+            "alpha",
+            "beta",
+            "gamma",
+            "--test-set-name",
+            "beta",
+        ])
+        .args(["--num-aug", "2", "--threads", "1"])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+/// A second builder into a folder being built is refused at once, with the
+/// first one's pid, and touches nothing.
+#[test]
+fn a_second_builder_into_one_folder_is_refused_with_the_others_pid() {
+    let f = fixture();
+    let out = f.root.join("shared");
+    let held = trm::run_folder::lock(&out).unwrap();
+    let run = cli_build(&f, &out, &[]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("pid {}", std::process::id())) && stderr.contains("wait for it"),
+        "{stderr}"
+    );
+    assert!(!f.root.join("shared.partial").exists());
+    assert!(!out.join("build_info.json").exists());
+    drop(held);
+    let run = cli_build(&f, &out, &[]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    // A fresh build keeps the folder locked throughout, even across the
+    // swap into place: the lock file moved with the new build.
+    assert!(out.join(trm::run_folder::LOCK_FILE).is_file());
+    load_split(&out, "train");
+}
+
+/// A folder whose files do not all come from the build its build_info.json
+/// describes (as two builders at once used to leave) is rebuilt, not kept.
+#[test]
+fn a_mixed_folder_is_not_kept() {
+    let f = fixture();
+    let o = opts(&f, "mixed", 2);
+    build_dataset(&o, QUIET).unwrap();
+    let mut other = opts(&f, "other", 2);
+    other.seed = 7;
+    build_dataset(&other, QUIET).unwrap();
+    let name = "train/all__inputs.npy";
+    let good = std::fs::read(f.root.join("mixed").join(name)).unwrap();
+    let foreign = std::fs::read(f.root.join("other").join(name)).unwrap();
+    assert_ne!(good, foreign, "the two builds differ in {name}");
+    std::fs::write(f.root.join("mixed").join(name), &foreign).unwrap();
+
+    let info: Value = serde_json::from_str(
+        &std::fs::read_to_string(f.root.join("mixed/build_info.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(info["files"][name]["sha256"].is_string(), "{info}");
+    let again = build_dataset(&o, QUIET).unwrap();
+    assert!(!again.skipped, "a mixed folder must not be kept");
+    assert_eq!(
+        std::fs::read(f.root.join("mixed").join(name)).unwrap(),
+        good
+    );
+    assert!(build_dataset(&o, QUIET).unwrap().skipped);
+}
+
+/// A kill during `--force` between moving the old build aside and putting
+/// the new one in place leaves `OUT.old` (and `OUT.partial`): the next build
+/// puts the previous build back and cleans both; an `OUT.old` beside a
+/// complete build is removed.
+#[test]
+fn the_next_build_cleans_what_a_killed_force_left() {
+    let f = fixture();
+    let o = opts(&f, "killed", 2);
+    build_dataset(&o, QUIET).unwrap();
+    let (out, old, partial) = (
+        f.root.join("killed"),
+        f.root.join("killed.old"),
+        f.root.join("killed.partial"),
+    );
+    std::fs::rename(&out, &old).unwrap();
+    std::fs::create_dir_all(partial.join("train")).unwrap();
+    let run = cli_build(&f, &out, &[]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(stderr.contains("restored the previous build"), "{stderr}");
+    assert!(!old.exists() && !partial.exists());
+    assert!(build_dataset(&o, QUIET).unwrap().skipped, "the same build");
+
+    std::fs::create_dir_all(old.join("train")).unwrap();
+    std::fs::write(old.join("train/dataset.json"), "{}").unwrap();
+    let run = cli_build(&f, &out, &[]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(stderr.contains("removed"), "{stderr}");
+    assert!(!old.exists());
+
+    // A folder of that name that is not a dataset is the user's: refused.
+    std::fs::create_dir_all(&old).unwrap();
+    std::fs::write(old.join("notes.txt"), "mine").unwrap();
+    let run = cli_build(&f, &out, &["--force"]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("move it away"), "{stderr}");
+    assert!(old.join("notes.txt").is_file());
+}

@@ -225,6 +225,7 @@ fn step_dump_run_writes_file() {
         init_seed: None,
         batch: case.join("batch.safetensors"),
         out: out.clone(),
+        force: false,
     };
     stepdump::run(&args).expect("step-dump run");
     let written = safetensors_io::load_tensors(&out).expect("dump readable");
@@ -241,4 +242,57 @@ fn step_dump_run_writes_file() {
     stepdump::run(&args).expect("step-dump with --init-seed");
     let seeded = safetensors_io::load_tensors(&out).unwrap();
     assert!(seeded["loss"].data[0].is_finite());
+
+    // Anything that is not a previous dump (here: the weights) is refused
+    // and left alone unless --force.
+    let weights_copy = dir.path().join("weights.safetensors");
+    std::fs::copy(case.join("weights.safetensors"), &weights_copy).unwrap();
+    let before = std::fs::read(&weights_copy).unwrap();
+    let onto_weights = stepdump::StepDumpArgs {
+        out: weights_copy.clone(),
+        ..args.clone()
+    };
+    let e = stepdump::run(&onto_weights).unwrap_err().to_string();
+    assert!(e.contains("--force") && e.contains("not a previous"), "{e}");
+    assert_eq!(std::fs::read(&weights_copy).unwrap(), before);
+    stepdump::run(&stepdump::StepDumpArgs {
+        force: true,
+        ..onto_weights
+    })
+    .expect("--force replaces it");
+    assert!(safetensors_io::load_tensors(&weights_copy)
+        .unwrap()
+        .contains_key("loss"));
+}
+
+/// `trm step-dump` names a missing architecture field instead of filling in
+/// a default (which would describe another model).
+#[test]
+fn step_dump_names_a_missing_arch_field() {
+    let case = cases().into_iter().next().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(case.join("config.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for key in ["num_heads", "L_cycles", "hidden_size"] {
+        let mut cfg = v.clone();
+        cfg.as_object_mut().unwrap().remove(key);
+        let path = dir.path().join(format!("no_{key}.json"));
+        std::fs::write(&path, cfg.to_string()).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_trm"))
+            .args(["step-dump", "--init-seed", "1", "--arch"])
+            .arg(&path)
+            .arg("--batch")
+            .arg(case.join("batch.safetensors"))
+            .arg("--out")
+            .arg(dir.path().join("d.safetensors"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            err.contains(&format!("missing field `{key}`")),
+            "{key}: {err}"
+        );
+        assert!(!err.contains("not supported yet"), "{err}");
+    }
 }

@@ -564,3 +564,126 @@ fn bad_challenges_are_named() {
         "{e}"
     );
 }
+
+/// Runs `trm infer` on the fixture's model and evaluation set.
+fn cli_infer(f: &Fixture, out: &Path, extra: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_trm"))
+        .args(["infer", "--threads", "1", "--model"])
+        .arg(&f.model)
+        .arg("--challenges")
+        .arg(&f.challenges)
+        .arg("--solutions")
+        .arg(&f.solutions)
+        .arg("--out")
+        .arg(out)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+/// The README's command line, without --num-aug, uses the model's dataset
+/// value and so reproduces training's evaluation.
+#[test]
+fn infer_defaults_num_aug_to_the_models_dataset() {
+    let f = fixture();
+    let out = infer(&InferOptions {
+        solutions: Some(f.solutions.clone()),
+        ..InferOptions::new(&f.model, &f.challenges)
+    })
+    .unwrap();
+    assert_eq!(out.examples, EVAL_PUZZLES * (NUM_AUG + 1));
+    assert!(out.unknown_puzzles.is_empty(), "{:?}", out.unknown_puzzles);
+    assert_eq!(out.result.metrics, f.logged);
+
+    let sub = f.root.join("default-aug").join("submission.json");
+    let run = cli_infer(f, &sub, &[]);
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(
+        !stderr.contains("warning") && !stderr.contains("note:"),
+        "{stderr}"
+    );
+    assert_eq!(
+        read_json(&sub),
+        read_json(&f.evaluator.join("submission.json"))
+    );
+    for (k, v) in &f.logged {
+        let line = format!("{k} {v:.4}");
+        assert!(stdout.contains(&line), "no `{line}` in {stdout}");
+    }
+}
+
+/// Another --num-aug draws other augmentations: the model's own puzzles
+/// come out untrained, and the output says why.
+#[test]
+fn infer_with_another_num_aug_says_why_puzzles_are_untrained() {
+    let f = fixture();
+    let other = NUM_AUG + 2;
+    let out = infer(&InferOptions {
+        num_aug: Some(other),
+        ..options(f, &f.model, &f.challenges)
+    })
+    .unwrap();
+    assert_eq!(out.examples, EVAL_PUZZLES * (other + 1));
+    assert!(!out.unknown_puzzles.is_empty());
+
+    let sub = f.root.join("other-aug.json");
+    let run = cli_infer(f, &sub, &["--num-aug", &other.to_string()]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(stderr.contains("no trained puzzle embedding"), "{stderr}");
+    let note = format!(
+        "note: --num-aug {other} / --seed 3 differ from the model's dataset ({NUM_AUG} augmentations, seed 3)"
+    );
+    assert!(stderr.contains(&note), "no `{note}` in {stderr}");
+    assert!(stderr.contains("drop --num-aug/--seed"), "{stderr}");
+}
+
+/// `--out` replaces a previous submission, but nothing else unless --force.
+#[test]
+fn infer_out_refuses_a_file_it_did_not_write() {
+    let f = fixture();
+    let dir = f.root.join("out-guard");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+
+    // A previous submission is replaced.
+    let sub = dir.join("submission.json");
+    for _ in 0..2 {
+        let run = cli_infer(f, &sub, &["--quiet"]);
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+    }
+
+    // Weights, or any other file, are refused and left as they were.
+    for (name, bytes) in [
+        (
+            "weights.safetensors",
+            std::fs::read(f.model.join("model.safetensors")).unwrap(),
+        ),
+        ("notes.json", br#"{"keep": "me"}"#.to_vec()),
+    ] {
+        let path = dir.join(name);
+        std::fs::write(&path, &bytes).unwrap();
+        let run = cli_infer(f, &path, &["--quiet"]);
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(run.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains("not a previous submission") && stderr.contains("--force"),
+            "{stderr}"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), bytes, "{name}");
+    }
+    let path = dir.join("notes.json");
+    let run = cli_infer(f, &path, &["--quiet", "--force"]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert_eq!(read_json(&path), read_json(&sub));
+}

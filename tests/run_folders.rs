@@ -265,3 +265,60 @@ fn demo_options_are_checked_together_and_first() {
         "built before the config was checked"
     );
 }
+
+/// A checkpoint finds its dataset from any folder (it records the absolute
+/// path), says which dataset it needs when it has moved, and takes a moved
+/// copy whose build hash matches.
+#[test]
+fn package_finds_the_dataset_from_another_folder_or_names_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
+    ok(&trm()
+        .current_dir(&a)
+        .args(["demo", "--out", "demo", "--train-puzzles", "6"])
+        .args(["--eval-puzzles", "2", "epochs=4", "eval_interval=4"])
+        .args(TINY)
+        .output()
+        .unwrap());
+    let run = a.join("demo/run");
+    let step = *steps(&run).last().expect("a checkpoint");
+    let ck = run.join(format!("step_{step}"));
+    let package = |out: &str, dataset: Option<&Path>| {
+        let mut c = trm();
+        c.current_dir(&b)
+            .args(["package", "--checkpoint"])
+            .arg(&ck)
+            .args(["--out", out]);
+        if let Some(d) = dataset {
+            c.arg("--dataset").arg(d);
+        }
+        c.output().unwrap()
+    };
+    // The case: the config says `demo/data`, run from another folder.
+    ok(&package("m1", None));
+
+    let moved = a.join("moved");
+    std::fs::rename(a.join("demo/data"), &moved).unwrap();
+    let err = fails(&package("m2", None));
+    let data = a.join("demo/data");
+    assert!(
+        err.contains(&data.display().to_string())
+            && err.contains("build hash")
+            && err.contains("--dataset PATH"),
+        "{err}"
+    );
+    assert!(!b.join("m2").exists());
+    ok(&package("m2", Some(&moved)));
+
+    // Another dataset under --dataset is named as such.
+    let other = a.join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    let info = std::fs::read_to_string(moved.join("build_info.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&info).unwrap();
+    v["input_hash"] = "0".repeat(64).into();
+    std::fs::write(other.join("build_info.json"), v.to_string()).unwrap();
+    let err = fails(&package("m3", Some(&other)));
+    assert!(err.contains("another dataset"), "{err}");
+}

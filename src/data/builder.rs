@@ -26,6 +26,7 @@ use sha2::{Digest, Sha256};
 
 use super::arc::{self, ArcError, Example, Puzzle, Solutions};
 use super::augment::{draw_group, Augmentation};
+use super::build_folder::{self, looks_like_dataset, Leftover};
 use super::grid::{MAX_SIDE, VOCAB_SIZE};
 use super::loader::MemorySplit;
 use super::metadata::{DatasetMetadata, MetadataError};
@@ -145,6 +146,10 @@ pub enum BuildError {
         /// The largest grid side of all subsets.
         needed: usize,
     },
+    #[error(transparent)]
+    Folder(#[from] crate::run_folder::FolderError),
+    #[error("{0}")]
+    Leftover(String),
     #[error("{path} exists and does not look like a dataset (no train/dataset.json nor {BUILD_INFO_FILE}); refusing to replace it, choose another --output-dir or remove it")]
     NotADataset { path: PathBuf },
 }
@@ -178,6 +183,11 @@ pub struct BuildReport {
     /// Puzzles whose group got fewer than `num_aug` augmentations.
     pub short_groups: Vec<(String, usize)>,
     pub seconds: f64,
+    /// Size and SHA-256 of every file of the build (relative paths), so a
+    /// folder holding files of two builds is not taken as this one. Absent
+    /// in builds made before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<std::collections::BTreeMap<String, crate::checkpoint::FileEntry>>,
     /// True when an existing complete build was kept.
     #[serde(skip)]
     pub skipped: bool,
@@ -262,7 +272,7 @@ fn split_files(dir: &Path, split: &str) -> Vec<PathBuf> {
 }
 
 /// An existing, complete build of the same inputs, if `dir` holds one.
-fn existing_build(dir: &Path, hash: &str) -> Option<BuildReport> {
+fn existing_build(dir: &Path, hash: &str, verbose: bool) -> Option<BuildReport> {
     let text = std::fs::read_to_string(dir.join(BUILD_INFO_FILE)).ok()?;
     let report: BuildReport = serde_json::from_str(&text).ok()?;
     if report.input_hash != hash || report.format != BUILD_FORMAT {
@@ -281,11 +291,18 @@ fn existing_build(dir: &Path, hash: &str) -> Option<BuildReport> {
             return None;
         }
     }
+    if let Some(expected) = &report.files {
+        if let Some(why) = build_folder::mismatch(dir, expected) {
+            if verbose {
+                eprintln!(
+                    "{} does not match its {BUILD_INFO_FILE} ({why}): rebuilding",
+                    dir.display()
+                );
+            }
+            return None;
+        }
+    }
     Some(report)
-}
-
-fn looks_like_dataset(dir: &Path) -> bool {
-    dir.join(BUILD_INFO_FILE).is_file() || dir.join("train").join("dataset.json").is_file()
 }
 
 /// Every grid of every puzzle must fit the canvas (in both orientations,
@@ -477,11 +494,6 @@ fn build_memory(subsets: &[arc::Subset], num_aug: usize, side: usize) -> Option<
 /// Build the dataset. Progress and messages go to stderr when `ui.verbose`.
 pub fn build_dataset(opts: &BuildOptions, ui: BuildUi) -> Result<BuildReport, BuildError> {
     let start = Instant::now();
-    let say = |msg: &str| {
-        if ui.verbose {
-            eprintln!("{msg}");
-        }
-    };
     if opts.subsets.is_empty() {
         return Err(BuildError::Options(
             "--subsets needs at least one subset".into(),
@@ -521,6 +533,56 @@ pub fn build_dataset(opts: &BuildOptions, ui: BuildUi) -> Result<BuildReport, Bu
             out.display()
         )));
     }
+    // One builder per output folder for the whole build: two at once would
+    // publish a folder mixing both builds' files.
+    let created = !out.exists();
+    let lock = crate::run_folder::lock(&out)?;
+    let result = build_locked(opts, ui, &out, &out_name, &parent, start);
+    if result.is_err() && created {
+        // Leave no empty folder behind for a build that never started.
+        if build_folder::entries_besides_lock(&out).is_ok_and(|e| e.is_empty()) {
+            let _ = std::fs::remove_dir_all(&out);
+        }
+    }
+    drop(lock);
+    result
+}
+
+/// The build proper, under the output folder's lock.
+fn build_locked(
+    opts: &BuildOptions,
+    ui: BuildUi,
+    out: &Path,
+    out_name: &std::ffi::OsStr,
+    parent: &Path,
+    start: Instant,
+) -> Result<BuildReport, BuildError> {
+    let say = |msg: &str| {
+        if ui.verbose {
+            eprintln!("{msg}");
+        }
+    };
+    let out = out.to_path_buf();
+    let old = parent.join(with_suffix(out_name, ".old"));
+    match build_folder::tidy_old(&out, &old).map_err(BuildError::Leftover)? {
+        Leftover::None => {}
+        Leftover::Removed => say(&format!(
+            "removed {}, left by an interrupted rebuild",
+            old.display()
+        )),
+        Leftover::Restored => say(&format!(
+            "restored the previous build from {}, left by an interrupted rebuild",
+            old.display()
+        )),
+    }
+    let partial = parent.join(with_suffix(out_name, ".partial"));
+    if partial.exists() {
+        say(&format!(
+            "removing an interrupted build at {}",
+            partial.display()
+        ));
+        std::fs::remove_dir_all(&partial).map_err(io_err(&partial))?;
+    }
 
     // 1. Load and validate every subset.
     let mut subsets = Vec::with_capacity(opts.subsets.len());
@@ -541,7 +603,7 @@ pub fn build_dataset(opts: &BuildOptions, ui: BuildUi) -> Result<BuildReport, Bu
     )?;
     let hash = input_hash(opts, &subsets);
     if !ui.force {
-        if let Some(mut report) = existing_build(&out, &hash) {
+        if let Some(mut report) = existing_build(&out, &hash, ui.verbose) {
             say(&format!(
                 "{} already holds a complete build of these inputs and options; skipping (use --force to rebuild)",
                 out.display()
@@ -552,10 +614,9 @@ pub fn build_dataset(opts: &BuildOptions, ui: BuildUi) -> Result<BuildReport, Bu
     }
     if out.is_dir()
         && !looks_like_dataset(&out)
-        && std::fs::read_dir(&out)
+        && !build_folder::entries_besides_lock(&out)
             .map_err(io_err(&out))?
-            .next()
-            .is_some()
+            .is_empty()
     {
         return Err(BuildError::NotADataset { path: out });
     }
@@ -649,14 +710,6 @@ pub fn build_dataset(opts: &BuildOptions, ui: BuildUi) -> Result<BuildReport, Bu
     ));
 
     // 5. Write everything into <out>.partial.
-    let partial = parent.join(with_suffix(&out_name, ".partial"));
-    if partial.exists() {
-        say(&format!(
-            "removing an interrupted build at {}",
-            partial.display()
-        ));
-        std::fs::remove_dir_all(&partial).map_err(io_err(&partial))?;
-    }
     std::fs::create_dir_all(&partial).map_err(io_err(&partial))?;
     let result = (|| -> Result<BuildReport, BuildError> {
         let ctx = WriteCtx {
@@ -683,6 +736,7 @@ pub fn build_dataset(opts: &BuildOptions, ui: BuildUi) -> Result<BuildReport, Bu
             tests.insert(e.puzzle.id.clone(), e.puzzle.json.clone());
         }
         write_json(&partial.join("test_puzzles.json"), &Value::Object(tests))?;
+        let files = build_folder::manifest(&partial).map_err(io_err(&partial))?;
 
         let report = BuildReport {
             format: BUILD_FORMAT,
@@ -694,6 +748,7 @@ pub fn build_dataset(opts: &BuildOptions, ui: BuildUi) -> Result<BuildReport, Bu
             num_identifiers,
             short_groups: short_groups.clone(),
             seconds: start.elapsed().as_secs_f64(),
+            files: Some(files),
             skipped: false,
         };
         let text = serde_json::to_string_pretty(&report).map_err(|e| BuildError::Io {
@@ -712,11 +767,12 @@ pub fn build_dataset(opts: &BuildOptions, ui: BuildUi) -> Result<BuildReport, Bu
     };
 
     // 6. Swap into place: the old build (if any) is moved aside first and
-    //    removed only once the new one is in place.
-    let old = parent.join(with_suffix(&out_name, ".old"));
-    if old.exists() {
-        std::fs::remove_dir_all(&old).map_err(io_err(&old))?;
-    }
+    //    removed only once the new one is in place. The locked lock file
+    //    moves with the new build (a rename keeps the lock), so `out` stays
+    //    locked throughout.
+    let lock_path = out.join(crate::run_folder::LOCK_FILE);
+    std::fs::rename(&lock_path, partial.join(crate::run_folder::LOCK_FILE))
+        .map_err(io_err(&lock_path))?;
     if out.exists() {
         std::fs::rename(&out, &old).map_err(io_err(&out))?;
     }
@@ -724,7 +780,7 @@ pub fn build_dataset(opts: &BuildOptions, ui: BuildUi) -> Result<BuildReport, Bu
     if old.exists() {
         std::fs::remove_dir_all(&old).map_err(io_err(&old))?;
     }
-    if let Ok(d) = File::open(&parent) {
+    if let Ok(d) = File::open(parent) {
         let _ = d.sync_all();
     }
     Ok(report)

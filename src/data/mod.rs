@@ -3,6 +3,7 @@
 
 pub mod arc;
 pub mod augment;
+pub mod build_folder;
 pub mod builder;
 pub mod grid;
 pub mod grid_scan;

@@ -119,14 +119,28 @@ impl ArchConfig {
     /// Parses a JSON config (the golden `config.json` format). Unknown keys are
     /// rejected, naming the key; the result is not yet validated.
     pub fn from_json_str(text: &str, origin: &Path) -> Result<Self, ConfigError> {
-        // Parse into the raw form first so that missing dataset fields get a
-        // clear "missing field" error instead of a silent default.
+        // Parse into the raw form first so that missing fields get a clear
+        // "missing field" error instead of a silent default.
         let raw: RawArchConfig =
             serde_json::from_str(text).map_err(|source| ConfigError::Parse {
                 path: origin.to_path_buf(),
                 source,
             })?;
+        // Every field that shapes the network is required: a default here
+        // would silently describe another model. Only the fields the
+        // reference itself gives a default (norm eps, RoPE theta, dtype,
+        // puzzle_emb_len, mlp_t, no_ACT_continue, halt_exploration_prob)
+        // may be left out.
         for (field, present) in [
+            ("hidden_size", raw.hidden_size.is_some()),
+            ("num_heads", raw.num_heads.is_some()),
+            ("expansion", raw.expansion.is_some()),
+            ("L_layers", raw.l_layers.is_some()),
+            ("H_cycles", raw.h_cycles.is_some()),
+            ("L_cycles", raw.l_cycles.is_some()),
+            ("puzzle_emb_ndim", raw.puzzle_emb_ndim.is_some()),
+            ("pos_encodings", raw.pos_encodings.is_some()),
+            ("halt_max_steps", raw.halt_max_steps.is_some()),
             ("seq_len", raw.seq_len.is_some()),
             ("vocab_size", raw.vocab_size.is_some()),
             (
@@ -472,6 +486,29 @@ mod tests {
         let text = TINY.replace("\"seq_len\": 36, ", "");
         let err = parse(&text).unwrap_err().to_string();
         assert!(err.contains("seq_len"), "{err}");
+    }
+
+    #[test]
+    fn every_network_field_is_required_and_named() {
+        for (key, text) in [
+            ("num_heads", "\"num_heads\": 2, "),
+            ("L_cycles", "\"L_cycles\": 4, "),
+            ("H_cycles", "\"H_cycles\": 3, "),
+            ("L_layers", "\"L_layers\": 2, "),
+            ("expansion", "\"expansion\": 4, "),
+            ("puzzle_emb_ndim", "\"puzzle_emb_ndim\": 64, "),
+            ("halt_max_steps", "\"halt_max_steps\": 16, "),
+            ("pos_encodings", "\"pos_encodings\": \"rope\", "),
+        ] {
+            assert!(TINY.contains(text), "{text}");
+            let err = parse(&TINY.replace(text, "")).unwrap_err().to_string();
+            assert!(err.contains(&format!("missing field `{key}`")), "{err}");
+        }
+        // Not "not supported yet": the field is simply missing.
+        let err = parse(&TINY.replace("\"hidden_size\": 64, ", ""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing field `hidden_size`"), "{err}");
     }
 
     #[test]
