@@ -201,6 +201,23 @@ static __device__ __forceinline__ void tile_rotate(bf16* t, const float* cos, co
     }
 }
 
+// The first tiles of a query-tile kernel (forward, dQ), landed and rotated:
+// its BQ rows of q (and of do when sdO is given) from q0, key and value tile 0.
+template <int HD, int BQ>
+static __device__ __forceinline__ void query_tile_prologue(bf16* sQ, bf16* sdO, bf16* sK, bf16* sV,
+                                                           const HeadTile<HD>& ht, const float* cos,
+                                                           const float* sin, int q0, int S) {
+    tile_load_async<HD, BQ>(sQ, ht.q, ht.W, q0, S);
+    if (sdO) tile_load_async<HD, BQ>(sdO, ht.dout, ht.O, q0, S);
+    tile_load_async<HD, ATT_BK>(sK, ht.k, ht.W, 0, S);
+    tile_load_async<HD, ATT_BK>(sV, ht.v, ht.W, 0, S);
+    cp_async_wait_all();
+    __syncthreads();
+    tile_rotate<HD, BQ>(sQ, cos + (long)q0 * HD, sin + (long)q0 * HD, q0, S);
+    tile_rotate<HD, ATT_BK>(sK, cos, sin, 0, S);
+    __syncthreads();
+}
+
 // ---------------------------------------------------------------------------
 // Fragments (PTX layouts, see arch.cuh; g = lane / 4, t = lane % 4)
 
@@ -343,7 +360,7 @@ static __device__ void attention_forward_impl(const AttentionForwardArgs& a) {
     const int bh = ht.bh, b = ht.b, h = ht.h;
     const int q0 = ht.tile * BQ;
     const long W = ht.W;
-    const bf16 *qg = ht.q, *kg = ht.k, *vg = ht.v;
+    const bf16 *kg = ht.k, *vg = ht.v;
     const int lane = lane_id();
     const int warp = threadIdx.x / 32;
     const int t = lane % 4;
@@ -356,14 +373,7 @@ static __device__ void attention_forward_impl(const AttentionForwardArgs& a) {
     float* sCos = reinterpret_cast<float*>(sV + 2 * ATT_BK * LD);  // the next K tile's table rows
     float* sSin = sCos + ATT_BK * HD;
 
-    tile_load_async<HD, BQ>(sQ, qg, W, q0, S);
-    tile_load_async<HD, ATT_BK>(sK, kg, W, 0, S);
-    tile_load_async<HD, ATT_BK>(sV, vg, W, 0, S);
-    cp_async_wait_all();
-    __syncthreads();
-    tile_rotate<HD, BQ>(sQ, a.cos + (long)q0 * HD, a.sin + (long)q0 * HD, q0, S);
-    tile_rotate<HD, ATT_BK>(sK, a.cos, a.sin, 0, S);
-    __syncthreads();
+    query_tile_prologue<HD, BQ>(sQ, nullptr, sK, sV, ht, a.cos, a.sin, q0, S);
 
     // This warp's query rows stay in registers for the whole sweep.
     uint32_t qf[MT][KS][4];
@@ -648,8 +658,8 @@ static __device__ void attention_backward_dq_impl(const AttentionBackwardArgs& a
     const HeadTile<HD> ht(a.qkv, a.dout, S, H, (int)ceil_div(S, BQ));
     const int bh = ht.bh, b = ht.b, h = ht.h;
     const int q0 = ht.tile * BQ;
-    const long W = ht.W, O = ht.O;
-    const bf16 *qg = ht.q, *kg = ht.k, *vg = ht.v, *dog = ht.dout;
+    const long W = ht.W;
+    const bf16 *kg = ht.k, *vg = ht.v;
     const int lane = lane_id();
     const int warp = threadIdx.x / 32;
     const int g = lane / 4, t = lane % 4;
@@ -676,15 +686,7 @@ static __device__ void attention_backward_dq_impl(const AttentionBackwardArgs& a
     float* sCos = reinterpret_cast<float*>(sV + 2 * ATT_BK * LD);  // the next K tile's table rows
     float* sSin = sCos + ATT_BK * HD;
 
-    tile_load_async<HD, BQ>(sQ, qg, W, q0, S);
-    tile_load_async<HD, BQ>(sdO, dog, O, q0, S);
-    tile_load_async<HD, ATT_BK>(sK, kg, W, 0, S);
-    tile_load_async<HD, ATT_BK>(sV, vg, W, 0, S);
-    cp_async_wait_all();
-    __syncthreads();
-    tile_rotate<HD, BQ>(sQ, a.cos + (long)q0 * HD, a.sin + (long)q0 * HD, q0, S);
-    tile_rotate<HD, ATT_BK>(sK, a.cos, a.sin, 0, S);
-    __syncthreads();
+    query_tile_prologue<HD, BQ>(sQ, sdO, sK, sV, ht, a.cos, a.sin, q0, S);
 
     float dq[MT][OT][4];
 #pragma unroll
