@@ -17,7 +17,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
@@ -28,12 +27,14 @@ use crate::data::loader::{
 };
 use crate::dist::{Collective, SingleProcess};
 use crate::loss::StepMetrics;
-use crate::model::config::ArchConfig;
-use crate::model::trm::{
-    act_loss, broadcast_init, halts, inner_backward, inner_forward, q_continue_target, Ctx, Params,
-    TrmError,
+use crate::model::act::{
+    self, check_batch_shape, evaluate_batches, exploration_rng, reduce_metrics, ActError, Carry,
+    EvalOutputs,
 };
-use crate::model::weights::{expected_shapes, trainable_names, Weights, PUZZLE_EMB};
+use crate::model::config::ArchConfig;
+use crate::model::layout::FlatLayout;
+use crate::model::trm::{act_step_in, Ctx, Params, TrmError};
+use crate::model::weights::{Weights, PUZZLE_EMB};
 use crate::optim::{AdamAtan2, AdamAtan2Config, Ema, OptimError, SparseSignSgd};
 use crate::telemetry::metrics::MetricsWriter;
 use crate::telemetry::progress::{Progress, ProgressMode};
@@ -94,6 +95,17 @@ pub enum TrainError {
 
 type Result<T> = std::result::Result<T, TrainError>;
 
+// The shared ACT rules fail with the model's or the collective's own
+// errors; they keep those variants here.
+impl From<ActError> for TrainError {
+    fn from(e: ActError) -> Self {
+        match e {
+            ActError::Model(e) => TrainError::Model(e),
+            ActError::Collective(e) => TrainError::Collective(e),
+        }
+    }
+}
+
 /// How to run (what is not in the config).
 #[derive(Debug, Clone)]
 pub struct TrainOptions {
@@ -151,195 +163,6 @@ impl TrainReport {
 }
 
 // ---------------------------------------------------------------------------
-// flat layout of the dense weights
-
-/// The dense trainable tensors in the reference's parameter order, and
-/// where each sits in the flat buffer.
-#[derive(Debug, Clone)]
-pub struct FlatLayout {
-    pub names: Vec<String>,
-    pub shapes: Vec<Vec<usize>>,
-    pub offsets: Vec<usize>,
-    pub len: usize,
-}
-
-impl FlatLayout {
-    pub fn new(arch: &ArchConfig) -> FlatLayout {
-        let shapes: BTreeMap<String, Vec<usize>> = expected_shapes(arch)
-            .into_iter()
-            .map(|(n, s, _)| (n, s))
-            .collect();
-        let names = trainable_names(arch);
-        let mut offsets = Vec::with_capacity(names.len());
-        let mut len = 0;
-        let mut shp = Vec::with_capacity(names.len());
-        for n in &names {
-            offsets.push(len);
-            let s = shapes[n].clone();
-            len += s.iter().product::<usize>();
-            shp.push(s);
-        }
-        FlatLayout {
-            names,
-            shapes: shp,
-            offsets,
-            len,
-        }
-    }
-
-    /// Copies the dense weights of `p` into one flat buffer.
-    pub fn flatten(&self, p: &Params<f32>) -> Vec<f32> {
-        let mut out = Vec::with_capacity(self.len);
-        for n in &self.names {
-            out.extend_from_slice(p.dense(n).expect("layout names come from the config"));
-        }
-        out
-    }
-
-    /// Writes a flat buffer back into the typed weights.
-    pub fn unflatten(&self, flat: &[f32], p: &mut Params<f32>) {
-        for (n, &off) in self.names.iter().zip(&self.offsets) {
-            let dst = p.dense_mut(n).expect("layout names come from the config");
-            let len = dst.len();
-            dst.copy_from_slice(&flat[off..off + len]);
-        }
-    }
-
-    /// A flat buffer as reference-named tensors.
-    pub fn to_map(&self, flat: &[f32], prefix: &str) -> BTreeMap<String, Tensor> {
-        let mut m = BTreeMap::new();
-        for ((n, s), &off) in self.names.iter().zip(&self.shapes).zip(&self.offsets) {
-            let len: usize = s.iter().product();
-            m.insert(
-                format!("{prefix}{n}"),
-                Tensor::new(s, flat[off..off + len].to_vec()),
-            );
-        }
-        m
-    }
-
-    /// The inverse of [`FlatLayout::to_map`]; every tensor must be present
-    /// with its shape.
-    pub fn from_map(
-        &self,
-        m: &BTreeMap<String, Tensor>,
-        prefix: &str,
-    ) -> std::result::Result<Vec<f32>, String> {
-        let mut out = Vec::with_capacity(self.len);
-        for (n, s) in self.names.iter().zip(&self.shapes) {
-            let key = format!("{prefix}{n}");
-            let t = m
-                .get(&key)
-                .ok_or_else(|| format!("missing tensor `{key}`"))?;
-            if &t.shape != s {
-                return Err(format!("`{key}` has shape {:?}, expected {s:?}", t.shape));
-            }
-            out.extend_from_slice(&t.data);
-        }
-        Ok(out)
-    }
-}
-
-// ---------------------------------------------------------------------------
-// the ACT carry
-
-/// Per batch slot: hidden states, step count, halted flag and the sample it
-/// is working on (spec section 5).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Carry {
-    pub z_h: Vec<f32>,
-    pub z_l: Vec<f32>,
-    pub steps: Vec<i32>,
-    pub halted: Vec<bool>,
-    pub inputs: Vec<i32>,
-    pub labels: Vec<i32>,
-    pub puzzle_ids: Vec<i32>,
-}
-
-impl Carry {
-    /// Every slot halted (so the first step loads a sample into each).
-    pub fn new(b: usize, s: usize, seq: usize, d: usize) -> Carry {
-        Carry {
-            z_h: vec![0.0; b * s * d],
-            z_l: vec![0.0; b * s * d],
-            steps: vec![0; b],
-            halted: vec![true; b],
-            inputs: vec![0; b * seq],
-            labels: vec![0; b * seq],
-            puzzle_ids: vec![0; b],
-        }
-    }
-
-    /// Halted slots take the batch's sample and restart from `H_init`/`L_init`.
-    fn load_halted(&mut self, batch: &LoaderBatch, p: &Params<f32>, s: usize, d: usize) {
-        let seq = batch.seq_len;
-        for b in 0..self.halted.len() {
-            if !self.halted[b] {
-                continue;
-            }
-            let (lo, hi) = (b * seq, (b + 1) * seq);
-            self.inputs[lo..hi].copy_from_slice(&batch.inputs[lo..hi]);
-            self.labels[lo..hi].copy_from_slice(&batch.labels[lo..hi]);
-            self.puzzle_ids[b] = batch.puzzle_identifiers[b];
-            for t in 0..s {
-                let r = (b * s + t) * d;
-                self.z_h[r..r + d].copy_from_slice(&p.h_init);
-                self.z_l[r..r + d].copy_from_slice(&p.l_init);
-            }
-            self.steps[b] = 0;
-        }
-    }
-
-    fn to_map(&self, b: usize, s: usize, seq: usize, d: usize) -> BTreeMap<String, Tensor> {
-        let f = |v: &[i32]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
-        let mut m = BTreeMap::new();
-        m.insert("z_H".into(), Tensor::new(&[b, s, d], self.z_h.clone()));
-        m.insert("z_L".into(), Tensor::new(&[b, s, d], self.z_l.clone()));
-        m.insert("steps".into(), Tensor::new(&[b], f(&self.steps)));
-        let halted: Vec<f32> = self.halted.iter().map(|&h| h as u8 as f32).collect();
-        m.insert("halted".into(), Tensor::new(&[b], halted));
-        m.insert("inputs".into(), Tensor::new(&[b, seq], f(&self.inputs)));
-        m.insert("labels".into(), Tensor::new(&[b, seq], f(&self.labels)));
-        m.insert(
-            "puzzle_identifiers".into(),
-            Tensor::new(&[b], f(&self.puzzle_ids)),
-        );
-        m
-    }
-
-    fn from_map(
-        m: &BTreeMap<String, Tensor>,
-        b: usize,
-        s: usize,
-        seq: usize,
-        d: usize,
-    ) -> std::result::Result<Carry, String> {
-        let get = |k: &str, n: usize| -> std::result::Result<&[f32], String> {
-            let t = m
-                .get(k)
-                .ok_or_else(|| format!("carry tensor `{k}` missing"))?;
-            if t.data.len() != n {
-                return Err(format!(
-                    "carry tensor `{k}` has {} values, expected {n} (batch size or model changed?)",
-                    t.data.len()
-                ));
-            }
-            Ok(&t.data)
-        };
-        let i = |v: &[f32]| v.iter().map(|&x| x as i32).collect::<Vec<i32>>();
-        Ok(Carry {
-            z_h: get("z_H", b * s * d)?.to_vec(),
-            z_l: get("z_L", b * s * d)?.to_vec(),
-            steps: i(get("steps", b)?),
-            halted: get("halted", b)?.iter().map(|&x| x != 0.0).collect(),
-            inputs: i(get("inputs", b * seq)?),
-            labels: i(get("labels", b * seq)?),
-            puzzle_ids: i(get("puzzle_identifiers", b)?),
-        })
-    }
-}
-
-// ---------------------------------------------------------------------------
 // RNG state (serialisable)
 
 /// The halting-exploration stream: a seed and a position, saved with
@@ -349,30 +172,6 @@ struct RngState {
     seed: u64,
     /// ChaCha word position, as a decimal string (u128 does not fit JSON numbers).
     word_pos: String,
-}
-
-fn exploration_rng(seed: u64, rank: usize) -> ChaCha8Rng {
-    // A stream of its own, apart from the data order's.
-    ChaCha8Rng::seed_from_u64(
-        seed ^ 0x5452_4d5f_4558_504c ^ (rank as u64).wrapping_mul(0x9e37_79b9),
-    )
-}
-
-// ---------------------------------------------------------------------------
-// evaluation outputs (for the ARC evaluator)
-
-/// Per evaluated example: what the ARC evaluator needs.
-#[derive(Debug, Clone, Default)]
-pub struct EvalOutputs {
-    pub seq_len: usize,
-    /// [N]
-    pub puzzle_ids: Vec<i32>,
-    /// [N, seq_len]
-    pub inputs: Vec<i32>,
-    /// [N, seq_len] argmax predictions.
-    pub preds: Vec<i32>,
-    /// [N] q_halt logits.
-    pub q_halt: Vec<f32>,
 }
 
 // ---------------------------------------------------------------------------
@@ -459,99 +258,47 @@ impl TrainerState {
         for s in self.carry.steps.iter_mut() {
             *s += 1;
         }
+        let z_h = std::mem::take(&mut self.carry.z_h);
+        let z_l = std::mem::take(&mut self.carry.z_l);
         let c = &self.carry;
-        crate::model::trm::Batch {
+        let slots = crate::model::trm::Batch {
             inputs: &c.inputs,
             labels: &c.labels,
             puzzle_ids: &c.puzzle_ids,
             b: dm.b,
-        }
-        .validate(arch)?;
-        let z_h = std::mem::take(&mut self.carry.z_h);
-        let z_l = std::mem::take(&mut self.carry.z_l);
-        let (out, tape) = inner_forward(
+        };
+        let r = act_step_in(
             &self.ctx,
             arch,
             &self.params,
-            &self.carry.inputs,
-            &self.carry.puzzle_ids,
+            &slots,
             z_h,
             z_l,
             arch.h_cycles.saturating_sub(1),
-            true,
-        );
-        let tape = tape.expect("tape requested");
-        // halting (spec section 5, training)
-        let max = arch.halt_max_steps as i32;
-        let mut halted = vec![false; dm.b];
-        for (b, h) in halted.iter_mut().enumerate() {
-            let steps = self.carry.steps[b];
-            let (qh, qc) = (out.q[b * 2], out.q[b * 2 + 1]);
-            *h = halts(arch, steps >= max, qh, qc);
-            if arch.halt_max_steps > 1 {
-                // Both draws happen for every slot, so the stream position
-                // does not depend on the outcomes.
-                let explore = self.rng.gen::<f64>() < arch.halt_exploration_prob;
-                let span = self.rng.gen_range(2..=max.max(2));
-                let min_steps = if explore { span } else { 0 };
-                *h &= steps >= min_steps;
-            }
-        }
-        // Q-continue bootstrap target (only without no_ACT_continue).
-        let target = if !arch.no_act_continue && arch.halt_max_steps > 1 {
-            let (next, _) = inner_forward(
-                &self.ctx,
-                arch,
-                &self.params,
-                &self.carry.inputs,
-                &self.carry.puzzle_ids,
-                out.z_h.clone(),
-                out.z_l.clone(),
-                arch.h_cycles.saturating_sub(1),
-                false,
-            );
-            Some(
-                (0..dm.b)
-                    .map(|b| {
-                        let last = self.carry.steps[b] >= max;
-                        q_continue_target(next.q[b * 2], next.q[b * 2 + 1], last)
-                    })
-                    .collect::<Vec<f64>>(),
-            )
-        } else {
-            None
-        };
-        let (loss, dlogits, dq) = act_loss(
-            &dm,
-            &out.logits,
-            &out.q,
-            &self.carry.labels,
-            target.as_deref(),
-        );
+            c.steps.clone(),
+            Some(&mut self.rng),
+        )?;
         let lr = schedule.lr_at(self.step);
-        if !loss.loss.is_finite() {
+        if !r.loss.loss.is_finite() {
             return Err(TrainError::NonFinite {
                 step: self.step,
-                lm_loss: loss.lm_loss,
-                q_halt_loss: loss.q_halt_loss,
+                lm_loss: r.loss.lm_loss,
+                q_halt_loss: r.loss.q_halt_loss,
                 lr,
             });
         }
-        let q_halt: Vec<f32> = (0..dm.b).map(|b| out.q[b * 2]).collect();
-        let mut metrics =
-            StepMetrics::from_step(&loss, &q_halt, &halted, &self.carry.steps, target.is_some());
-        let grads = inner_backward(
-            &self.ctx,
-            &self.params,
-            tape,
-            &out.z_h,
-            &self.carry.inputs,
-            &dlogits,
-            &dq,
+        let q_halt: Vec<f32> = (0..dm.b).map(|b| r.out.q[b * 2]).collect();
+        let mut metrics = StepMetrics::from_step(
+            &r.loss,
+            &q_halt,
+            &r.halted,
+            &self.carry.steps,
+            act::has_q_continue_target(arch),
         );
-        self.carry.z_h = out.z_h;
-        self.carry.z_l = out.z_l;
-        self.carry.halted = halted;
+        let grads = r.grads;
+        self.carry.z_h = r.out.z_h;
+        self.carry.z_l = r.out.z_l;
+        self.carry.halted = r.halted;
 
         // gradients of loss / global_batch_size, reduced over ranks
         let scale = 1.0 / cfg.global_batch_size as f32;
@@ -609,6 +356,7 @@ impl TrainerState {
             coll,
             &mut |_| {},
         )
+        .map_err(TrainError::from)
     }
 
     /// The checkpoint contents of this state.
@@ -712,141 +460,6 @@ impl TrainerState {
     pub fn local_batch(&self) -> usize {
         self.local_batch
     }
-}
-
-/// Runs every batch of `batches` (test batches: every example once, the last
-/// padded with `blank_id` rows) for `halt_max_steps` steps (spec section 5,
-/// evaluation) and returns per-set metric sums and the outputs of the
-/// non-padding rows. `ctx` fixes the batch size; `after_batch` is told the
-/// real rows of each batch done (for progress).
-pub fn evaluate_batches(
-    ctx: &Ctx<f32>,
-    arch: &ArchConfig,
-    params: &Params<f32>,
-    batches: impl IntoIterator<Item = LoaderBatch>,
-    blank_id: i64,
-    coll: &dyn Collective,
-    after_batch: &mut dyn FnMut(usize),
-) -> Result<(BTreeMap<String, StepMetrics>, EvalOutputs)> {
-    let dm = ctx.dm;
-    let mut per_set: BTreeMap<String, StepMetrics> = BTreeMap::new();
-    let mut outs = EvalOutputs {
-        seq_len: dm.seq,
-        ..EvalOutputs::default()
-    };
-    let max = arch.halt_max_steps.max(1);
-    for batch in batches {
-        check_batch_shape(&dm, &batch, "test inputs")?;
-        crate::model::trm::Batch {
-            inputs: &batch.inputs,
-            labels: &batch.labels,
-            puzzle_ids: &batch.puzzle_identifiers,
-            b: dm.b,
-        }
-        .validate(arch)?;
-        let mut z_h = broadcast_init(&dm, &params.h_init);
-        let mut z_l = broadcast_init(&dm, &params.l_init);
-        let mut last = None;
-        for step in 1..=max {
-            let (out, _) = inner_forward(
-                ctx,
-                arch,
-                params,
-                &batch.inputs,
-                &batch.puzzle_identifiers,
-                z_h,
-                z_l,
-                arch.h_cycles.saturating_sub(1),
-                false,
-            );
-            if step == max {
-                last = Some(out);
-                break;
-            }
-            z_h = out.z_h;
-            z_l = out.z_l;
-        }
-        let out = last.expect("halt_max_steps >= 1");
-        let (loss, _, _) = act_loss(&dm, &out.logits, &out.q, &batch.labels, None);
-        let q_halt: Vec<f32> = (0..dm.b).map(|b| out.q[b * 2]).collect();
-        let steps = vec![max as i32; dm.b];
-        let m = StepMetrics::from_step(&loss, &q_halt, &vec![true; dm.b], &steps, false);
-        per_set.entry(batch.set_name.clone()).or_default().add(&m);
-        // outputs of real (non-padding) rows
-        let before = outs.q_halt.len();
-        for (b, &qh) in q_halt.iter().enumerate() {
-            let lab = &batch.labels[b * dm.seq..(b + 1) * dm.seq];
-            let pad = lab
-                .iter()
-                .all(|&l| l == crate::data::loader::IGNORE_LABEL_ID)
-                && batch.puzzle_identifiers[b] as i64 == blank_id;
-            if pad {
-                continue;
-            }
-            outs.puzzle_ids.push(batch.puzzle_identifiers[b]);
-            outs.inputs
-                .extend_from_slice(&batch.inputs[b * dm.seq..(b + 1) * dm.seq]);
-            for t in 0..dm.seq {
-                let row = &out.logits[(b * dm.seq + t) * dm.v..(b * dm.seq + t + 1) * dm.v];
-                outs.preds.push(argmax(row) as i32);
-            }
-            outs.q_halt.push(qh);
-        }
-        after_batch(outs.q_halt.len() - before);
-    }
-    for m in per_set.values_mut() {
-        reduce_metrics(m, coll)?;
-    }
-    Ok((per_set, outs))
-}
-
-/// A loader batch must match the local batch size and sequence length the
-/// trainer's buffers were sized for.
-fn check_batch_shape(
-    dm: &crate::model::trm::Dims,
-    batch: &LoaderBatch,
-    what: &'static str,
-) -> Result<()> {
-    if batch.batch_size != dm.b || batch.seq_len != dm.seq {
-        return Err(TrmError::BatchShape {
-            what,
-            got: batch.inputs.len(),
-            expected: dm.b * dm.seq,
-            batch: dm.b,
-        }
-        .into());
-    }
-    Ok(())
-}
-
-/// Sums metric sums over ranks (in place).
-fn reduce_metrics(m: &mut StepMetrics, coll: &dyn Collective) -> Result<()> {
-    let mut fields = [
-        &mut m.count,
-        &mut m.accuracy,
-        &mut m.exact_accuracy,
-        &mut m.q_halt_accuracy,
-        &mut m.steps,
-        &mut m.lm_loss,
-        &mut m.q_halt_loss,
-        &mut m.q_continue_loss,
-    ];
-    let mut sums = fields.each_ref().map(|f| **f);
-    coll.all_reduce_sum_f64(&mut sums)?;
-    for (f, s) in fields.iter_mut().zip(sums) {
-        **f = s;
-    }
-    Ok(())
-}
-
-fn argmax(row: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &x) in row.iter().enumerate() {
-        if x > row[best] {
-            best = i;
-        }
-    }
-    best
 }
 
 // ---------------------------------------------------------------------------

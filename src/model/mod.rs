@@ -1,6 +1,8 @@
 //! The TRM network: config, named weights, safetensors I/O and the model step.
 
+pub mod act;
 pub mod config;
+pub mod layout;
 pub mod pool;
 pub mod safetensors_io;
 pub mod trm;

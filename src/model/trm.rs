@@ -16,6 +16,8 @@
 
 use std::collections::BTreeMap;
 
+use rand_chacha::ChaCha8Rng;
+
 use crate::backend::cpu::attention::{attention_backward, attention_forward};
 use crate::backend::cpu::embedding::{embedding_backward, embedding_forward};
 use crate::backend::cpu::linear::{linear_backward, linear_forward};
@@ -27,6 +29,7 @@ use crate::backend::cpu::stablemax_ce::{
 };
 use crate::backend::cpu::swiglu::{swiglu_backward, swiglu_forward};
 use crate::backend::cpu::{cast_slice, Real};
+use crate::model::act;
 use crate::model::config::{ArchConfig, PosEncodings};
 use crate::model::pool::BufPool;
 use crate::model::weights::Weights;
@@ -1144,26 +1147,6 @@ pub fn nograd_cycles<T: Real>(
     Ok((z_h, z_l))
 }
 
-/// Halting before exploration (spec section 5): a sample halts at its step
-/// limit or, when it may take more than one step, when its Q head says so
-/// (`q_halt > 0` with `no_ACT_continue`, else `q_halt > q_continue`).
-pub fn halts<T: Real>(cfg: &ArchConfig, at_limit: bool, q_halt: T, q_continue: T) -> bool {
-    let by_q = if cfg.no_act_continue {
-        q_halt > T::zero()
-    } else {
-        q_halt > q_continue
-    };
-    at_limit || (cfg.halt_max_steps > 1 && by_q)
-}
-
-/// The Q-continue bootstrap target from the next step's Q logits:
-/// `sigmoid(q_halt)` at the step limit, else `sigmoid(max(q_halt, q_continue))`.
-pub fn q_continue_target<T: Real>(next_halt: T, next_continue: T, at_limit: bool) -> f64 {
-    let (nh, nc) = (next_halt.f64(), next_continue.f64());
-    let t = if at_limit { nh } else { nh.max(nc) };
-    1.0 / (1.0 + (-t).exp())
-}
-
 /// [`act_step_train_generic`] from an explicit carry `(z_h, z_l)` [B, S, D]
 /// with `n_nograd` no-gradient H cycles before the gradient cycle (the
 /// reference uses a reset carry and `H_cycles - 1`). Steps are reported as 1.
@@ -1191,6 +1174,28 @@ pub fn act_step_train_in<T: Real>(
     z_l0: Vec<T>,
     n_nograd: usize,
 ) -> Result<StepResult<T>, TrmError> {
+    // A fresh carry: every slot at its first step, exploration off.
+    let steps = vec![1i32; ctx.dm.b];
+    act_step_in(ctx, cfg, p, batch, z_h0, z_l0, n_nograd, steps, None)
+}
+
+/// The one training ACT step of the CPU engine, from a carry `(z_h0, z_l0)`
+/// whose slots have taken `steps` steps counting this one: the inner
+/// forward, halting (with exploration when `explore` is given), the
+/// Q-continue bootstrap target, the loss head and the backward of `loss`
+/// (not divided by the batch size). The rules come from [`crate::model::act`].
+#[allow(clippy::too_many_arguments)]
+pub fn act_step_in<T: Real>(
+    ctx: &Ctx<T>,
+    cfg: &ArchConfig,
+    p: &Params<T>,
+    batch: &Batch<'_>,
+    z_h0: Vec<T>,
+    z_l0: Vec<T>,
+    n_nograd: usize,
+    steps: Vec<i32>,
+    explore: Option<&mut ChaCha8Rng>,
+) -> Result<StepResult<T>, TrmError> {
     check_step_inputs(cfg, &ctx.dm, batch, &z_h0, &z_l0)?;
     let dm = ctx.dm;
     let (out, tape) = inner_forward(
@@ -1205,15 +1210,10 @@ pub fn act_step_train_in<T: Real>(
         true,
     );
     let tape = tape.expect("tape requested");
-    // halting (training mode, exploration off)
-    let steps = vec![1i32; dm.b];
-    let is_last = 1 >= cfg.halt_max_steps;
-    let halted: Vec<bool> = (0..dm.b)
-        .map(|bi| halts(cfg, is_last, out.q[bi * 2], out.q[bi * 2 + 1]))
-        .collect();
-    // Q-continue bootstrap target (only without no_ACT_continue): another
-    // inner forward from the new carry, no gradient.
-    let target = if !cfg.no_act_continue && cfg.halt_max_steps > 1 {
+    let halted = act::halt_decisions(cfg, &steps, &out.q, explore);
+    // Q-continue bootstrap target: another inner forward from the new
+    // carry, no gradient.
+    let target = if act::has_q_continue_target(cfg) {
         let (next, _) = inner_forward(
             ctx,
             cfg,
@@ -1225,11 +1225,7 @@ pub fn act_step_train_in<T: Real>(
             cfg.h_cycles.saturating_sub(1),
             false,
         );
-        Some(
-            (0..dm.b)
-                .map(|bi| q_continue_target(next.q[bi * 2], next.q[bi * 2 + 1], is_last))
-                .collect::<Vec<f64>>(),
-        )
+        Some(act::q_continue_targets(cfg, &steps, &next.q))
     } else {
         None
     };
