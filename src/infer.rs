@@ -667,7 +667,7 @@ fn fit_unknown(
         let (per_set, _) = evaluate_batches(
             &ctx,
             arch,
-            &st.params,
+            &st.params(),
             probe.test_batches(),
             blank,
             &SingleProcess,
@@ -710,7 +710,7 @@ fn fit_unknown(
     progress.finish();
     let loss_after = probe_loss(&st)?;
     Ok((
-        st.params,
+        st.params(),
         FitReport {
             steps: opts.fit_steps,
             rows: fitted_rows,

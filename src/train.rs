@@ -32,10 +32,12 @@ use crate::model::act::{
     EvalOutputs,
 };
 use crate::model::config::ArchConfig;
+use crate::model::cpu::{CpuEngine, CpuEngineConfig};
+use crate::model::engine::{Engine, EngineError, EngineState, OptimStep};
 use crate::model::layout::FlatLayout;
-use crate::model::trm::{act_step_in, Ctx, Params, TrmError};
+use crate::model::trm::{Dims, Params, TrmError};
 use crate::model::weights::{Weights, PUZZLE_EMB};
-use crate::optim::{AdamAtan2, AdamAtan2Config, Ema, OptimError, SparseSignSgd};
+use crate::optim::{AdamAtan2Config, OptimError};
 use crate::telemetry::metrics::MetricsWriter;
 use crate::telemetry::progress::{Progress, ProgressMode};
 use crate::telemetry::tensorboard::EventWriter;
@@ -178,22 +180,19 @@ struct RngState {
 // the training state
 
 /// Model, optimisers, carry and counters: everything a checkpoint holds.
+/// The engine owns the weights, the optimiser states and the carry's hidden
+/// states; the host keeps the carry's slots and the exploration stream.
 pub struct TrainerState {
     pub arch: ArchConfig,
     pub layout: FlatLayout,
-    pub params: Params<f32>,
-    /// fp32 master copy of the dense weights, in `layout` order.
-    pub master: Vec<f32>,
-    pub adam: AdamAtan2<f32>,
-    pub ema: Option<Ema<f32>>,
-    pub sign_sgd: SparseSignSgd,
+    pub engine: CpuEngine,
     pub carry: Carry,
     rng: ChaCha8Rng,
     rng_seed: u64,
     pub step: u64,
     /// Train/eval iterations completed.
     pub iters_done: usize,
-    ctx: Ctx<f32>,
+    dm: Dims,
     local_batch: usize,
 }
 
@@ -207,32 +206,30 @@ impl TrainerState {
         rank: usize,
     ) -> Result<TrainerState> {
         let params = Params::<f32>::from_weights(&arch, &weights)?;
-        let layout = FlatLayout::new(&arch);
-        let master = layout.flatten(&params);
-        let adam = AdamAtan2::new(
-            layout.len,
-            AdamAtan2Config {
-                beta1: cfg.beta1,
-                beta2: cfg.beta2,
-                weight_decay: cfg.weight_decay,
+        let engine = CpuEngine::new(
+            arch.clone(),
+            params,
+            local_batch,
+            CpuEngineConfig {
+                adam: AdamAtan2Config {
+                    beta1: cfg.beta1,
+                    beta2: cfg.beta2,
+                    weight_decay: cfg.weight_decay,
+                },
+                ema_rate: cfg.ema.then_some(cfg.ema_rate),
+                puzzle_emb_weight_decay: cfg.puzzle_emb_weight_decay,
             },
         );
-        let ema = cfg.ema.then(|| Ema::new(&master, cfg.ema_rate));
-        let ctx = Ctx::new(&arch, local_batch);
-        let carry = Carry::new(local_batch, ctx.dm.s, ctx.dm.seq, ctx.dm.d);
+        let dm = engine.ctx().dm;
         Ok(TrainerState {
-            layout,
-            params,
-            master,
-            adam,
-            ema,
-            sign_sgd: SparseSignSgd::new(cfg.puzzle_emb_weight_decay),
-            carry,
+            layout: engine.layout().clone(),
+            engine,
+            carry: Carry::new(local_batch, dm.seq),
             rng: exploration_rng(cfg.seed, rank),
             rng_seed: cfg.seed,
             step: 0,
             iters_done: 0,
-            ctx,
+            dm,
             local_batch,
             arch,
         })
@@ -251,15 +248,14 @@ impl TrainerState {
         if self.step > schedule.total_steps {
             return Ok(None);
         }
-        let arch = &self.arch;
-        let dm = self.ctx.dm;
+        let dm = self.dm;
         check_batch_shape(&dm, batch, "inputs")?;
-        self.carry.load_halted(batch, &self.params, dm.s, dm.d);
+        // Halted slots take new samples and restart from H_init / L_init.
+        self.engine.reset_halted(&self.carry.halted);
+        self.carry.load_halted(batch);
         for s in self.carry.steps.iter_mut() {
             *s += 1;
         }
-        let z_h = std::mem::take(&mut self.carry.z_h);
-        let z_l = std::mem::take(&mut self.carry.z_l);
         let c = &self.carry;
         let slots = crate::model::trm::Batch {
             inputs: &c.inputs,
@@ -267,15 +263,11 @@ impl TrainerState {
             puzzle_ids: &c.puzzle_ids,
             b: dm.b,
         };
-        let r = act_step_in(
-            &self.ctx,
-            arch,
-            &self.params,
+        let r = act::act_step(
+            &mut self.engine,
+            &self.arch,
             &slots,
-            z_h,
-            z_l,
-            arch.h_cycles.saturating_sub(1),
-            c.steps.clone(),
+            &c.steps,
             Some(&mut self.rng),
         )?;
         let lr = schedule.lr_at(self.step);
@@ -287,56 +279,38 @@ impl TrainerState {
                 lr,
             });
         }
-        let q_halt: Vec<f32> = (0..dm.b).map(|b| r.out.q[b * 2]).collect();
+        let q_halt: Vec<f32> = (0..dm.b).map(|b| r.q[b * 2]).collect();
         let mut metrics = StepMetrics::from_step(
             &r.loss,
             &q_halt,
             &r.halted,
             &self.carry.steps,
-            act::has_q_continue_target(arch),
+            r.has_q_continue,
         );
-        let grads = r.grads;
-        self.carry.z_h = r.out.z_h;
-        self.carry.z_l = r.out.z_l;
         self.carry.halted = r.halted;
-
         // gradients of loss / global_batch_size, reduced over ranks
-        let scale = 1.0 / cfg.global_batch_size as f32;
-        if !cfg.freeze_weights {
-            let mut flat = Vec::with_capacity(self.layout.len);
-            for n in &self.layout.names {
-                let g = grads.dense(n).expect("layout names come from the config");
-                flat.extend(g.iter().map(|&x| x * scale));
-            }
-            coll.all_reduce_sum(&mut flat)?;
-            self.adam.step(&mut self.master, &flat, lr)?;
-            self.layout.unflatten(&self.master, &mut self.params);
-            if let Some(ema) = &mut self.ema {
-                ema.update(&self.master)?;
-            }
-        }
-        if dm.ndim > 0 {
-            let rows: Vec<f32> = grads.puzzle_local.iter().map(|&x| x * scale).collect();
-            let (ids, rows) = coll.all_gather_rows(&self.carry.puzzle_ids, &rows)?;
-            let plr = schedule.puzzle_emb_lr_at(self.step);
-            self.sign_sgd
-                .step(&mut self.params.puzzle_emb, dm.ndim, &ids, &rows, plr)?;
-        }
+        let update = OptimStep {
+            grad_scale: 1.0 / cfg.global_batch_size as f32,
+            lr,
+            puzzle_emb_lr: schedule.puzzle_emb_lr_at(self.step),
+            update_dense: !cfg.freeze_weights,
+        };
+        self.engine
+            .optimizer_step(&update, &self.carry.puzzle_ids, coll)
+            .map_err(engine_error)?;
         reduce_metrics(&mut metrics, coll)?;
         Ok(Some(metrics))
+    }
+
+    /// The live weights (a host copy).
+    pub fn params(&self) -> Params<f32> {
+        self.engine.params()
     }
 
     /// The weights evaluation uses: the EMA shadow when EMA is on (with the
     /// live puzzle-embedding table), else the live weights.
     pub fn eval_params(&self) -> Params<f32> {
-        match &self.ema {
-            Some(ema) => {
-                let mut p = self.params.clone();
-                self.layout.unflatten(ema.shadow(), &mut p);
-                p
-            }
-            None => self.params.clone(),
-        }
+        self.engine.eval_params()
     }
 
     /// Runs every test batch for `halt_max_steps` steps (spec section 5,
@@ -348,7 +322,7 @@ impl TrainerState {
         coll: &dyn Collective,
     ) -> Result<(BTreeMap<String, StepMetrics>, EvalOutputs)> {
         evaluate_batches(
-            &self.ctx,
+            self.engine.ctx(),
             &self.arch,
             params,
             test.test_batches(),
@@ -365,30 +339,28 @@ impl TrainerState {
         cfg: &RunConfig,
         loader: &LoaderState,
     ) -> Result<CheckpointContents> {
-        let dm = self.ctx.dm;
-        let mut model = self.params.to_map(&self.arch);
+        let dm = self.dm;
+        let e = self.engine.export_state();
+        let mut model = e.params.to_map(&self.arch);
         let mut puzzle_emb = BTreeMap::new();
         if let Some(t) = model.remove(PUZZLE_EMB) {
             puzzle_emb.insert(PUZZLE_EMB.to_string(), t);
         }
-        let m = self.layout.to_map(self.adam.exp_avg(), "");
-        let v = self.layout.to_map(self.adam.exp_avg_sq(), "");
+        let m = self.layout.to_map(&e.adam_m, "");
+        let v = self.layout.to_map(&e.adam_v, "");
         let rng = RngState {
             seed: self.rng_seed,
             word_pos: self.rng.get_word_pos().to_string(),
         };
         Ok(CheckpointContents {
             model,
-            ema: self
-                .ema
-                .as_ref()
-                .map(|e| self.layout.to_map(e.shadow(), "")),
+            ema: e.ema.as_ref().map(|s| self.layout.to_map(s, "")),
             optim: checkpoint::pack_adam(&m, &v),
             puzzle_emb,
-            carry: Some(self.carry.to_map(dm.b, dm.s, dm.seq, dm.d)),
+            carry: Some(self.carry.to_map(&e.z_h, &e.z_l, dm.s, dm.d)),
             state: TrainState {
                 step: self.step,
-                optimizer_steps: self.adam.step_count(),
+                optimizer_steps: e.optimizer_steps,
                 rng: serde_json::to_value(rng).unwrap_or_default(),
                 loader: serde_json::to_value(loader).unwrap_or_default(),
                 config: cfg.to_yaml()?,
@@ -409,32 +381,37 @@ impl TrainerState {
             path: path.to_path_buf(),
             reason,
         };
-        let dm = self.ctx.dm;
+        let dm = self.dm;
         let mut weights = c.model.clone();
         weights.extend(c.puzzle_emb.clone());
         let w = Weights::from_tensors(&self.arch, weights).map_err(|e| bad(e.to_string()))?;
-        self.params = Params::from_weights(&self.arch, &w)?;
-        self.master = self.layout.flatten(&self.params);
+        let params = Params::from_weights(&self.arch, &w)?;
         let (m, v) = checkpoint::unpack_adam(c.optim);
-        let m = self.layout.from_map(&m, "").map_err(&bad)?;
-        let v = self.layout.from_map(&v, "").map_err(&bad)?;
-        self.adam = AdamAtan2::from_state(*self.adam.config(), m, v, c.state.optimizer_steps)?;
-        match (&mut self.ema, c.ema) {
-            (Some(e), Some(shadow)) => {
-                let shadow = self.layout.from_map(&shadow, "").map_err(&bad)?;
-                *e = Ema::from_shadow(shadow, e.rate());
-            }
-            (Some(_), None) => {
-                return Err(bad(
-                    "the run uses EMA but the checkpoint has no EMA shadow".into()
-                ))
-            }
-            _ => {}
-        }
+        let adam_m = self.layout.from_map(&m, "").map_err(&bad)?;
+        let adam_v = self.layout.from_map(&v, "").map_err(&bad)?;
+        let ema = match c.ema {
+            Some(shadow) => Some(self.layout.from_map(&shadow, "").map_err(&bad)?),
+            None => None,
+        };
         let carry = c
             .carry
             .ok_or_else(|| bad("the checkpoint has no ACT carry".into()))?;
-        self.carry = Carry::from_map(&carry, dm.b, dm.s, dm.seq, dm.d).map_err(&bad)?;
+        let (carry, z_h, z_l) = Carry::from_map(&carry, dm.b, dm.s, dm.seq, dm.d).map_err(&bad)?;
+        self.engine
+            .import_state(EngineState {
+                params,
+                adam_m,
+                adam_v,
+                optimizer_steps: c.state.optimizer_steps,
+                ema,
+                z_h,
+                z_l,
+            })
+            .map_err(|e| match e {
+                EngineError::State(reason) => bad(reason),
+                e => engine_error(e),
+            })?;
+        self.carry = carry;
         let rng: RngState = serde_json::from_value(c.state.rng.clone())
             .map_err(|e| bad(format!("RNG state: {e}")))?;
         let pos: u128 = rng
@@ -459,6 +436,19 @@ impl TrainerState {
 
     pub fn local_batch(&self) -> usize {
         self.local_batch
+    }
+}
+
+/// An engine error as the trainer's (a state mismatch is a bad resume).
+fn engine_error(e: EngineError) -> TrainError {
+    match e {
+        EngineError::Model(e) => TrainError::Model(e),
+        EngineError::Optim(e) => TrainError::Optim(e),
+        EngineError::Collective(e) => TrainError::Collective(e),
+        EngineError::State(reason) => TrainError::Resume {
+            path: PathBuf::new(),
+            reason,
+        },
     }
 }
 

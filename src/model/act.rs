@@ -15,7 +15,12 @@ use crate::data::loader::Batch as LoaderBatch;
 use crate::dist::{Collective, CollectiveError};
 use crate::loss::StepMetrics;
 use crate::model::config::ArchConfig;
-use crate::model::trm::{act_loss, broadcast_init, inner_forward, Ctx, Dims, Params, TrmError};
+use crate::model::engine::ActNet;
+#[cfg(doc)]
+use crate::model::engine::Engine;
+use crate::model::trm::{
+    act_loss, broadcast_init, inner_forward, Batch, Ctx, Dims, LossOut, Params, TrmError,
+};
 use crate::tensor::Tensor;
 
 /// What the shared ACT rules can fail with.
@@ -30,12 +35,11 @@ pub enum ActError {
 // ---------------------------------------------------------------------------
 // the carry
 
-/// Per batch slot: hidden states, step count, halted flag and the sample it
-/// is working on (spec section 5).
+/// The host's part of the carry, per batch slot: step count, halted flag
+/// and the sample it is working on (spec section 5). The hidden states
+/// live in the engine ([`Engine::reset_halted`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Carry {
-    pub z_h: Vec<f32>,
-    pub z_l: Vec<f32>,
     pub steps: Vec<i32>,
     pub halted: Vec<bool>,
     pub inputs: Vec<i32>,
@@ -45,10 +49,8 @@ pub struct Carry {
 
 impl Carry {
     /// Every slot halted (so the first step loads a sample into each).
-    pub fn new(b: usize, s: usize, seq: usize, d: usize) -> Carry {
+    pub fn new(b: usize, seq: usize) -> Carry {
         Carry {
-            z_h: vec![0.0; b * s * d],
-            z_l: vec![0.0; b * s * d],
             steps: vec![0; b],
             halted: vec![true; b],
             inputs: vec![0; b * seq],
@@ -57,8 +59,9 @@ impl Carry {
         }
     }
 
-    /// Halted slots take the batch's sample and restart from `H_init`/`L_init`.
-    pub fn load_halted(&mut self, batch: &LoaderBatch, p: &Params<f32>, s: usize, d: usize) {
+    /// Halted slots take the batch's sample and restart their step count
+    /// (the engine restarts their hidden state).
+    pub fn load_halted(&mut self, batch: &LoaderBatch) {
         let seq = batch.seq_len;
         for b in 0..self.halted.len() {
             if !self.halted[b] {
@@ -68,21 +71,19 @@ impl Carry {
             self.inputs[lo..hi].copy_from_slice(&batch.inputs[lo..hi]);
             self.labels[lo..hi].copy_from_slice(&batch.labels[lo..hi]);
             self.puzzle_ids[b] = batch.puzzle_identifiers[b];
-            for t in 0..s {
-                let r = (b * s + t) * d;
-                self.z_h[r..r + d].copy_from_slice(&p.h_init);
-                self.z_l[r..r + d].copy_from_slice(&p.l_init);
-            }
             self.steps[b] = 0;
         }
     }
 
-    /// The carry as checkpoint tensors (integers stored as f32).
-    pub fn to_map(&self, b: usize, s: usize, seq: usize, d: usize) -> BTreeMap<String, Tensor> {
+    /// The carry with the engine's hidden states `[B, S, D]` as checkpoint
+    /// tensors (integers stored as f32).
+    pub fn to_map(&self, z_h: &[f32], z_l: &[f32], s: usize, d: usize) -> BTreeMap<String, Tensor> {
+        let b = self.steps.len();
+        let seq = self.inputs.len() / b.max(1);
         let f = |v: &[i32]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
         let mut m = BTreeMap::new();
-        m.insert("z_H".into(), Tensor::new(&[b, s, d], self.z_h.clone()));
-        m.insert("z_L".into(), Tensor::new(&[b, s, d], self.z_l.clone()));
+        m.insert("z_H".into(), Tensor::new(&[b, s, d], z_h.to_vec()));
+        m.insert("z_L".into(), Tensor::new(&[b, s, d], z_l.to_vec()));
         m.insert("steps".into(), Tensor::new(&[b], f(&self.steps)));
         let halted: Vec<f32> = self.halted.iter().map(|&h| h as u8 as f32).collect();
         m.insert("halted".into(), Tensor::new(&[b], halted));
@@ -95,14 +96,16 @@ impl Carry {
         m
     }
 
-    /// The inverse of [`Carry::to_map`], checking every tensor's size.
+    /// The inverse of [`Carry::to_map`], checking every tensor's size:
+    /// the slots and the hidden states `(z_H, z_L)`.
+    #[allow(clippy::type_complexity)]
     pub fn from_map(
         m: &BTreeMap<String, Tensor>,
         b: usize,
         s: usize,
         seq: usize,
         d: usize,
-    ) -> Result<Carry, String> {
+    ) -> Result<(Carry, Vec<f32>, Vec<f32>), String> {
         let get = |k: &str, n: usize| -> Result<&[f32], String> {
             let t = m
                 .get(k)
@@ -116,15 +119,16 @@ impl Carry {
             Ok(&t.data)
         };
         let i = |v: &[f32]| v.iter().map(|&x| x as i32).collect::<Vec<i32>>();
-        Ok(Carry {
-            z_h: get("z_H", b * s * d)?.to_vec(),
-            z_l: get("z_L", b * s * d)?.to_vec(),
+        let z_h = get("z_H", b * s * d)?.to_vec();
+        let z_l = get("z_L", b * s * d)?.to_vec();
+        let carry = Carry {
             steps: i(get("steps", b)?),
             halted: get("halted", b)?.iter().map(|&x| x != 0.0).collect(),
             inputs: i(get("inputs", b * seq)?),
             labels: i(get("labels", b * seq)?),
             puzzle_ids: i(get("puzzle_identifiers", b)?),
-        })
+        };
+        Ok((carry, z_h, z_l))
     }
 }
 
@@ -200,6 +204,45 @@ pub fn q_continue_targets<T: Real>(cfg: &ArchConfig, steps: &[i32], next_q: &[T]
         .collect()
 }
 
+/// What one training ACT step tells the host.
+#[derive(Debug, Clone)]
+pub struct ActStepOut<T> {
+    pub loss: LossOut,
+    /// The inner step's Q logits `[B, 2]`.
+    pub q: Vec<T>,
+    pub halted: Vec<bool>,
+    /// Whether the Q-continue head had a target (and so a loss).
+    pub has_q_continue: bool,
+}
+
+/// One training ACT step on `net`, whose carry holds slots that have taken
+/// `steps` steps counting this one: the inner step, halting (with
+/// exploration when `explore` is given), the Q-continue bootstrap target,
+/// then the loss and backward. The one place these rules meet an engine.
+pub fn act_step<T: Real>(
+    net: &mut (impl ActNet<T> + ?Sized),
+    cfg: &ArchConfig,
+    batch: &Batch<'_>,
+    steps: &[i32],
+    explore: Option<&mut ChaCha8Rng>,
+) -> Result<ActStepOut<T>, TrmError> {
+    let q = net.inner_step(batch)?;
+    let halted = halt_decisions(cfg, steps, &q, explore);
+    let target = if has_q_continue_target(cfg) {
+        let next_q = net.bootstrap_q(batch)?;
+        Some(q_continue_targets(cfg, steps, &next_q))
+    } else {
+        None
+    };
+    let loss = net.loss_and_backward(batch, target.as_deref())?;
+    Ok(ActStepOut {
+        loss,
+        q,
+        halted,
+        has_q_continue: target.is_some(),
+    })
+}
+
 // ---------------------------------------------------------------------------
 // evaluation
 
@@ -240,7 +283,7 @@ pub fn evaluate_batches(
     let max = arch.halt_max_steps.max(1);
     for batch in batches {
         check_batch_shape(&dm, &batch, "test inputs")?;
-        crate::model::trm::Batch {
+        Batch {
             inputs: &batch.inputs,
             labels: &batch.labels,
             puzzle_ids: &batch.puzzle_identifiers,

@@ -2,6 +2,8 @@
 
 pub mod act;
 pub mod config;
+pub mod cpu;
+pub mod engine;
 pub mod layout;
 pub mod pool;
 pub mod safetensors_io;

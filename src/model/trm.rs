@@ -31,6 +31,7 @@ use crate::backend::cpu::swiglu::{swiglu_backward, swiglu_forward};
 use crate::backend::cpu::{cast_slice, Real};
 use crate::model::act;
 use crate::model::config::{ArchConfig, PosEncodings};
+use crate::model::engine::ActNet;
 use crate::model::pool::BufPool;
 use crate::model::weights::Weights;
 use crate::tensor::Tensor;
@@ -67,6 +68,9 @@ pub enum TrmError {
     BadPuzzleId { id: i32, index: usize, count: usize },
     #[error("trm: batch size must be at least 1")]
     EmptyBatch,
+    /// An engine's step calls came out of order (a bug, not a user error).
+    #[error("trm: engine step calls out of order: inner_step must come before the bootstrap, the loss and the optimiser")]
+    StepOrder,
 }
 
 /// The sizes of one call, derived from the config and the batch size.
@@ -1179,11 +1183,9 @@ pub fn act_step_train_in<T: Real>(
     act_step_in(ctx, cfg, p, batch, z_h0, z_l0, n_nograd, steps, None)
 }
 
-/// The one training ACT step of the CPU engine, from a carry `(z_h0, z_l0)`
-/// whose slots have taken `steps` steps counting this one: the inner
-/// forward, halting (with exploration when `explore` is given), the
-/// Q-continue bootstrap target, the loss head and the backward of `loss`
-/// (not divided by the batch size). The rules come from [`crate::model::act`].
+/// One training ACT step of the CPU engine from a carry `(z_h0, z_l0)`
+/// whose slots have taken `steps` steps counting this one, driven by the
+/// shared rules of [`act::act_step`] (exploration when `explore` is given).
 #[allow(clippy::too_many_arguments)]
 pub fn act_step_in<T: Real>(
     ctx: &Ctx<T>,
@@ -1196,24 +1198,93 @@ pub fn act_step_in<T: Real>(
     steps: Vec<i32>,
     explore: Option<&mut ChaCha8Rng>,
 ) -> Result<StepResult<T>, TrmError> {
-    check_step_inputs(cfg, &ctx.dm, batch, &z_h0, &z_l0)?;
-    let dm = ctx.dm;
-    let (out, tape) = inner_forward(
+    let mut net = CpuStep {
         ctx,
         cfg,
         p,
-        batch.inputs,
-        batch.puzzle_ids,
-        z_h0,
-        z_l0,
         n_nograd,
-        true,
-    );
-    let tape = tape.expect("tape requested");
-    let halted = act::halt_decisions(cfg, &steps, &out.q, explore);
-    // Q-continue bootstrap target: another inner forward from the new
-    // carry, no gradient.
-    let target = if act::has_q_continue_target(cfg) {
+        state: StepState::new(z_h0, z_l0),
+    };
+    let r = act::act_step(&mut net, cfg, batch, &steps, explore)?;
+    let st = net.state;
+    Ok(StepResult {
+        out: InnerOut {
+            logits: st.logits,
+            q: r.q,
+            z_h: st.z_h,
+            z_l: st.z_l,
+        },
+        loss: r.loss,
+        halted: r.halted,
+        steps,
+        grads: st.grads.expect("backward ran"),
+    })
+}
+
+// ---------------------------------------------------------------------------
+// the CPU engine's side of the engine seam
+
+/// What the CPU engine keeps between the calls of one ACT step: the carry,
+/// the gradient cycle's outputs and tape until the backward, then the
+/// step's logits and gradients.
+pub struct StepState<T> {
+    /// The carry `[B, S, D]`: before the inner step the old one, after the
+    /// backward the new one.
+    pub z_h: Vec<T>,
+    pub z_l: Vec<T>,
+    pending: Option<(InnerOut<T>, GradTape<T>)>,
+    /// The last step's logits `[B, seq_len, V]`.
+    pub logits: Vec<T>,
+    /// The last backward's gradients, until the optimiser takes them.
+    pub grads: Option<Grads<T>>,
+}
+
+impl<T: Real> StepState<T> {
+    pub fn new(z_h: Vec<T>, z_l: Vec<T>) -> Self {
+        StepState {
+            z_h,
+            z_l,
+            pending: None,
+            logits: Vec::new(),
+            grads: None,
+        }
+    }
+
+    /// The inner step from the carry (see [`ActNet::inner_step`]).
+    pub fn inner_step(
+        &mut self,
+        ctx: &Ctx<T>,
+        cfg: &ArchConfig,
+        p: &Params<T>,
+        batch: &Batch<'_>,
+        n_nograd: usize,
+    ) -> Result<Vec<T>, TrmError> {
+        check_step_inputs(cfg, &ctx.dm, batch, &self.z_h, &self.z_l)?;
+        let (out, tape) = inner_forward(
+            ctx,
+            cfg,
+            p,
+            batch.inputs,
+            batch.puzzle_ids,
+            std::mem::take(&mut self.z_h),
+            std::mem::take(&mut self.z_l),
+            n_nograd,
+            true,
+        );
+        let q = out.q.clone();
+        self.pending = Some((out, tape.expect("tape requested")));
+        Ok(q)
+    }
+
+    /// The Q-continue bootstrap forward (see [`ActNet::bootstrap_q`]).
+    pub fn bootstrap_q(
+        &mut self,
+        ctx: &Ctx<T>,
+        cfg: &ArchConfig,
+        p: &Params<T>,
+        batch: &Batch<'_>,
+    ) -> Result<Vec<T>, TrmError> {
+        let (out, _) = self.pending.as_ref().ok_or(TrmError::StepOrder)?;
         let (next, _) = inner_forward(
             ctx,
             cfg,
@@ -1225,19 +1296,56 @@ pub fn act_step_in<T: Real>(
             cfg.h_cycles.saturating_sub(1),
             false,
         );
-        Some(act::q_continue_targets(cfg, &steps, &next.q))
-    } else {
-        None
-    };
-    let (loss, dlogits, dq) = act_loss(&dm, &out.logits, &out.q, batch.labels, target.as_deref());
-    let grads = inner_backward(ctx, p, tape, &out.z_h, batch.inputs, &dlogits, &dq);
-    Ok(StepResult {
-        out,
-        loss,
-        halted,
-        steps,
-        grads,
-    })
+        Ok(next.q)
+    }
+
+    /// The loss head and the backward (see [`ActNet::loss_and_backward`]).
+    pub fn loss_and_backward(
+        &mut self,
+        ctx: &Ctx<T>,
+        p: &Params<T>,
+        batch: &Batch<'_>,
+        target: Option<&[f64]>,
+    ) -> Result<LossOut, TrmError> {
+        let (out, tape) = self.pending.take().ok_or(TrmError::StepOrder)?;
+        let (loss, dlogits, dq) = act_loss(&ctx.dm, &out.logits, &out.q, batch.labels, target);
+        let grads = inner_backward(ctx, p, tape, &out.z_h, batch.inputs, &dlogits, &dq);
+        self.grads = Some(grads);
+        self.z_h = out.z_h;
+        self.z_l = out.z_l;
+        self.logits = out.logits;
+        Ok(loss)
+    }
+}
+
+/// The CPU network over borrowed weights and context: one ACT step for
+/// [`act_step_in`] (golden files, gradient checks, benchmarks).
+struct CpuStep<'a, T> {
+    ctx: &'a Ctx<T>,
+    cfg: &'a ArchConfig,
+    p: &'a Params<T>,
+    n_nograd: usize,
+    state: StepState<T>,
+}
+
+impl<T: Real> ActNet<T> for CpuStep<'_, T> {
+    fn inner_step(&mut self, batch: &Batch<'_>) -> Result<Vec<T>, TrmError> {
+        self.state
+            .inner_step(self.ctx, self.cfg, self.p, batch, self.n_nograd)
+    }
+
+    fn bootstrap_q(&mut self, batch: &Batch<'_>) -> Result<Vec<T>, TrmError> {
+        self.state.bootstrap_q(self.ctx, self.cfg, self.p, batch)
+    }
+
+    fn loss_and_backward(
+        &mut self,
+        batch: &Batch<'_>,
+        target: Option<&[f64]>,
+    ) -> Result<LossOut, TrmError> {
+        self.state
+            .loss_and_backward(self.ctx, self.p, batch, target)
+    }
 }
 
 /// The f32 result of [`act_step_train`], in the golden files' terms.
