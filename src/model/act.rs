@@ -15,9 +15,9 @@ use crate::data::loader::Batch as LoaderBatch;
 use crate::dist::{Collective, CollectiveError};
 use crate::loss::StepMetrics;
 use crate::model::config::ArchConfig;
-use crate::model::engine::ActNet;
 #[cfg(doc)]
 use crate::model::engine::Engine;
+use crate::model::engine::{ActNet, EvalNet};
 use crate::model::trm::{
     act_loss, broadcast_init, inner_forward, Batch, Ctx, Dims, LossOut, Params, TrmError,
 };
@@ -264,7 +264,8 @@ pub struct EvalOutputs {
 /// padded with `blank_id` rows) for `halt_max_steps` steps (spec section 5,
 /// evaluation) and returns per-set metric sums and the outputs of the
 /// non-padding rows. `ctx` fixes the batch size; `after_batch` is told the
-/// real rows of each batch done (for progress).
+/// real rows of each batch done (for progress). The CPU engine's network
+/// over `params`; [`evaluate_with`] takes any engine's.
 pub fn evaluate_batches(
     ctx: &Ctx<f32>,
     arch: &ArchConfig,
@@ -274,7 +275,29 @@ pub fn evaluate_batches(
     coll: &dyn Collective,
     after_batch: &mut dyn FnMut(usize),
 ) -> Result<(BTreeMap<String, StepMetrics>, EvalOutputs), ActError> {
-    let dm = ctx.dm;
+    let mut net = CpuEval { ctx, arch, params };
+    evaluate_with(
+        &mut net,
+        &ctx.dm,
+        arch,
+        batches,
+        blank_id,
+        coll,
+        after_batch,
+    )
+}
+
+/// [`evaluate_batches`] on the network `net`, whose batch size is `dm.b`.
+pub fn evaluate_with(
+    net: &mut (impl EvalNet + ?Sized),
+    dm: &Dims,
+    arch: &ArchConfig,
+    batches: impl IntoIterator<Item = LoaderBatch>,
+    blank_id: i64,
+    coll: &dyn Collective,
+    after_batch: &mut dyn FnMut(usize),
+) -> Result<(BTreeMap<String, StepMetrics>, EvalOutputs), ActError> {
+    let dm = *dm;
     let mut per_set: BTreeMap<String, StepMetrics> = BTreeMap::new();
     let mut outs = EvalOutputs {
         seq_len: dm.seq,
@@ -283,38 +306,18 @@ pub fn evaluate_batches(
     let max = arch.halt_max_steps.max(1);
     for batch in batches {
         check_batch_shape(&dm, &batch, "test inputs")?;
-        Batch {
+        let slots = Batch {
             inputs: &batch.inputs,
             labels: &batch.labels,
             puzzle_ids: &batch.puzzle_identifiers,
             b: dm.b,
-        }
-        .validate(arch)?;
-        let mut z_h = broadcast_init(&dm, &params.h_init);
-        let mut z_l = broadcast_init(&dm, &params.l_init);
-        let mut last = None;
-        for step in 1..=max {
-            let (out, _) = inner_forward(
-                ctx,
-                arch,
-                params,
-                &batch.inputs,
-                &batch.puzzle_identifiers,
-                z_h,
-                z_l,
-                arch.h_cycles.saturating_sub(1),
-                false,
-            );
-            if step == max {
-                last = Some(out);
-                break;
-            }
-            z_h = out.z_h;
-            z_l = out.z_l;
-        }
-        let out = last.expect("halt_max_steps >= 1");
-        let (loss, _, _) = act_loss(&dm, &out.logits, &out.q, &batch.labels, None);
-        let q_halt: Vec<f32> = (0..dm.b).map(|b| out.q[b * 2]).collect();
+        };
+        slots.validate(arch)?;
+        // Every sample runs the full `halt_max_steps`, as the reference
+        // evaluates; only the last step's outputs count.
+        let (logits, q) = net.eval_steps(&slots, max)?;
+        let (loss, _, _) = act_loss(&dm, &logits, &q, &batch.labels, None);
+        let q_halt: Vec<f32> = (0..dm.b).map(|b| q[b * 2]).collect();
         let steps = vec![max as i32; dm.b];
         let m = StepMetrics::from_step(&loss, &q_halt, &vec![true; dm.b], &steps, false);
         per_set.entry(batch.set_name.clone()).or_default().add(&m);
@@ -333,7 +336,7 @@ pub fn evaluate_batches(
             outs.inputs
                 .extend_from_slice(&batch.inputs[b * dm.seq..(b + 1) * dm.seq]);
             for t in 0..dm.seq {
-                let row = &out.logits[(b * dm.seq + t) * dm.v..(b * dm.seq + t + 1) * dm.v];
+                let row = &logits[(b * dm.seq + t) * dm.v..(b * dm.seq + t + 1) * dm.v];
                 outs.preds.push(argmax(row) as i32);
             }
             outs.q_halt.push(qh);
@@ -344,6 +347,47 @@ pub fn evaluate_batches(
         reduce_metrics(m, coll)?;
     }
     Ok((per_set, outs))
+}
+
+/// The CPU engine's evaluation network over borrowed f32 weights.
+struct CpuEval<'a> {
+    ctx: &'a Ctx<f32>,
+    arch: &'a ArchConfig,
+    params: &'a Params<f32>,
+}
+
+impl EvalNet for CpuEval<'_> {
+    fn eval_steps(
+        &mut self,
+        batch: &Batch<'_>,
+        n: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>), TrmError> {
+        let (ctx, arch, params) = (self.ctx, self.arch, self.params);
+        let mut z_h = broadcast_init(&ctx.dm, &params.h_init);
+        let mut z_l = broadcast_init(&ctx.dm, &params.l_init);
+        let mut last = None;
+        for step in 1..=n.max(1) {
+            let (out, _) = inner_forward(
+                ctx,
+                arch,
+                params,
+                batch.inputs,
+                batch.puzzle_ids,
+                z_h,
+                z_l,
+                arch.h_cycles.saturating_sub(1),
+                false,
+            );
+            if step == n.max(1) {
+                last = Some(out);
+                break;
+            }
+            z_h = out.z_h;
+            z_l = out.z_l;
+        }
+        let out = last.expect("at least one step");
+        Ok((out.logits, out.q))
+    }
 }
 
 /// A loader batch must match the local batch size and sequence length the

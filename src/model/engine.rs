@@ -38,6 +38,16 @@ pub trait ActNet<T: Real> {
     ) -> Result<LossOut, TrmError>;
 }
 
+/// The network part of evaluation, as [`crate::model::act::evaluate_with`]
+/// drives it: one call per batch, so an engine keeps the carry to itself.
+pub trait EvalNet {
+    /// Restarts every slot from `H_init` / `L_init` and runs `n` no-gradient
+    /// inner steps; returns the last step's logits `[B, seq_len, V]` and Q
+    /// logits `[B, 2]`.
+    fn eval_steps(&mut self, batch: &Batch<'_>, n: usize)
+        -> Result<(Vec<f32>, Vec<f32>), TrmError>;
+}
+
 /// The learning rates and scale of one optimiser update.
 #[derive(Debug, Clone, Copy)]
 pub struct OptimStep {
