@@ -31,6 +31,7 @@ use crate::data::loader::{LoaderError, MemorySplit, PuzzleDataset, PuzzleDataset
 use crate::data::metadata::DatasetMetadata;
 use crate::dist::SingleProcess;
 use crate::eval::{ArcEvaluator, ArcResult, EvalError};
+use crate::model::act::{evaluate_batches, ActError};
 use crate::model::config::ArchConfig;
 use crate::model::trm::{Ctx, Params};
 use crate::model::weights::{Weights, PUZZLE_EMB};
@@ -38,7 +39,7 @@ use crate::optim::CosineWarmup;
 use crate::package::{ModelPackage, PackageError};
 use crate::telemetry::progress::{Progress, ProgressMode};
 use crate::tensor::Tensor;
-use crate::train::{evaluate_batches, mean_row, TrainError, TrainerState};
+use crate::train::{mean_row, TrainError, TrainerState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum InferError {
@@ -88,6 +89,13 @@ impl From<PackageError> for InferError {
 impl From<TrainError> for InferError {
     fn from(e: TrainError) -> Self {
         InferError::Run(Box::new(e))
+    }
+}
+
+// The evaluation loop's errors read as the trainer's, as before it moved.
+impl From<ActError> for InferError {
+    fn from(e: ActError) -> Self {
+        InferError::Run(Box::new(TrainError::from(e)))
     }
 }
 
@@ -659,7 +667,7 @@ fn fit_unknown(
         let (per_set, _) = evaluate_batches(
             &ctx,
             arch,
-            &st.params,
+            &st.params(),
             probe.test_batches(),
             blank,
             &SingleProcess,
@@ -702,7 +710,7 @@ fn fit_unknown(
     progress.finish();
     let loss_after = probe_loss(&st)?;
     Ok((
-        st.params,
+        st.params(),
         FitReport {
             steps: opts.fit_steps,
             rows: fitted_rows,

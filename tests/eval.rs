@@ -13,7 +13,7 @@ use trm::data::grid::Grid;
 use trm::data::npy::NpyArray;
 use trm::data::synthetic::write_arc_files;
 use trm::eval::{write_results, ArcEvaluator, ArcResult, EvalError, DEFAULT_PASS_KS};
-use trm::train::EvalOutputs;
+use trm::model::act::EvalOutputs;
 
 const SIDE: usize = 8;
 

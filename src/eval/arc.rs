@@ -32,7 +32,7 @@ use crate::data::arc::{grid_to_json, parse_grid, Puzzle};
 use crate::data::augment::Augmentation;
 use crate::data::grid::{canvas_side, Grid};
 use crate::data::metadata::DatasetMetadata;
-use crate::train::EvalOutputs;
+use crate::model::act::EvalOutputs;
 
 /// The reference's `pass_Ks`.
 pub const DEFAULT_PASS_KS: [usize; 6] = [1, 2, 5, 10, 100, 1000];

@@ -1,6 +1,12 @@
-//! The TRM network: config, named weights, safetensors I/O and the model step.
+//! The TRM network: config, named weights, safetensors I/O, the flat
+//! parameter layout, the ACT rules every engine shares (`act`), the engine
+//! seam (`engine`) and the CPU engine (`trm` with `cpu`).
 
+pub mod act;
 pub mod config;
+pub mod cpu;
+pub mod engine;
+pub mod layout;
 pub mod pool;
 pub mod safetensors_io;
 pub mod trm;

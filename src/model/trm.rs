@@ -16,6 +16,8 @@
 
 use std::collections::BTreeMap;
 
+use rand_chacha::ChaCha8Rng;
+
 use crate::backend::cpu::attention::{attention_backward, attention_forward};
 use crate::backend::cpu::embedding::{embedding_backward, embedding_forward};
 use crate::backend::cpu::linear::{linear_backward, linear_forward};
@@ -27,7 +29,9 @@ use crate::backend::cpu::stablemax_ce::{
 };
 use crate::backend::cpu::swiglu::{swiglu_backward, swiglu_forward};
 use crate::backend::cpu::{cast_slice, Real};
+use crate::model::act;
 use crate::model::config::{ArchConfig, PosEncodings};
+use crate::model::engine::ActNet;
 use crate::model::pool::BufPool;
 use crate::model::weights::Weights;
 use crate::tensor::Tensor;
@@ -64,6 +68,9 @@ pub enum TrmError {
     BadPuzzleId { id: i32, index: usize, count: usize },
     #[error("trm: batch size must be at least 1")]
     EmptyBatch,
+    /// An engine's step calls came out of order (a bug, not a user error).
+    #[error("trm: engine step calls out of order: inner_step must come before the bootstrap, the loss and the optimiser")]
+    StepOrder,
 }
 
 /// The sizes of one call, derived from the config and the batch size.
@@ -1144,26 +1151,6 @@ pub fn nograd_cycles<T: Real>(
     Ok((z_h, z_l))
 }
 
-/// Halting before exploration (spec section 5): a sample halts at its step
-/// limit or, when it may take more than one step, when its Q head says so
-/// (`q_halt > 0` with `no_ACT_continue`, else `q_halt > q_continue`).
-pub fn halts<T: Real>(cfg: &ArchConfig, at_limit: bool, q_halt: T, q_continue: T) -> bool {
-    let by_q = if cfg.no_act_continue {
-        q_halt > T::zero()
-    } else {
-        q_halt > q_continue
-    };
-    at_limit || (cfg.halt_max_steps > 1 && by_q)
-}
-
-/// The Q-continue bootstrap target from the next step's Q logits:
-/// `sigmoid(q_halt)` at the step limit, else `sigmoid(max(q_halt, q_continue))`.
-pub fn q_continue_target<T: Real>(next_halt: T, next_continue: T, at_limit: bool) -> f64 {
-    let (nh, nc) = (next_halt.f64(), next_continue.f64());
-    let t = if at_limit { nh } else { nh.max(nc) };
-    1.0 / (1.0 + (-t).exp())
-}
-
 /// [`act_step_train_generic`] from an explicit carry `(z_h, z_l)` [B, S, D]
 /// with `n_nograd` no-gradient H cycles before the gradient cycle (the
 /// reference uses a reset carry and `H_cycles - 1`). Steps are reported as 1.
@@ -1191,29 +1178,113 @@ pub fn act_step_train_in<T: Real>(
     z_l0: Vec<T>,
     n_nograd: usize,
 ) -> Result<StepResult<T>, TrmError> {
-    check_step_inputs(cfg, &ctx.dm, batch, &z_h0, &z_l0)?;
-    let dm = ctx.dm;
-    let (out, tape) = inner_forward(
+    // A fresh carry: every slot at its first step, exploration off.
+    let steps = vec![1i32; ctx.dm.b];
+    act_step_in(ctx, cfg, p, batch, z_h0, z_l0, n_nograd, steps, None)
+}
+
+/// One training ACT step of the CPU engine from a carry `(z_h0, z_l0)`
+/// whose slots have taken `steps` steps counting this one, driven by the
+/// shared rules of [`act::act_step`] (exploration when `explore` is given).
+#[allow(clippy::too_many_arguments)]
+pub fn act_step_in<T: Real>(
+    ctx: &Ctx<T>,
+    cfg: &ArchConfig,
+    p: &Params<T>,
+    batch: &Batch<'_>,
+    z_h0: Vec<T>,
+    z_l0: Vec<T>,
+    n_nograd: usize,
+    steps: Vec<i32>,
+    explore: Option<&mut ChaCha8Rng>,
+) -> Result<StepResult<T>, TrmError> {
+    let mut net = CpuStep {
         ctx,
         cfg,
         p,
-        batch.inputs,
-        batch.puzzle_ids,
-        z_h0,
-        z_l0,
         n_nograd,
-        true,
-    );
-    let tape = tape.expect("tape requested");
-    // halting (training mode, exploration off)
-    let steps = vec![1i32; dm.b];
-    let is_last = 1 >= cfg.halt_max_steps;
-    let halted: Vec<bool> = (0..dm.b)
-        .map(|bi| halts(cfg, is_last, out.q[bi * 2], out.q[bi * 2 + 1]))
-        .collect();
-    // Q-continue bootstrap target (only without no_ACT_continue): another
-    // inner forward from the new carry, no gradient.
-    let target = if !cfg.no_act_continue && cfg.halt_max_steps > 1 {
+        state: StepState::new(z_h0, z_l0),
+    };
+    let r = act::act_step(&mut net, cfg, batch, &steps, explore)?;
+    let st = net.state;
+    Ok(StepResult {
+        out: InnerOut {
+            logits: st.logits,
+            q: r.q,
+            z_h: st.z_h,
+            z_l: st.z_l,
+        },
+        loss: r.loss,
+        halted: r.halted,
+        steps,
+        grads: st.grads.expect("backward ran"),
+    })
+}
+
+// ---------------------------------------------------------------------------
+// the CPU engine's side of the engine seam
+
+/// What the CPU engine keeps between the calls of one ACT step: the carry,
+/// the gradient cycle's outputs and tape until the backward, then the
+/// step's logits and gradients.
+pub struct StepState<T> {
+    /// The carry `[B, S, D]`: before the inner step the old one, after the
+    /// backward the new one.
+    pub z_h: Vec<T>,
+    pub z_l: Vec<T>,
+    pending: Option<(InnerOut<T>, GradTape<T>)>,
+    /// The last step's logits `[B, seq_len, V]`.
+    pub logits: Vec<T>,
+    /// The last backward's gradients, until the optimiser takes them.
+    pub grads: Option<Grads<T>>,
+}
+
+impl<T: Real> StepState<T> {
+    pub fn new(z_h: Vec<T>, z_l: Vec<T>) -> Self {
+        StepState {
+            z_h,
+            z_l,
+            pending: None,
+            logits: Vec::new(),
+            grads: None,
+        }
+    }
+
+    /// The inner step from the carry (see [`ActNet::inner_step`]).
+    pub fn inner_step(
+        &mut self,
+        ctx: &Ctx<T>,
+        cfg: &ArchConfig,
+        p: &Params<T>,
+        batch: &Batch<'_>,
+        n_nograd: usize,
+    ) -> Result<Vec<T>, TrmError> {
+        check_step_inputs(cfg, &ctx.dm, batch, &self.z_h, &self.z_l)?;
+        let (out, tape) = inner_forward(
+            ctx,
+            cfg,
+            p,
+            batch.inputs,
+            batch.puzzle_ids,
+            std::mem::take(&mut self.z_h),
+            std::mem::take(&mut self.z_l),
+            n_nograd,
+            true,
+        );
+        let q = out.q.clone();
+        self.pending = Some((out, tape.expect("tape requested")));
+        Ok(q)
+    }
+
+    /// The Q-continue bootstrap forward (see [`ActNet::bootstrap_q`]).
+    pub fn bootstrap_q(
+        &mut self,
+        ctx: &Ctx<T>,
+        cfg: &ArchConfig,
+        p: &Params<T>,
+        batch: &Batch<'_>,
+    ) -> Result<Vec<T>, TrmError> {
+        let (out, _) = self.pending.as_ref().ok_or(TrmError::StepOrder)?;
         let (next, _) = inner_forward(
             ctx,
             cfg,
@@ -1225,23 +1296,56 @@ pub fn act_step_train_in<T: Real>(
             cfg.h_cycles.saturating_sub(1),
             false,
         );
-        Some(
-            (0..dm.b)
-                .map(|bi| q_continue_target(next.q[bi * 2], next.q[bi * 2 + 1], is_last))
-                .collect::<Vec<f64>>(),
-        )
-    } else {
-        None
-    };
-    let (loss, dlogits, dq) = act_loss(&dm, &out.logits, &out.q, batch.labels, target.as_deref());
-    let grads = inner_backward(ctx, p, tape, &out.z_h, batch.inputs, &dlogits, &dq);
-    Ok(StepResult {
-        out,
-        loss,
-        halted,
-        steps,
-        grads,
-    })
+        Ok(next.q)
+    }
+
+    /// The loss head and the backward (see [`ActNet::loss_and_backward`]).
+    pub fn loss_and_backward(
+        &mut self,
+        ctx: &Ctx<T>,
+        p: &Params<T>,
+        batch: &Batch<'_>,
+        target: Option<&[f64]>,
+    ) -> Result<LossOut, TrmError> {
+        let (out, tape) = self.pending.take().ok_or(TrmError::StepOrder)?;
+        let (loss, dlogits, dq) = act_loss(&ctx.dm, &out.logits, &out.q, batch.labels, target);
+        let grads = inner_backward(ctx, p, tape, &out.z_h, batch.inputs, &dlogits, &dq);
+        self.grads = Some(grads);
+        self.z_h = out.z_h;
+        self.z_l = out.z_l;
+        self.logits = out.logits;
+        Ok(loss)
+    }
+}
+
+/// The CPU network over borrowed weights and context: one ACT step for
+/// [`act_step_in`] (golden files, gradient checks, benchmarks).
+struct CpuStep<'a, T> {
+    ctx: &'a Ctx<T>,
+    cfg: &'a ArchConfig,
+    p: &'a Params<T>,
+    n_nograd: usize,
+    state: StepState<T>,
+}
+
+impl<T: Real> ActNet<T> for CpuStep<'_, T> {
+    fn inner_step(&mut self, batch: &Batch<'_>) -> Result<Vec<T>, TrmError> {
+        self.state
+            .inner_step(self.ctx, self.cfg, self.p, batch, self.n_nograd)
+    }
+
+    fn bootstrap_q(&mut self, batch: &Batch<'_>) -> Result<Vec<T>, TrmError> {
+        self.state.bootstrap_q(self.ctx, self.cfg, self.p, batch)
+    }
+
+    fn loss_and_backward(
+        &mut self,
+        batch: &Batch<'_>,
+        target: Option<&[f64]>,
+    ) -> Result<LossOut, TrmError> {
+        self.state
+            .loss_and_backward(self.ctx, self.p, batch, target)
+    }
 }
 
 /// The f32 result of [`act_step_train`], in the golden files' terms.

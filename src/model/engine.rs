@@ -1,0 +1,125 @@
+//! The engine seam: what the trainer asks of whatever runs the network.
+//!
+//! The trainer crosses it a few times per ACT step, never per op, so an
+//! engine keeps its own memory plan and fusions (the CPU engine in
+//! `trm.rs` / `cpu.rs`; a CUDA engine later). Everything an engine does
+//! not own, the halting and target rules and the carry's sample slots,
+//! stays on the host in [`crate::model::act`], which drives these calls.
+//!
+//! One step, in order: [`Engine::reset_halted`], [`ActNet::inner_step`],
+//! [`ActNet::bootstrap_q`] (only when the Q-continue head trains),
+//! [`ActNet::loss_and_backward`], [`Engine::optimizer_step`].
+
+use crate::backend::cpu::Real;
+use crate::dist::{Collective, CollectiveError};
+use crate::model::trm::{Batch, LossOut, Params, TrmError};
+use crate::optim::OptimError;
+
+/// The network part of one ACT step, as [`crate::model::act::act_step`]
+/// drives it. Generic over the precision so the CPU engine's f64 gradient
+/// checks run through the same driver as training.
+pub trait ActNet<T: Real> {
+    /// The inner step from the engine's carry: the no-gradient H cycles,
+    /// then the gradient cycle, keeping what the backward needs. Returns the
+    /// Q logits `[B, 2]` (q_halt, q_continue): all the host needs to halt.
+    fn inner_step(&mut self, batch: &Batch<'_>) -> Result<Vec<T>, TrmError>;
+
+    /// The Q-continue bootstrap: a no-gradient inner step from the carry
+    /// that [`ActNet::inner_step`] produced; returns its Q logits `[B, 2]`.
+    fn bootstrap_q(&mut self, batch: &Batch<'_>) -> Result<Vec<T>, TrmError>;
+
+    /// The loss head on the inner step's outputs (with the Q-continue
+    /// targets when given) and the backward of `loss` (not divided by the
+    /// batch size); the inner step's new carry becomes the engine's carry.
+    fn loss_and_backward(
+        &mut self,
+        batch: &Batch<'_>,
+        target_q_continue: Option<&[f64]>,
+    ) -> Result<LossOut, TrmError>;
+}
+
+/// The network part of evaluation, as [`crate::model::act::evaluate_with`]
+/// drives it: one call per batch, so an engine keeps the carry to itself.
+pub trait EvalNet {
+    /// Restarts every slot from `H_init` / `L_init` and runs `n` no-gradient
+    /// inner steps; returns the last step's logits `[B, seq_len, V]` and Q
+    /// logits `[B, 2]`.
+    fn eval_steps(&mut self, batch: &Batch<'_>, n: usize)
+        -> Result<(Vec<f32>, Vec<f32>), TrmError>;
+}
+
+/// The learning rates and scale of one optimiser update.
+#[derive(Debug, Clone, Copy)]
+pub struct OptimStep {
+    /// Gradients are of the summed loss; this makes them of the mean over
+    /// the global batch (`1 / global_batch_size`).
+    pub grad_scale: f32,
+    /// AdamATan2 on the dense weights.
+    pub lr: f64,
+    /// Sparse sign-SGD on the puzzle-embedding rows.
+    pub puzzle_emb_lr: f64,
+    /// `false` (`freeze_weights`): only the puzzle embeddings learn.
+    pub update_dense: bool,
+}
+
+/// An engine's full state, as checkpoints hold it: the dense vectors are in
+/// the order of [`crate::model::layout::FlatLayout`].
+#[derive(Debug, Clone)]
+pub struct EngineState {
+    /// Every weight, the puzzle-embedding table included.
+    pub params: Params<f32>,
+    /// AdamATan2 first and second moments, and its step count.
+    pub adam_m: Vec<f32>,
+    pub adam_v: Vec<f32>,
+    pub optimizer_steps: u64,
+    /// The EMA shadow, when the run keeps one.
+    pub ema: Option<Vec<f32>>,
+    /// The carry's hidden states `[B, S, D]`.
+    pub z_h: Vec<f32>,
+    pub z_l: Vec<f32>,
+}
+
+/// What an engine's host-facing calls fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Model(#[from] TrmError),
+    #[error(transparent)]
+    Optim(#[from] OptimError),
+    #[error(transparent)]
+    Collective(#[from] CollectiveError),
+    /// A state to import that does not fit this engine.
+    #[error("{0}")]
+    State(String),
+}
+
+/// A training engine: the ACT step's network plus the optimisers, the
+/// weights and the carry's hidden states, all owned by the engine.
+pub trait Engine: ActNet<f32> {
+    /// Restarts the hidden state of every slot whose `halted` flag is set
+    /// from `H_init` / `L_init` (before the host loads new samples there).
+    fn reset_halted(&mut self, halted: &[bool]);
+
+    /// One optimiser update from the last backward: dense gradients summed
+    /// over ranks through `coll`, AdamATan2 and EMA, then sign-SGD on the
+    /// puzzle-embedding rows of `puzzle_ids` gathered from every rank.
+    fn optimizer_step(
+        &mut self,
+        update: &OptimStep,
+        puzzle_ids: &[i32],
+        coll: &dyn Collective,
+    ) -> Result<(), EngineError>;
+
+    /// The live weights, on the host.
+    fn params(&self) -> Params<f32>;
+
+    /// The weights evaluation uses: the EMA shadow when EMA is on (with the
+    /// live puzzle-embedding table), else the live weights.
+    fn eval_params(&self) -> Params<f32>;
+
+    /// The full state for a checkpoint.
+    fn export_state(&self) -> EngineState;
+
+    /// Replaces the full state (a resume); fails when it does not fit.
+    fn import_state(&mut self, state: EngineState) -> Result<(), EngineError>;
+}

@@ -1,0 +1,337 @@
+//! The run loop: datasets, run folder, state (fresh or resumed), then
+//! iterations of training steps, each followed by evaluation and
+//! checkpoints on schedule.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use super::eval;
+use super::state::TrainerState;
+use super::telemetry::{self, Sinks};
+use super::{Result, TrainError, TrainOptions, TrainReport};
+use crate::checkpoint::{self, CheckpointDir};
+use crate::config::{RunConfig, Schedule};
+use crate::data::loader::{PuzzleDataset, PuzzleDatasetConfig, Split};
+use crate::dist::{Collective, SingleProcess};
+use crate::model::config::ArchConfig;
+use crate::model::weights::{Weights, PUZZLE_EMB};
+use crate::telemetry::progress::{Progress, ProgressMode};
+use crate::tensor::Tensor;
+
+/// The run folder: `checkpoint_path`, else `checkpoints/<project>/<run>`.
+pub fn run_dir(cfg: &RunConfig) -> PathBuf {
+    if let Some(p) = &cfg.checkpoint_path {
+        return p.clone();
+    }
+    let project = cfg.project_name.clone().unwrap_or_else(|| {
+        let data = cfg
+            .data_paths
+            .first()
+            .and_then(|p| p.file_name())
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_else(|| "data".into());
+        format!("{data}-ACT-trm")
+    });
+    let run = cfg.run_name.clone().unwrap_or_else(|| "run".into());
+    PathBuf::from("checkpoints").join(project).join(run)
+}
+
+/// Opens the datasets, builds or restores the state, and trains.
+pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainReport> {
+    train_with(cfg, opts, &SingleProcess)
+}
+
+/// [`train`] over an explicit collective (data-parallel ranks).
+pub fn train_with(
+    cfg: &RunConfig,
+    opts: &TrainOptions,
+    coll: &dyn Collective,
+) -> Result<TrainReport> {
+    let t0 = Instant::now();
+    cfg.validate()?;
+    let world = coll.world_size();
+    if cfg.global_batch_size % world != 0 {
+        return Err(TrainError::BatchSplit {
+            global: cfg.global_batch_size,
+            world,
+        });
+    }
+    let (mut train_ds, test_ds) = open_datasets(cfg, coll)?;
+    let mut arc_evals = eval::arc_evaluators(cfg, test_ds.is_some(), coll.rank())?;
+    let meta = train_ds.metadata().clone();
+    let arch = cfg.arch_for_dataset(meta.seq_len, meta.vocab_size, meta.num_puzzle_identifiers)?;
+    crate::limits::check(
+        "training this model",
+        crate::limits::model_bytes(&arch, cfg.global_batch_size, true),
+        "lower global_batch_size or the model's size (arch.hidden_size, arch.expansion)",
+    )?;
+    // The loader holds one iteration's group order: groups x epochs per iteration.
+    crate::limits::check(
+        "the data order of one iteration",
+        crate::limits::product(&[meta.total_groups as u64, cfg.epochs_per_iter() as u64, 8]),
+        "lower eval_interval (epochs per evaluation)",
+    )?;
+    let schedule = Schedule::new(cfg, meta.total_groups, meta.mean_puzzle_examples);
+    let local_batch = train_ds.local_batch_size();
+
+    for w in crate::run_guard::schedule_warnings(cfg, &schedule)? {
+        if coll.rank() == 0 {
+            eprintln!("warning: {w}");
+        }
+    }
+    let dir = run_dir(cfg);
+    // One writer per run folder, for the whole run (rank 0 writes it).
+    let _lock = if coll.rank() == 0 {
+        Some(crate::run_folder::lock(&dir)?)
+    } else {
+        None
+    };
+    let moved_aside = match (&_lock, &opts.resume) {
+        (Some(l), None) => crate::run_folder::claim_fresh(l, opts.start_over)?,
+        _ => None,
+    };
+    let ckpt = CheckpointDir::new(dir.clone()).with_keep_last(cfg.checkpoint_keep_last);
+
+    // weights: +load_checkpoint, else seeded init
+    let weights = match &cfg.load_checkpoint {
+        Some(p) => load_initial_weights(&arch, p)?,
+        None => Weights::init(&arch, cfg.seed),
+    };
+    let mut st = TrainerState::new(cfg, arch, weights, local_batch, coll.rank())?;
+    let mut resumed_from = None;
+    if let Some(spec) = &opts.resume {
+        let path = ckpt.resolve(spec)?;
+        let c = checkpoint::load(&path)?;
+        let loader = st.restore(&path, c)?;
+        train_ds.restore(loader)?;
+        resumed_from = Some(path);
+    }
+
+    let rank0 = coll.rank() == 0;
+    if rank0 {
+        let yaml = cfg.to_yaml()?;
+        let p = dir.join("all_config.yaml");
+        std::fs::write(&p, yaml).map_err(|source| TrainError::Io { path: p, source })?;
+    }
+    // After a resume the steps after the checkpoint are replayed: their old
+    // records go.
+    let mut sinks = Sinks::open(&dir, rank0, resumed_from.is_some(), st.step, opts.verbose)?;
+    let say = |msg: &str| sinks.say(msg);
+    say(&format!("run folder: {}", dir.display()));
+    if let Some(p) = &moved_aside {
+        say(&format!(
+            "--start-over: the previous run was moved to {}",
+            p.display()
+        ));
+    }
+    say(&format!("{schedule}"));
+    say(&format!(
+        "model: {} dense parameters, puzzle embedding {} x {}; {} ranks, local batch {}",
+        st.layout.len, st.arch.num_puzzle_identifiers, st.arch.puzzle_emb_ndim, world, local_batch
+    ));
+    if let Some(p) = &resumed_from {
+        say(&format!(
+            "resumed from {} at step {} (iteration {} of {})",
+            p.display(),
+            st.step,
+            st.iters_done,
+            schedule.total_iters
+        ));
+    }
+    if test_ds.is_none() {
+        say("no test split found: evaluation is skipped");
+    }
+
+    let mut report = TrainReport {
+        run_dir: dir.clone(),
+        total_steps: schedule.total_steps,
+        steps_run: 0,
+        train_log: Vec::new(),
+        eval_log: Vec::new(),
+        checkpoints: Vec::new(),
+        seconds: 0.0,
+        stopped_by: None,
+    };
+    if opts.handle_signals && cfg.checkpoint_on_signal && world == 1 {
+        crate::signals::install();
+    }
+    let pause = crate::run_guard::step_pause();
+    sinks.progress = rank0.then(|| {
+        Progress::new(
+            schedule.total_steps,
+            st.step,
+            if opts.progress {
+                ProgressMode::Auto
+            } else {
+                ProgressMode::Hidden
+            },
+        )
+    });
+    for it in st.iters_done..schedule.total_iters {
+        let mut batches = train_ds.train_batches();
+        loop {
+            let t = Instant::now();
+            let Some(batch) = batches.next() else { break };
+            let Some(m) = st.train_step(cfg, &schedule, &batch, coll)? else {
+                continue;
+            };
+            let secs = t.elapsed().as_secs_f64();
+            report.steps_run += 1;
+            let log = telemetry::step_log(&m, cfg, &schedule, st.step, secs);
+            sinks.log(st.step, &log)?;
+            sinks.progress(st.step, &m, cfg.global_batch_size);
+            report.train_log.push((st.step, log));
+            if let Some(d) = pause {
+                std::thread::sleep(d);
+            }
+            if let (true, Some(sig)) = (opts.handle_signals, crate::signals::requested()) {
+                // Mid-iteration checkpoint: the loader saves its position in
+                // the walk, so a resume continues with the next batch.
+                let c = st.checkpoint_contents(cfg, batches.state())?;
+                let path = ckpt.save(&c)?;
+                sinks.finish();
+                report.checkpoints.push(path);
+                report.stopped_by = Some(sig);
+                report.seconds = t0.elapsed().as_secs_f64();
+                return Ok(report);
+            }
+        }
+        st.iters_done = it + 1;
+        if !schedule.evaluates_after(it) {
+            continue;
+        }
+        let loader_state = train_ds.state().clone();
+        if let Some(test) = &test_ds {
+            let log = eval::evaluate_run(&st, test, &mut arc_evals, &dir, coll)?;
+            sinks.log(st.step, &log)?;
+            sinks.note(&eval::summary_line(st.step, &log));
+            report.eval_log.push((st.step, log));
+        }
+        if rank0 && (cfg.checkpoint_every_eval || it + 1 == schedule.total_iters) {
+            let c = st.checkpoint_contents(cfg, &loader_state)?;
+            let path = ckpt.save(&c)?;
+            sinks.note(&format!("checkpoint: {}", path.display()));
+            report.checkpoints.push(path);
+        }
+    }
+    sinks.finish();
+    report.seconds = t0.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// The train split and, when the data has one, the test split, both checked.
+fn open_datasets(
+    cfg: &RunConfig,
+    coll: &dyn Collective,
+) -> Result<(PuzzleDataset, Option<PuzzleDataset>)> {
+    let ds_cfg = |test: bool| PuzzleDatasetConfig {
+        seed: cfg.seed,
+        dataset_paths: if test && !cfg.data_paths_test.is_empty() {
+            cfg.data_paths_test.clone()
+        } else {
+            cfg.data_paths.clone()
+        },
+        global_batch_size: cfg.global_batch_size,
+        test_set_mode: test,
+        epochs_per_iter: if test { 1 } else { cfg.epochs_per_iter() },
+        rank: coll.rank(),
+        num_replicas: coll.world_size(),
+    };
+    let train_ds = PuzzleDataset::open(ds_cfg(false), Split::Train)?;
+    train_ds.validate()?;
+    // A dataset without a test split trains without evaluation, as the reference.
+    let test_cfg = ds_cfg(true);
+    let has_test = test_cfg
+        .dataset_paths
+        .iter()
+        .any(|p| p.join(Split::Test.dir_name()).join("dataset.json").exists());
+    let test_ds = if has_test {
+        let ds = PuzzleDataset::open(test_cfg, Split::Test)?;
+        ds.validate()?;
+        Some(ds)
+    } else {
+        None
+    };
+    Ok((train_ds, test_ds))
+}
+
+/// The K lists of the config's ARC evaluators (`arc@ARC` entries of
+/// `evaluators`): each one's `pass_Ks` option, else the reference's default.
+pub fn arc_pass_ks(cfg: &RunConfig) -> Vec<Vec<usize>> {
+    cfg.evaluators
+        .iter()
+        .map(|ev| {
+            ev.options
+                .get("pass_Ks")
+                .and_then(|v| v.as_sequence())
+                .map(|seq| {
+                    seq.iter()
+                        .filter_map(|k| k.as_u64())
+                        .map(|k| k as usize)
+                        .collect()
+                })
+                .unwrap_or_else(|| crate::eval::DEFAULT_PASS_KS.to_vec())
+        })
+        .collect()
+}
+
+/// `+load_checkpoint=PATH`: a checkpoint folder (its EMA weights when it has
+/// them, as the reference saves the EMA model) or a reference-named
+/// safetensors file. A puzzle-embedding table of another size is replaced by
+/// its mean row repeated, as the reference does.
+fn load_initial_weights(arch: &ArchConfig, path: &Path) -> Result<Weights> {
+    let mut map = checkpoint::load_weights_only(path)?;
+    if path.is_dir() {
+        let c = checkpoint::load(path)?;
+        if let Some(ema) = c.ema {
+            map.extend(ema);
+        }
+    }
+    let mut map: BTreeMap<String, Tensor> = map
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                crate::model::weights::strip_wrapper_prefixes(&k).to_string(),
+                v,
+            )
+        })
+        .collect();
+    if arch.puzzle_emb_ndim > 0 {
+        let want = [arch.num_puzzle_identifiers, arch.puzzle_emb_ndim];
+        if let Some(t) = map.get(PUZZLE_EMB) {
+            if t.shape != want && t.shape.len() == 2 && t.shape[1] == want[1] && t.shape[0] > 0 {
+                let nd = t.shape[1];
+                let mean = mean_row(&t.data, nd);
+                let mut data = Vec::with_capacity(want[0] * nd);
+                for _ in 0..want[0] {
+                    data.extend_from_slice(&mean);
+                }
+                eprintln!(
+                    "load_checkpoint: puzzle embedding {:?} resized to {:?} with its mean row",
+                    t.shape, want
+                );
+                map.insert(PUZZLE_EMB.into(), Tensor::new(&want, data));
+            }
+        }
+    }
+    Weights::from_tensors(arch, map).map_err(|e| TrainError::Resume {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+/// The mean row of a `[rows, nd]` table (accumulated in f64): what the
+/// reference fills a resized puzzle-embedding table with.
+pub fn mean_row(table: &[f32], nd: usize) -> Vec<f32> {
+    let rows = table.len() / nd.max(1);
+    let mut mean = vec![0.0f64; nd];
+    for row in table.chunks_exact(nd.max(1)) {
+        for (m, &x) in mean.iter_mut().zip(row) {
+            *m += x as f64;
+        }
+    }
+    mean.iter()
+        .map(|&x| (x / rows.max(1) as f64) as f32)
+        .collect()
+}

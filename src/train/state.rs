@@ -1,0 +1,171 @@
+//! The trainer's state and one training step through the engine.
+
+use std::path::PathBuf;
+
+use rand_chacha::ChaCha8Rng;
+
+use super::{Result, TrainError};
+use crate::config::{RunConfig, Schedule};
+use crate::data::loader::Batch as LoaderBatch;
+use crate::dist::Collective;
+use crate::loss::StepMetrics;
+use crate::model::act::{self, check_batch_shape, exploration_rng, reduce_metrics, Carry};
+use crate::model::config::ArchConfig;
+use crate::model::cpu::{CpuEngine, CpuEngineConfig};
+use crate::model::engine::{Engine, EngineError, OptimStep};
+use crate::model::layout::FlatLayout;
+use crate::model::trm::{Dims, Params};
+use crate::model::weights::Weights;
+use crate::optim::AdamAtan2Config;
+
+/// Model, optimisers, carry and counters: everything a checkpoint holds.
+/// The engine owns the weights, the optimiser states and the carry's hidden
+/// states; the host keeps the carry's slots and the exploration stream.
+pub struct TrainerState {
+    pub arch: ArchConfig,
+    pub layout: FlatLayout,
+    pub engine: CpuEngine,
+    pub carry: Carry,
+    pub(super) rng: ChaCha8Rng,
+    pub(super) rng_seed: u64,
+    pub step: u64,
+    /// Train/eval iterations completed.
+    pub iters_done: usize,
+    pub(super) dm: Dims,
+    pub(super) local_batch: usize,
+}
+
+impl TrainerState {
+    /// A fresh state: weights from `init` (seeded), or `weights` when given.
+    pub fn new(
+        cfg: &RunConfig,
+        arch: ArchConfig,
+        weights: Weights,
+        local_batch: usize,
+        rank: usize,
+    ) -> Result<TrainerState> {
+        let params = Params::<f32>::from_weights(&arch, &weights)?;
+        let engine = CpuEngine::new(
+            arch.clone(),
+            params,
+            local_batch,
+            CpuEngineConfig {
+                adam: AdamAtan2Config {
+                    beta1: cfg.beta1,
+                    beta2: cfg.beta2,
+                    weight_decay: cfg.weight_decay,
+                },
+                ema_rate: cfg.ema.then_some(cfg.ema_rate),
+                puzzle_emb_weight_decay: cfg.puzzle_emb_weight_decay,
+            },
+        );
+        let dm = engine.ctx().dm;
+        Ok(TrainerState {
+            layout: engine.layout().clone(),
+            engine,
+            carry: Carry::new(local_batch, dm.seq),
+            rng: exploration_rng(cfg.seed, rank),
+            rng_seed: cfg.seed,
+            step: 0,
+            iters_done: 0,
+            dm,
+            local_batch,
+            arch,
+        })
+    }
+
+    /// One training step on `batch` (spec sections 5-7). Returns the step's
+    /// metric sums (already reduced over ranks), or `None` past `total_steps`.
+    pub fn train_step(
+        &mut self,
+        cfg: &RunConfig,
+        schedule: &Schedule,
+        batch: &LoaderBatch,
+        coll: &dyn Collective,
+    ) -> Result<Option<StepMetrics>> {
+        self.step += 1;
+        if self.step > schedule.total_steps {
+            return Ok(None);
+        }
+        let dm = self.dm;
+        check_batch_shape(&dm, batch, "inputs")?;
+        // Halted slots take new samples and restart from H_init / L_init.
+        self.engine.reset_halted(&self.carry.halted);
+        self.carry.load_halted(batch);
+        for s in self.carry.steps.iter_mut() {
+            *s += 1;
+        }
+        let c = &self.carry;
+        let slots = crate::model::trm::Batch {
+            inputs: &c.inputs,
+            labels: &c.labels,
+            puzzle_ids: &c.puzzle_ids,
+            b: dm.b,
+        };
+        let r = act::act_step(
+            &mut self.engine,
+            &self.arch,
+            &slots,
+            &c.steps,
+            Some(&mut self.rng),
+        )?;
+        let lr = schedule.lr_at(self.step);
+        if !r.loss.loss.is_finite() {
+            return Err(TrainError::NonFinite {
+                step: self.step,
+                lm_loss: r.loss.lm_loss,
+                q_halt_loss: r.loss.q_halt_loss,
+                lr,
+            });
+        }
+        let q_halt: Vec<f32> = (0..dm.b).map(|b| r.q[b * 2]).collect();
+        let mut metrics = StepMetrics::from_step(
+            &r.loss,
+            &q_halt,
+            &r.halted,
+            &self.carry.steps,
+            r.has_q_continue,
+        );
+        self.carry.halted = r.halted;
+        // gradients of loss / global_batch_size, reduced over ranks
+        let update = OptimStep {
+            grad_scale: 1.0 / cfg.global_batch_size as f32,
+            lr,
+            puzzle_emb_lr: schedule.puzzle_emb_lr_at(self.step),
+            update_dense: !cfg.freeze_weights,
+        };
+        self.engine
+            .optimizer_step(&update, &self.carry.puzzle_ids, coll)
+            .map_err(engine_error)?;
+        reduce_metrics(&mut metrics, coll)?;
+        Ok(Some(metrics))
+    }
+
+    /// The live weights (a host copy).
+    pub fn params(&self) -> Params<f32> {
+        self.engine.params()
+    }
+
+    /// The weights evaluation uses: the EMA shadow when EMA is on (with the
+    /// live puzzle-embedding table), else the live weights.
+    pub fn eval_params(&self) -> Params<f32> {
+        self.engine.eval_params()
+    }
+
+    pub fn local_batch(&self) -> usize {
+        self.local_batch
+    }
+}
+
+/// An engine error as the trainer's (a state mismatch is a bad resume).
+pub(super) fn engine_error(e: EngineError) -> TrainError {
+    match e {
+        EngineError::Model(e) => TrainError::Model(e),
+        EngineError::Optim(e) => TrainError::Optim(e),
+        EngineError::Collective(e) => TrainError::Collective(e),
+        EngineError::State(reason) => TrainError::Resume {
+            path: PathBuf::new(),
+            reason,
+        },
+    }
+}
