@@ -806,7 +806,16 @@ fn shared_memory_opt_in(dev: &Dev) {
         "{e}"
     );
     // Static memory counts too: stablemax_ce_forward has block_sum's
-    // partials, so the whole maximum as dynamic memory is too much.
+    // partials, so the whole maximum as dynamic memory is too much. The sizes
+    // come from the nvcc build's ptxas report: without nvcc there is none.
+    if !trm::backend::cuda::kernels_compiled() {
+        assert!(
+            std::env::var("TRM_REQUIRE_KERNELS").map_or(true, |v| v != "1"),
+            "TRM_REQUIRE_KERNELS=1 but this build has no CUDA kernels"
+        );
+        eprintln!("no nvcc build: the static shared-memory part was not run");
+        return;
+    }
     let stat = trm::backend::cuda::ptxas_report()
         .unwrap()
         .into_iter()
