@@ -125,9 +125,14 @@ write_results() {
   ((COMPLETE)) || outcome="PARTIAL (stopped early: ${STOP_REASON:-unexpected exit}); $outcome so far"
   gpu=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -n 1 || true)
   cpu=$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2 | sed 's/^ //' || true)
-  commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-  if [[ -n "$(git status --porcelain 2>/dev/null | head -n 1)" ]]; then commit="$commit (with uncommitted changes)"; fi
-  [[ $mode != prebuilt || ! -f "$dir/manifest" ]] || commit="$commit; binaries built at $(sed -n 2p "$dir/manifest")"
+  if [[ $mode == prebuilt && -f "$dir/manifest" ]]; then
+    # The device's copy of the tree may carry a stale .git: the commit the
+    # binaries were built at is the one that counts.
+    commit="$(sed -n 2p "$dir/manifest") (binaries built there by --prepare)"
+  else
+    commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+    if [[ -n "$(git status --porcelain 2>/dev/null | head -n 1)" ]]; then commit="$commit (with uncommitted changes)"; fi
+  fi
   mkdir -p "$(dirname "$RESULTS")"
   {
     echo "# GPU check ($DATE)"
