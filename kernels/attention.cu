@@ -53,6 +53,7 @@
 // Grids are 1-D: block = (sample * H + head) * tiles + tile, so the tiles of
 // one head run next to each other and share its K/V (or Q/dO) in L2.
 #include "common.cuh"
+#include "rope.cuh"
 
 namespace {
 
@@ -180,24 +181,7 @@ static __device__ __forceinline__ void tile_rotate(bf16* t, const float* cos, co
         const int pos = row0 + r;
         if (pos >= S) continue;
         bf16* x = t + r * Row<HD>::LD;
-        const float* c = cos + (long)r * HD;
-        const float* s = sin + (long)r * HD;
-        const Pack128<bf16> x1 = load128(x + i), x2 = load128(x + i + HALF);
-        Pack128<bf16> o1, o2;
-#pragma unroll
-        for (int part = 0; part < 2; part++) {
-            const int k0 = part * 4;
-            const Pack128<float> c1 = load128(c + i + k0), c2 = load128(c + i + HALF + k0);
-            const Pack128<float> s1 = load128(s + i + k0), s2 = load128(s + i + HALF + k0);
-#pragma unroll
-            for (int k = 0; k < 4; k++) {
-                const float a1 = to_f32(x1.v[k0 + k]), a2 = to_f32(x2.v[k0 + k]);
-                o1.v[k0 + k] = to_bf16(a1 * c1.v[k] - a2 * s1.v[k]);
-                o2.v[k0 + k] = to_bf16(a2 * c2.v[k] + a1 * s2.v[k]);
-            }
-        }
-        store128(x + i, o1);
-        store128(x + i + HALF, o2);
+        rope_rotate_pack8(x, cos + (long)r * HD, sin + (long)r * HD, i, HALF, false);
     }
 }
 
@@ -334,8 +318,7 @@ static __device__ __forceinline__ void store_rotated_grad(float acc[HD / 8][4], 
                 const int i = ot * 8 + 2 * t + e;  // column in the first half; partner i + HD / 2
                 const float g1 = acc[ot][2 * half + e] * scale;
                 const float g2 = acc[ot + HALF_T][2 * half + e] * scale;
-                r1[e] = g1 * c[i] + g2 * s[i + HD / 2];
-                r2[e] = g2 * c[i + HD / 2] - g1 * s[i];
+                rope_rotate(g1, g2, c[i], c[i + HD / 2], s[i], s[i + HD / 2], true, &r1[e], &r2[e]);
             }
             const int i0 = ot * 8 + 2 * t;
             *reinterpret_cast<uint32_t*>(row + i0) = pack_bf16x2(r1[0], r1[1]);

@@ -12,19 +12,7 @@
 // f32 packs too), else one pair per step. f32 math, one bf16 rounding per
 // output (the reference rotates in f32 and casts back). Each pair is read and
 // written by one thread, so in place is safe; v heads are never touched.
-#include "common.cuh"
-
-// Rotates one pair; `transpose` selects the backward.
-static __device__ __forceinline__ void rotate(float x1, float x2, float c1, float c2, float s1, float s2,
-                                              bool transpose, float* o1, float* o2) {
-    if (transpose) {
-        *o1 = x1 * c1 + x2 * s2;
-        *o2 = x2 * c2 - x1 * s1;
-    } else {
-        *o1 = x1 * c1 - x2 * s1;
-        *o2 = x2 * c2 + x1 * s2;
-    }
-}
+#include "rope.cuh"
 
 static __device__ void rope_apply(const RopeArgs& a, bool transpose) {
     const long h = a.d / 2;
@@ -42,24 +30,7 @@ static __device__ void rope_apply(const RopeArgs& a, bool transpose) {
             bf16* x = a.qkv + token * width + head * a.d;
             const float* c = a.cos + pos * a.d;
             const float* s = a.sin + pos * a.d;
-            const Pack128<bf16> x1 = load128(x + i), x2 = load128(x + i + h);
-            Pack128<bf16> o1, o2;
-#pragma unroll
-            for (int part = 0; part < 2; part++) {
-                const int k0 = part * 4;
-                const Pack128<float> c1 = load128(c + i + k0), c2 = load128(c + i + h + k0);
-                const Pack128<float> s1 = load128(s + i + k0), s2 = load128(s + i + h + k0);
-#pragma unroll
-                for (int k = 0; k < 4; k++) {
-                    float r1, r2;
-                    rotate(to_f32(x1.v[k0 + k]), to_f32(x2.v[k0 + k]), c1.v[k], c2.v[k], s1.v[k], s2.v[k],
-                           transpose, &r1, &r2);
-                    o1.v[k0 + k] = to_bf16(r1);
-                    o2.v[k0 + k] = to_bf16(r2);
-                }
-            }
-            store128(x + i, o1);
-            store128(x + i + h, o2);
+            rope_rotate_pack8(x, c, s, i, h, transpose);
         }
     } else {
         const long total = a.tokens * heads * h;
@@ -72,7 +43,7 @@ static __device__ void rope_apply(const RopeArgs& a, bool transpose) {
             const float* c = a.cos + pos * a.d;
             const float* s = a.sin + pos * a.d;
             float r1, r2;
-            rotate(to_f32(x[i]), to_f32(x[i + h]), c[i], c[i + h], s[i], s[i + h], transpose, &r1, &r2);
+            rope_rotate(to_f32(x[i]), to_f32(x[i + h]), c[i], c[i + h], s[i], s[i + h], transpose, &r1, &r2);
             x[i] = to_bf16(r1);
             x[i + h] = to_bf16(r2);
         }
