@@ -17,7 +17,8 @@
 #      (tools/bench_attention_torch.py);
 #   7. runs the other tests of EMU_SUITES on the CPU emulator (and, locally,
 #      BUILD_SUITES);
-#   8. writes bench/results/gpu-check-<date>.md and, when $OUT names a folder,
+#   8. writes bench/results/gpu-check-<date>.md (-no-gpu.md, git-ignored, where
+#      nvidia-smi lists no GPU) and, when $OUT names a folder,
 #      copies it, the logs (gpu-check-logs.tar.gz) and the baseline's JSON
 #      there, even when the check stops early (the results then say partial),
 #      and prints a summary table last.
@@ -484,6 +485,8 @@ setup_libraries
 # GPU is the worst outcome there); locally when nvidia-smi lists a GPU.
 REQUIRE_GPU=0
 if [[ $mode == prebuilt ]] || nvidia-smi -L 2>/dev/null | grep -q '^GPU '; then REQUIRE_GPU=1; fi
+# A run where nvidia-smi lists no GPU never replaces the day's GPU results.
+nvidia-smi -L 2>/dev/null | grep -q '^GPU ' || RESULTS="bench/results/gpu-check-$DATE-no-gpu.md"
 # Plain nvidia-smi only reads state.
 if command -v nvidia-smi >/dev/null 2>&1; then
   SMI=$(timeout 30 nvidia-smi 2>&1 || true)
