@@ -350,10 +350,10 @@ pub fn evaluate_with(
 }
 
 /// The CPU engine's evaluation network over borrowed f32 weights.
-struct CpuEval<'a> {
-    ctx: &'a Ctx<f32>,
-    arch: &'a ArchConfig,
-    params: &'a Params<f32>,
+pub struct CpuEval<'a> {
+    pub ctx: &'a Ctx<f32>,
+    pub arch: &'a ArchConfig,
+    pub params: &'a Params<f32>,
 }
 
 impl EvalNet for CpuEval<'_> {

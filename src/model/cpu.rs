@@ -4,20 +4,14 @@
 //! what the trainer did before the seam existed, in the same order.
 
 use crate::dist::Collective;
+use crate::model::act::CpuEval;
 use crate::model::config::ArchConfig;
-use crate::model::engine::{ActNet, Engine, EngineError, EngineState, OptimStep};
+use crate::model::engine::{
+    ActNet, Engine, EngineConfig, EngineError, EngineState, EvalNet, OptimStep, StepTrace,
+};
 use crate::model::layout::FlatLayout;
 use crate::model::trm::{Batch, Ctx, LossOut, Params, StepState, TrmError};
-use crate::optim::{AdamAtan2, AdamAtan2Config, Ema, SparseSignSgd};
-
-/// How the CPU engine's optimisers are set up (from the run config).
-#[derive(Debug, Clone, Copy)]
-pub struct CpuEngineConfig {
-    pub adam: AdamAtan2Config,
-    /// `Some(rate)`: keep an EMA shadow of the dense weights.
-    pub ema_rate: Option<f64>,
-    pub puzzle_emb_weight_decay: f64,
-}
+use crate::optim::{AdamAtan2, Ema, SparseSignSgd};
 
 /// Weights, optimiser states and the carry's hidden states, all f32 on the
 /// host. The dense master weights live in one flat buffer (`master`); the
@@ -42,7 +36,7 @@ impl CpuEngine {
         arch: ArchConfig,
         params: Params<f32>,
         local_batch: usize,
-        cfg: CpuEngineConfig,
+        cfg: EngineConfig,
     ) -> CpuEngine {
         let layout = FlatLayout::new(&arch);
         let master = layout.flatten(&params);
@@ -95,7 +89,37 @@ impl ActNet<f32> for CpuEngine {
     }
 }
 
+impl EvalNet for CpuEngine {
+    fn eval_steps(
+        &mut self,
+        batch: &Batch<'_>,
+        n: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>), TrmError> {
+        let params = self.eval_params();
+        let mut net = CpuEval {
+            ctx: &self.ctx,
+            arch: &self.arch,
+            params: &params,
+        };
+        net.eval_steps(batch, n)
+    }
+}
+
 impl Engine for CpuEngine {
+    fn device_name(&self) -> String {
+        "cpu".into()
+    }
+
+    fn step_trace(&self) -> Result<StepTrace, EngineError> {
+        let grads = self.state.grads.clone().ok_or(TrmError::StepOrder)?;
+        Ok(StepTrace {
+            logits: self.state.logits.clone(),
+            z_h: self.state.z_h.clone(),
+            z_l: self.state.z_l.clone(),
+            grads,
+        })
+    }
+
     fn reset_halted(&mut self, halted: &[bool]) {
         let (s, d) = (self.ctx.dm.s, self.ctx.dm.d);
         for (b, _) in halted.iter().enumerate().filter(|(_, &h)| h) {

@@ -12,7 +12,8 @@
 
 use crate::backend::cpu::Real;
 use crate::dist::{Collective, CollectiveError};
-use crate::model::trm::{Batch, LossOut, Params, TrmError};
+use crate::model::trm::{Batch, Grads, LossOut, Params, TrmError};
+use crate::optim::AdamAtan2Config;
 use crate::optim::OptimError;
 
 /// The network part of one ACT step, as [`crate::model::act::act_step`]
@@ -46,6 +47,28 @@ pub trait EvalNet {
     /// logits `[B, 2]`.
     fn eval_steps(&mut self, batch: &Batch<'_>, n: usize)
         -> Result<(Vec<f32>, Vec<f32>), TrmError>;
+}
+
+/// How an engine's optimisers are set up (from the run config).
+#[derive(Debug, Clone, Copy)]
+pub struct EngineConfig {
+    pub adam: AdamAtan2Config,
+    /// `Some(rate)`: keep an EMA shadow of the dense weights.
+    pub ema_rate: Option<f64>,
+    pub puzzle_emb_weight_decay: f64,
+}
+
+/// What the last [`ActNet::loss_and_backward`] produced, on the host: for
+/// `trm step-dump` and the parity tests, never on the training path.
+#[derive(Debug, Clone)]
+pub struct StepTrace {
+    /// `[B, seq_len, V]`
+    pub logits: Vec<f32>,
+    /// The new carry `[B, S, D]`.
+    pub z_h: Vec<f32>,
+    pub z_l: Vec<f32>,
+    /// Unscaled gradients of the summed loss.
+    pub grads: Grads<f32>,
 }
 
 /// The learning rates and scale of one optimiser update.
@@ -88,14 +111,24 @@ pub enum EngineError {
     Optim(#[from] OptimError),
     #[error(transparent)]
     Collective(#[from] CollectiveError),
+    #[error(transparent)]
+    Cuda(#[from] crate::backend::cuda::CudaError),
     /// A state to import that does not fit this engine.
     #[error("{0}")]
     State(String),
 }
 
 /// A training engine: the ACT step's network plus the optimisers, the
-/// weights and the carry's hidden states, all owned by the engine.
-pub trait Engine: ActNet<f32> {
+/// weights and the carry's hidden states, all owned by the engine. Its
+/// [`EvalNet`] evaluates with [`Engine::eval_params`]'s weights and a carry
+/// of its own (the training carry is left as it was).
+pub trait Engine: ActNet<f32> + EvalNet {
+    /// Where it runs, for the start-up line (e.g. `cpu`, `cuda:0 (NVIDIA H200)`).
+    fn device_name(&self) -> String;
+
+    /// The last backward's outputs on the host (see [`StepTrace`]).
+    fn step_trace(&self) -> Result<StepTrace, EngineError>;
+
     /// Restarts the hidden state of every slot whose `halted` flag is set
     /// from `H_init` / `L_init` (before the host loads new samples there).
     fn reset_halted(&mut self, halted: &[bool]);

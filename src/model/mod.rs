@@ -6,6 +6,7 @@ pub mod act;
 pub mod config;
 pub mod cpu;
 pub mod engine;
+pub mod gpu;
 pub mod layout;
 pub mod pool;
 pub mod safetensors_io;

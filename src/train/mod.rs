@@ -75,6 +75,8 @@ pub enum TrainError {
     #[error(transparent)]
     Collective(#[from] crate::dist::CollectiveError),
     #[error(transparent)]
+    Cuda(#[from] crate::backend::cuda::CudaError),
+    #[error(transparent)]
     Folder(#[from] crate::run_folder::FolderError),
     #[error(
         "this run would train 0 steps: the dataset gives {batches} full batches of \

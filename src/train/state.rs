@@ -11,8 +11,8 @@ use crate::dist::Collective;
 use crate::loss::StepMetrics;
 use crate::model::act::{self, check_batch_shape, exploration_rng, reduce_metrics, Carry};
 use crate::model::config::ArchConfig;
-use crate::model::cpu::{CpuEngine, CpuEngineConfig};
-use crate::model::engine::{Engine, EngineError, OptimStep};
+use crate::model::cpu::CpuEngine;
+use crate::model::engine::{Engine, EngineConfig, EngineError, OptimStep};
 use crate::model::layout::FlatLayout;
 use crate::model::trm::{Dims, Params};
 use crate::model::weights::Weights;
@@ -49,7 +49,7 @@ impl TrainerState {
             arch.clone(),
             params,
             local_batch,
-            CpuEngineConfig {
+            EngineConfig {
                 adam: AdamAtan2Config {
                     beta1: cfg.beta1,
                     beta2: cfg.beta2,
@@ -163,6 +163,7 @@ pub(super) fn engine_error(e: EngineError) -> TrainError {
         EngineError::Model(e) => TrainError::Model(e),
         EngineError::Optim(e) => TrainError::Optim(e),
         EngineError::Collective(e) => TrainError::Collective(e),
+        EngineError::Cuda(e) => TrainError::Cuda(e),
         EngineError::State(reason) => TrainError::Resume {
             path: PathBuf::new(),
             reason,
