@@ -280,3 +280,31 @@ struct AttentionBackwardArgs {
     int32_t d;              // 32, 64 or 128: must match the kernel's
     float scale;            // 1 / sqrt(d)
 };
+
+// ---------------------------------------------------------------------------
+// elementwise.cu
+
+// y = bf16(a + b) for i < n; y may alias a or b.
+struct AddBf16Args {
+    bf16* y;
+    const bf16* a;
+    const bf16* b;
+    int64_t n;
+};
+
+// y[i] *= s for i < n.
+struct ScaleF32Args {
+    float* y;
+    float s;
+    int64_t n;
+};
+
+// z[b, s, :] = init for every sample b with halted[b] != 0.
+struct CarryResetArgs {
+    bf16* z;              // [B, S, D]
+    const bf16* init;     // [D]
+    const int32_t* halted; // [B] 0 or 1
+    int32_t B;
+    int32_t S;
+    int32_t D;
+};

@@ -69,6 +69,9 @@ pub enum TrmError {
     #[error("trm: batch size must be at least 1")]
     EmptyBatch,
     /// An engine's step calls came out of order (a bug, not a user error).
+    /// The device an engine runs on failed (a CUDA or emulator error).
+    #[error("trm: device: {0}")]
+    Device(String),
     #[error("trm: engine step calls out of order: inner_step must come before the bootstrap, the loss and the optimiser")]
     StepOrder,
 }
@@ -355,6 +358,17 @@ impl<T: Real> Grads<T> {
             DenseSlot::QW => &self.q_w,
             DenseSlot::QB => &self.q_b,
             DenseSlot::Layer(i, k) => layer_part(self.layers.get(i)?, k),
+        })
+    }
+
+    /// Mutable [`Grads::dense`].
+    pub fn dense_mut(&mut self, name: &str) -> Option<&mut Vec<T>> {
+        Some(match dense_slot(name)? {
+            DenseSlot::Embed => &mut self.embed,
+            DenseSlot::LmHead => &mut self.lm_head,
+            DenseSlot::QW => &mut self.q_w,
+            DenseSlot::QB => &mut self.q_b,
+            DenseSlot::Layer(i, k) => layer_part_mut(self.layers.get_mut(i)?, k),
         })
     }
 }
@@ -1029,7 +1043,35 @@ pub fn act_loss<T: Real>(
     let seq_correct: Vec<bool> = (0..b).map(|i| correct[i] == counts[i]).collect();
     let mut dlogits = vec![T::zero(); b * seq * v];
     stablemax_ce_backward(&mut dlogits, &weights, logits, labels, v);
-    // BCE terms in the logits' precision, summed in it (as the reference).
+    let (q_halt_loss, q_continue_loss, dq) = q_head_loss(q, &seq_correct, target_q_continue);
+    let loss = lm_loss + 0.5 * (q_halt_loss + q_continue_loss);
+    (
+        LossOut {
+            loss,
+            lm_loss,
+            q_halt_loss,
+            q_continue_loss,
+            counts,
+            seq_correct,
+            correct,
+        },
+        dlogits,
+        dq,
+    )
+}
+
+/// The Q head's share of the ACT loss (spec section 6), for every engine:
+/// `q_halt_loss = sum_b BCE(q_halt_b, seq_correct_b)`, `q_continue_loss =
+/// sum_b BCE(q_continue_b, target_b)` when targets are given, and the
+/// gradient of `0.5 (q_halt_loss + q_continue_loss)` w.r.t. `q` [B, 2].
+/// The BCE terms are in the logits' precision and summed in it, as the
+/// reference does.
+pub fn q_head_loss<T: Real>(
+    q: &[T],
+    seq_correct: &[bool],
+    target_q_continue: Option<&[f64]>,
+) -> (f64, f64, Vec<T>) {
+    let b = seq_correct.len();
     let mut q_halt_sum = T::zero();
     let mut q_continue_sum = T::zero();
     let half = T::of(0.5);
@@ -1045,21 +1087,7 @@ pub fn act_loss<T: Real>(
             dq[bi * 2 + 1] = half * bce_with_logits_backward(xc, t);
         }
     }
-    let (q_halt_loss, q_continue_loss) = (q_halt_sum.f64(), q_continue_sum.f64());
-    let loss = lm_loss + 0.5 * (q_halt_loss + q_continue_loss);
-    (
-        LossOut {
-            loss,
-            lm_loss,
-            q_halt_loss,
-            q_continue_loss,
-            counts,
-            seq_correct,
-            correct,
-        },
-        dlogits,
-        dq,
-    )
+    (q_halt_sum.f64(), q_continue_sum.f64(), dq)
 }
 
 // ---------------------------------------------------------------------------

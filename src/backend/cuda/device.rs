@@ -147,6 +147,72 @@ impl Device {
         }
     }
 
+    /// Copies `src` into `buf` from element `offset` on.
+    pub fn write_at<T: Elem>(
+        &self,
+        buf: &Buffer<T>,
+        offset: usize,
+        src: &[T],
+    ) -> Result<(), CudaError> {
+        match self {
+            Device::Gpu(g) => g.write_at(buf, offset, src),
+            #[cfg(feature = "emu")]
+            Device::Emu => {
+                let r = host_range("write_at", buf, offset, src.len())?;
+                self.host_of(buf)?[r].copy_from_slice(src);
+                Ok(())
+            }
+        }
+    }
+
+    /// Elements `offset..offset + len` of `buf`, once the work before is done.
+    pub fn download_range<T: Elem>(
+        &self,
+        buf: &Buffer<T>,
+        offset: usize,
+        len: usize,
+    ) -> Result<Vec<T>, CudaError> {
+        match self {
+            Device::Gpu(g) => g.download_range(buf, offset, len),
+            #[cfg(feature = "emu")]
+            Device::Emu => {
+                let r = host_range("download_range", buf, offset, len)?;
+                Ok(self.host_of(buf)?[r].to_vec())
+            }
+        }
+    }
+
+    /// Copies `len` elements of `src` from `src_offset` into `dst` at
+    /// `dst_offset` (in launch order; the ranges must not overlap).
+    pub fn copy<T: Elem>(
+        &self,
+        dst: (&Buffer<T>, usize),
+        src: (&Buffer<T>, usize),
+        len: usize,
+    ) -> Result<(), CudaError> {
+        match self {
+            Device::Gpu(g) => g.copy(dst, src, len),
+            #[cfg(feature = "emu")]
+            Device::Emu => {
+                let rs = host_range("copy: source", src.0, src.1, len)?;
+                let rd = host_range("copy: destination", dst.0, dst.1, len)?;
+                let part = self.host_of(src.0)?[rs].to_vec();
+                self.host_of(dst.0)?[rd].copy_from_slice(&part);
+                Ok(())
+            }
+        }
+    }
+
+    /// Free and total bytes of device memory (the host's view of the
+    /// emulator: no limit is known, so both are `usize::MAX`).
+    pub fn memory_info(&self) -> Result<(usize, usize), CudaError> {
+        match self {
+            Device::Gpu(g) => g.memory_info(),
+            #[cfg(feature = "emu")]
+            Device::Emu => Ok((usize::MAX, usize::MAX)),
+        }
+    }
+
     /// Sets every element of `buf` to zero.
     pub fn zero<T: Elem>(&self, buf: &Buffer<T>) -> Result<(), CudaError> {
         match self {
@@ -221,6 +287,21 @@ impl Device {
             Device::Emu => 132,
         }
     }
+}
+
+/// `offset..offset + len`, checked against the buffer's length.
+#[cfg(feature = "emu")]
+fn host_range<T: Elem>(
+    what: &str,
+    buf: &Buffer<T>,
+    offset: usize,
+    len: usize,
+) -> Result<std::ops::Range<usize>, CudaError> {
+    let end = offset
+        .checked_add(len)
+        .ok_or_else(|| CudaError::Shape(format!("{what}: range overflows")))?;
+    buf.check_len(what, end)?;
+    Ok(offset..end)
 }
 
 #[cfg(all(test, feature = "emu"))]

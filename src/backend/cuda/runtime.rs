@@ -486,6 +486,81 @@ impl Gpu {
         Ok(host)
     }
 
+    /// Copies `src` into `buf` from element `offset` on.
+    pub fn write_at<T: Elem>(
+        &self,
+        buf: &Buffer<T>,
+        offset: usize,
+        src: &[T],
+    ) -> Result<(), CudaError> {
+        self.slice_of(buf)?;
+        let dst = range_start("write_at", buf, offset, src.len())?;
+        if src.is_empty() {
+            return Ok(());
+        }
+        self.state.bind()?;
+        // SAFETY: the range lies inside the allocation (checked); ordered on
+        // this handle's stream; pageable `src` is staged before returning.
+        unsafe { result::memcpy_htod_async(dst, src, self.stream.0.cu_stream()) }
+            .map_err(|e| CudaError::driver("host to device copy", e))
+    }
+
+    /// Elements `offset..offset + len` of `buf` (waits for the stream first).
+    pub fn download_range<T: Elem>(
+        &self,
+        buf: &Buffer<T>,
+        offset: usize,
+        len: usize,
+    ) -> Result<Vec<T>, CudaError> {
+        self.slice_of(buf)?;
+        let src = range_start("download_range", buf, offset, len)?;
+        self.synchronize()?;
+        let mut host = vec![T::default(); len];
+        if len > 0 {
+            self.state.bind()?;
+            // SAFETY: `host` and the checked range both hold `len` elements.
+            unsafe { result::memcpy_dtoh_async(&mut host[..], src, self.stream.0.cu_stream()) }
+                .map_err(|e| CudaError::driver("device to host copy", e))?;
+            self.synchronize()?;
+        }
+        Ok(host)
+    }
+
+    /// Copies `len` elements of `src` from `src_offset` into `dst` at
+    /// `dst_offset` (stream-ordered; the ranges must not overlap).
+    pub fn copy<T: Elem>(
+        &self,
+        (dst, dst_offset): (&Buffer<T>, usize),
+        (src, src_offset): (&Buffer<T>, usize),
+        len: usize,
+    ) -> Result<(), CudaError> {
+        self.slice_of(dst)?;
+        self.slice_of(src)?;
+        let d = range_start("copy: destination", dst, dst_offset, len)?;
+        let s = range_start("copy: source", src, src_offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.state.bind()?;
+        // SAFETY: both ranges lie inside their allocations (checked), both
+        // buffers belong to this handle's stream.
+        unsafe {
+            result::memcpy_dtod_async(
+                d,
+                s,
+                len * std::mem::size_of::<T>(),
+                self.stream.0.cu_stream(),
+            )
+        }
+        .map_err(|e| CudaError::driver("device to device copy", e))
+    }
+
+    /// Free and total bytes of this device's memory.
+    pub fn memory_info(&self) -> Result<(usize, usize), CudaError> {
+        self.state.bind()?;
+        result::mem_get_info().map_err(|e| CudaError::driver("cuMemGetInfo", e))
+    }
+
     /// Sets every byte of `buf` to zero (stream-ordered).
     pub fn zero<T: Elem>(&self, buf: &Buffer<T>) -> Result<(), CudaError> {
         self.zero_prefix(buf, buf.len)
@@ -681,4 +756,19 @@ impl Drop for Gpu {
         // and the context stay for other handles. Errors have nowhere to go.
         let _ = self.stream.0.synchronize();
     }
+}
+
+/// The device address of element `offset` of `buf`, after checking that
+/// `offset..offset + len` lies inside it.
+fn range_start<T: Elem>(
+    what: &str,
+    buf: &Buffer<T>,
+    offset: usize,
+    len: usize,
+) -> Result<u64, CudaError> {
+    let end = offset
+        .checked_add(len)
+        .ok_or_else(|| CudaError::Shape(format!("{what}: range overflows")))?;
+    buf.check_len(what, end)?;
+    Ok(buf.ptr() as usize as u64 + (offset * std::mem::size_of::<T>()) as u64)
 }
