@@ -23,7 +23,7 @@
 use std::time::Instant;
 
 use half::bf16;
-use trm::backend::cuda::{gemm, ops, CudaError, Device, GemmOut};
+use trm::backend::cuda::{gemm, ops, CudaError, Device, GemmOut, MatRef};
 
 const PEAK_GBS: f64 = 4300.0;
 const PEAK_TFLOPS: f64 = 790.0;
@@ -280,7 +280,13 @@ fn run(dev: &Device, z: &Sizes) -> Result<(), CudaError> {
         let yo = dev.zeros::<bf16>(gm * gn)?;
         let flops = 2.0 * (gm * gk * gn) as f64;
         let t = time(dev, z.reps, || {
-            gemm::linear_forward(dev, GemmOut::Bf16(&yo), &xa, &wb, gm, gk, gn, false)
+            gemm::linear_forward(
+                dev,
+                GemmOut::Bf16(MatRef::new(&yo, gm, gn)),
+                MatRef::new(&xa, gm, gk),
+                MatRef::new(&wb, gn, gk),
+                false,
+            )
         })?;
         report(
             &format!("linear_forward {gm}x{gk}x{gn} -> bf16"),
@@ -290,7 +296,13 @@ fn run(dev: &Device, z: &Sizes) -> Result<(), CudaError> {
         let dy = dev.upload(&vec![bf16::from_f32(0.5); gm * gn])?;
         let dw = dev.zeros::<f32>(gn * gk)?;
         let t = time(dev, z.reps, || {
-            gemm::linear_backward_weight(dev, GemmOut::F32(&dw), &dy, &xa, gm, gk, gn, true)
+            gemm::linear_backward_weight(
+                dev,
+                GemmOut::F32(MatRef::new(&dw, gn, gk)),
+                MatRef::new(&dy, gm, gn),
+                MatRef::new(&xa, gm, gk),
+                true,
+            )
         })?;
         report(
             &format!("linear_backward_weight {gm}x{gk}x{gn} += f32"),
@@ -298,7 +310,13 @@ fn run(dev: &Device, z: &Sizes) -> Result<(), CudaError> {
             Work::Flops(flops),
         );
         let t = time(dev, z.reps, || {
-            gemm::linear_backward_input(dev, GemmOut::Bf16(&xa), &dy, &wb, gm, gk, gn, false)
+            gemm::linear_backward_input(
+                dev,
+                GemmOut::Bf16(MatRef::new(&xa, gm, gk)),
+                MatRef::new(&dy, gm, gn),
+                MatRef::new(&wb, gn, gk),
+                false,
+            )
         })?;
         report(
             &format!("linear_backward_input {gm}x{gk}x{gn} -> bf16"),

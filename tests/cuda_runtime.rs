@@ -1,5 +1,5 @@
 //! The CUDA runtime: the probe and its errors, the typed launchers of
-//! `backend::cuda::ops` (one per kernel) and the linear-layer GEMMs of
+//! `backend::cuda::ops` (one per kernel) and the GEMMs on strided views of
 //! `backend::cuda::gemm`, each on the emulator target always and on GPU 0
 //! when there is one (`tests/device`).
 //!
@@ -15,7 +15,7 @@ use half::bf16;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use trm::backend::cpu::{embedding, rmsnorm, rope, stablemax_ce, swiglu};
-use trm::backend::cuda::{gemm, ops, runtime, CudaError, Device, GemmOut};
+use trm::backend::cuda::{gemm, ops, runtime, Buffer, CudaError, Device, Elem, GemmOut, MatRef};
 
 mod device;
 use device::{rng, to_bf16, to_f32, uniform, Dev};
@@ -107,7 +107,14 @@ fn launchers_reject_short_buffers() {
         matches!(&e, CudaError::Shape(m) if m.contains("rmsnorm_forward: y")),
         "{e}"
     );
-    let e = gemm::linear_forward(&dev, GemmOut::Bf16(&y), &x, &x, 3, 5, 3, false).unwrap_err();
+    let e = gemm::linear_forward(
+        &dev,
+        GemmOut::Bf16(MatRef::new(&y, 3, 3)),
+        MatRef::new(&x, 3, 5),
+        MatRef::new(&x, 3, 5),
+        false,
+    )
+    .unwrap_err();
     assert!(
         matches!(&e, CudaError::Shape(m) if m.contains("linear_forward")),
         "{e}"
@@ -555,6 +562,35 @@ fn assert_gemm(
     }
 }
 
+/// The expected output of a GEMM whose output view started at `init`:
+/// `(want, abs, round_base)` for [`assert_gemm`], from the product's `want`
+/// and `abs`.
+fn expected(
+    want: &[f64],
+    abs: &[f64],
+    init: &[f32],
+    accumulate: bool,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    if !accumulate {
+        let base = want.iter().map(|w| w.abs()).collect();
+        return (want.to_vec(), abs.to_vec(), base);
+    }
+    // Accumulating into a bf16 output, cuBLASLt on the H200 (13.1) may round
+    // the product to bf16 before adding C (seen: 0.87 ulp off): two
+    // roundings, of A B and of D.
+    (
+        want.iter().zip(init).map(|(w, &c)| w + c as f64).collect(),
+        abs.iter()
+            .zip(init)
+            .map(|(a, &c)| a + (c as f64).abs())
+            .collect(),
+        want.iter()
+            .zip(init)
+            .map(|(w, &c)| w.abs() + (w + c as f64).abs())
+            .collect(),
+    )
+}
+
 fn gemm_layouts(dev: &Dev) {
     let d = dev.device();
     let mut r = rng(18);
@@ -566,6 +602,11 @@ fn gemm_layouts(dev: &Dev) {
             dev.upload(&to_bf16(&x)),
             dev.upload(&to_bf16(&w)),
             dev.upload(&to_bf16(&dy)),
+        );
+        let (xm, wm, dym) = (
+            MatRef::new(&xb, m, k),
+            MatRef::new(&wb, n, k),
+            MatRef::new(&dyb, m, n),
         );
         let xv = |i: usize, j: usize| x[i * k + j] as f64;
         let wv = |i: usize, j: usize| w[i * k + j] as f64;
@@ -579,55 +620,39 @@ fn gemm_layouts(dev: &Dev) {
         for bf16_out in [false, true] {
             let run =
                 |name: &str,
-                 len: usize,
+                 (rows, cols): (usize, usize),
                  want: &[f64],
                  abs: &[f64],
                  call: &dyn Fn(GemmOut<'_>, bool) -> Result<(), CudaError>| {
+                    let len = rows * cols;
                     let init = uniform(&mut rng(len as u64), len, 1.0);
                     let init = to_f32(&to_bf16(&init));
                     for accumulate in [false, true] {
                         let what =
                             format!("{name} {shape} bf16 out {bf16_out} accumulate {accumulate}");
-                        // Accumulating into a bf16 output, cuBLASLt on the H200
-                        // (13.1) may round the product to bf16 before adding C
-                        // (seen: 0.87 ulp off): two roundings, of A B and of D.
-                        let (want, abs, round_base): (Vec<f64>, Vec<f64>, Vec<f64>) = if accumulate
-                        {
-                            (
-                                want.iter().zip(&init).map(|(w, &c)| w + c as f64).collect(),
-                                abs.iter()
-                                    .zip(&init)
-                                    .map(|(a, &c)| a + (c as f64).abs())
-                                    .collect(),
-                                want.iter()
-                                    .zip(&init)
-                                    .map(|(w, &c)| w.abs() + (w + c as f64).abs())
-                                    .collect(),
-                            )
-                        } else {
-                            let base = want.iter().map(|w| w.abs()).collect();
-                            (want.to_vec(), abs.to_vec(), base)
-                        };
+                        let (want, abs, round_base) = expected(want, abs, &init, accumulate);
                         let got = if bf16_out {
                             let out = dev.upload(&to_bf16(&init));
-                            dev.ok(&what, call(GemmOut::Bf16(&out), accumulate));
+                            let view = MatRef::new(&out, rows, cols);
+                            dev.ok(&what, call(GemmOut::Bf16(view), accumulate));
                             to_f32(&dev.download(&out))
                         } else {
                             let out = dev.upload(&init);
-                            dev.ok(&what, call(GemmOut::F32(&out), accumulate));
+                            let view = MatRef::new(&out, rows, cols);
+                            dev.ok(&what, call(GemmOut::F32(view), accumulate));
                             dev.download(&out)
                         };
                         assert_gemm(&what, &got, &want, &abs, &round_base, bf16_out);
                     }
                 };
-            run("linear_forward", m * n, &y, &y_abs, &|o, acc| {
-                gemm::linear_forward(d, o, &xb, &wb, m, k, n, acc)
+            run("linear_forward", (m, n), &y, &y_abs, &|o, acc| {
+                gemm::linear_forward(d, o, xm, wm, acc)
             });
-            run("linear_backward_input", m * k, &dx, &dx_abs, &|o, acc| {
-                gemm::linear_backward_input(d, o, &dyb, &wb, m, k, n, acc)
+            run("linear_backward_input", (m, k), &dx, &dx_abs, &|o, acc| {
+                gemm::linear_backward_input(d, o, dym, wm, acc)
             });
-            run("linear_backward_weight", n * k, &dw, &dw_abs, &|o, acc| {
-                gemm::linear_backward_weight(d, o, &dyb, &xb, m, k, n, acc)
+            run("linear_backward_weight", (n, k), &dw, &dw_abs, &|o, acc| {
+                gemm::linear_backward_weight(d, o, dym, xm, acc)
             });
         }
     }
@@ -652,7 +677,13 @@ fn gemm_empty_sum(dev: &Dev) {
         let y = dev.upload(&vec![7.0f32; m * n + tail]);
         dev.ok(
             "linear_forward, K = 0",
-            gemm::linear_forward(d, GemmOut::F32(&y), &empty, &empty, m, 0, n, accumulate),
+            gemm::linear_forward(
+                d,
+                GemmOut::F32(MatRef::new(&y, m, n)),
+                MatRef::new(&empty, m, 0),
+                MatRef::new(&empty, n, 0),
+                accumulate,
+            ),
         );
         assert_eq!(
             dev.download(&y),
@@ -663,7 +694,13 @@ fn gemm_empty_sum(dev: &Dev) {
         let dx = dev.upload(&to_bf16(&vec![7.0f32; m * n + tail]));
         dev.ok(
             "linear_backward_input, N = 0",
-            gemm::linear_backward_input(d, GemmOut::Bf16(&dx), &empty, &empty, m, n, 0, accumulate),
+            gemm::linear_backward_input(
+                d,
+                GemmOut::Bf16(MatRef::new(&dx, m, n)),
+                MatRef::new(&empty, m, 0),
+                MatRef::new(&empty, 0, n),
+                accumulate,
+            ),
         );
         assert_eq!(
             to_f32(&dev.download(&dx)),
@@ -674,7 +711,13 @@ fn gemm_empty_sum(dev: &Dev) {
         let dw = dev.upload(&vec![7.0f32; m * n + tail]);
         dev.ok(
             "linear_backward_weight, M = 0",
-            gemm::linear_backward_weight(d, GemmOut::F32(&dw), &empty, &full, 0, n, m, accumulate),
+            gemm::linear_backward_weight(
+                d,
+                GemmOut::F32(MatRef::new(&dw, n, m)),
+                MatRef::new(&empty, 0, n),
+                MatRef::new(&full, 0, m),
+                accumulate,
+            ),
         );
         assert_eq!(
             dev.download(&dw),
@@ -684,6 +727,452 @@ fn gemm_empty_sum(dev: &Dev) {
     }
 }
 on_both!(gemm_empty_sum_emu, gemm_empty_sum_gpu, gemm_empty_sum);
+
+/// Where a row-major `[rows, cols]` view with leading dimension `cols + gap`
+/// sits in a buffer of `len` elements: from `offset`, with `tail` more
+/// elements after its last row.
+#[derive(Debug, Clone, Copy)]
+struct Layout {
+    offset: usize,
+    rows: usize,
+    cols: usize,
+    ld: usize,
+    len: usize,
+}
+
+impl Layout {
+    fn new(offset: usize, (rows, cols): (usize, usize), gap: usize, tail: usize) -> Layout {
+        let ld = cols + gap;
+        let span = if rows == 0 { 0 } else { (rows - 1) * ld + cols };
+        Layout {
+            offset,
+            rows,
+            cols,
+            ld,
+            len: offset + span + tail,
+        }
+    }
+    /// The buffer index of element (r, c).
+    fn at(&self, r: usize, c: usize) -> usize {
+        self.offset + r * self.ld + c
+    }
+    /// Whether buffer index `i` is an element of the view.
+    fn inside(&self, i: usize) -> bool {
+        i >= self.offset
+            && (i - self.offset) / self.ld < self.rows
+            && (i - self.offset) % self.ld < self.cols
+    }
+    fn view<'a, T: Elem>(&self, buf: &'a Buffer<T>) -> MatRef<'a, T> {
+        MatRef::strided(buf, self.offset, self.rows, self.cols, self.ld)
+    }
+    /// The view's elements of `buf`, row-major.
+    fn read(&self, buf: &[f32]) -> Vec<f32> {
+        (0..self.rows)
+            .flat_map(|r| (0..self.cols).map(move |c| buf[self.at(r, c)]))
+            .collect()
+    }
+}
+
+/// Every element of `got` outside `view` still holds its `start` value
+/// (bit for bit).
+fn assert_outside(what: &str, got: &[f32], start: &[f32], view: &Layout) {
+    assert_eq!(got.len(), start.len(), "{what}: length");
+    for (i, (g, s)) in got.iter().zip(start).enumerate() {
+        if !view.inside(i) {
+            assert_eq!(
+                g.to_bits(),
+                s.to_bits(),
+                "{what}: element {i} outside the output view changed: {g} (was {s})"
+            );
+        }
+    }
+}
+
+/// A value no GEMM here produces, set around the output views.
+const SENTINEL: f32 = -7.5;
+
+/// `matmul` on strided views: every operand at an offset with ld > cols,
+/// all four transpose combinations, f32 and bf16 outputs, with and without
+/// accumulation. The operands' buffers hold other values around their views
+/// (which must not enter the product); the output's gaps between rows and
+/// the rest of its buffer keep the sentinel.
+fn gemm_strided_views(dev: &Dev) {
+    let d = dev.device();
+    let mut r = rng(21);
+    for (m, k, n) in [(5usize, 7usize, 6usize), (33, 96, 40)] {
+        for (trans_a, trans_b) in [(false, false), (false, true), (true, false), (true, true)] {
+            // Stored shapes: op(a) is [M, K], op(b) is [K, N].
+            let la = Layout::new(3, if trans_a { (k, m) } else { (m, k) }, 5, 4);
+            let lb = Layout::new(11, if trans_b { (n, k) } else { (k, n) }, 2, 1);
+            let a = bf16_values(&mut r, la.len, 1.0);
+            let b = bf16_values(&mut r, lb.len, 1.0);
+            let (ab, bb) = (dev.upload(&to_bf16(&a)), dev.upload(&to_bf16(&b)));
+            let av = |i: usize, kk: usize| {
+                let at = if trans_a { la.at(kk, i) } else { la.at(i, kk) };
+                a[at] as f64
+            };
+            let bv = |kk: usize, j: usize| {
+                let at = if trans_b { lb.at(j, kk) } else { lb.at(kk, j) };
+                b[at] as f64
+            };
+            let (want, abs) = product(m, n, k, av, bv);
+            let lc = Layout::new(4, (m, n), 3, 5);
+            for bf16_out in [false, true] {
+                for accumulate in [false, true] {
+                    let what = format!(
+                        "matmul M {m} K {k} N {n} trans_a {trans_a} trans_b {trans_b} \
+                         bf16 out {bf16_out} accumulate {accumulate}"
+                    );
+                    // The view starts at `init`, everything else at the sentinel.
+                    let init = bf16_values(&mut r, m * n, 1.0);
+                    let mut start = vec![SENTINEL; lc.len];
+                    for i in 0..m {
+                        for j in 0..n {
+                            start[lc.at(i, j)] = init[i * n + j];
+                        }
+                    }
+                    let (want, abs, base) = expected(&want, &abs, &init, accumulate);
+                    let (av, bv) = (la.view(&ab), lb.view(&bb));
+                    let got = if bf16_out {
+                        let out = dev.upload(&to_bf16(&start));
+                        let c = GemmOut::Bf16(lc.view(&out));
+                        let res = gemm::matmul(d, c, av, trans_a, bv, trans_b, accumulate);
+                        dev.ok(&what, res);
+                        to_f32(&dev.download(&out))
+                    } else {
+                        let out = dev.upload(&start);
+                        let c = GemmOut::F32(lc.view(&out));
+                        let res = gemm::matmul(d, c, av, trans_a, bv, trans_b, accumulate);
+                        dev.ok(&what, res);
+                        dev.download(&out)
+                    };
+                    assert_gemm(&what, &lc.read(&got), &want, &abs, &base, bf16_out);
+                    assert_outside(&what, &got, &start, &lc);
+                }
+            }
+        }
+    }
+}
+on_both!(
+    gemm_strided_views_emu,
+    gemm_strided_views_gpu,
+    gemm_strided_views
+);
+
+/// The Q head's GEMMs as the engine issues them: `q [B, 2] = x0 w^T` with
+/// x0 the first position of each sample of a [B, S, D] activation buffer
+/// (ld S * D) and w [2, D] at an offset of a flat weight buffer; backward,
+/// `dw += dq^T x0` into a flat f32 gradient buffer at that offset, and
+/// `dx0 = dq w` into the first position of each sample of a [B, S, D]
+/// gradient buffer, whose other positions keep their values.
+fn gemm_q_head(dev: &Dev) {
+    let d = dev.device();
+    let mut r = rng(22);
+    let (b, s, dm) = (3usize, 5usize, 64usize);
+    // Other tensors before and after the head's weight in the flat buffer.
+    let w_off = 1000;
+    let flat_len = w_off + 2 * dm + 77;
+    let x = bf16_values(&mut r, b * s * dm, 1.0);
+    let flat = bf16_values(&mut r, flat_len, 0.5);
+    let dq = bf16_values(&mut r, b * 2, 1.0);
+    let (xb, flatb, dqb) = (
+        dev.upload(&to_bf16(&x)),
+        dev.upload(&to_bf16(&flat)),
+        dev.upload(&to_bf16(&dq)),
+    );
+    let x0 = MatRef::strided(&xb, 0, b, dm, s * dm);
+    let w = MatRef::at(&flatb, w_off, 2, dm);
+    let xv = |i: usize, c: usize| x[i * s * dm + c] as f64;
+    let wv = |j: usize, c: usize| flat[w_off + j * dm + c] as f64;
+    let dqv = |i: usize, j: usize| dq[i * 2 + j] as f64;
+
+    // Forward, into a fresh f32 [B, 2].
+    let (want, abs) = product(b, 2, dm, xv, |c, j| wv(j, c));
+    let q = dev.upload(&vec![SENTINEL; b * 2]);
+    dev.ok(
+        "q head forward",
+        gemm::linear_forward(d, GemmOut::F32(MatRef::new(&q, b, 2)), x0, w, false),
+    );
+    let base: Vec<f64> = want.iter().map(|v| v.abs()).collect();
+    assert_gemm(
+        "q head forward",
+        &dev.download(&q),
+        &want,
+        &abs,
+        &base,
+        false,
+    );
+
+    // Weight gradient, summed into the flat gradient buffer.
+    let g0 = bf16_values(&mut r, flat_len, 1.0);
+    let lg = Layout::new(w_off, (2, dm), 0, 77);
+    let (want, abs) = product(2, dm, b, |j, i| dqv(i, j), xv);
+    let (want, abs, base) = expected(&want, &abs, &lg.read(&g0), true);
+    let grads = dev.upload(&g0);
+    dev.ok(
+        "q head dw",
+        gemm::linear_backward_weight(
+            d,
+            GemmOut::F32(MatRef::at(&grads, w_off, 2, dm)),
+            MatRef::new(&dqb, b, 2),
+            x0,
+            true,
+        ),
+    );
+    let got = dev.download(&grads);
+    assert_gemm("q head dw", &lg.read(&got), &want, &abs, &base, false);
+    assert_outside("q head dw", &got, &g0, &lg);
+
+    // Input gradient, bf16, into position 0 of each sample.
+    let start = vec![SENTINEL; b * s * dm];
+    let lx = Layout::new(0, (b, dm), (s - 1) * dm, (s - 1) * dm);
+    let (want, abs) = product(b, dm, 2, dqv, wv);
+    let base: Vec<f64> = want.iter().map(|v| v.abs()).collect();
+    let dx = dev.upload(&to_bf16(&start));
+    dev.ok(
+        "q head dx",
+        gemm::linear_backward_input(
+            d,
+            GemmOut::Bf16(MatRef::strided(&dx, 0, b, dm, s * dm)),
+            MatRef::new(&dqb, b, 2),
+            w,
+            false,
+        ),
+    );
+    let got = to_f32(&dev.download(&dx));
+    assert_gemm("q head dx", &lx.read(&got), &want, &abs, &base, true);
+    assert_outside("q head dx", &got, &start, &lx);
+}
+on_both!(gemm_q_head_emu, gemm_q_head_gpu, gemm_q_head);
+
+/// An empty sum on a strided output view sets only the view's elements to
+/// zero (not the gaps between its rows, not the rest of the buffer), and
+/// changes nothing when accumulating; every transpose combination, f32 and
+/// bf16 outputs.
+fn gemm_empty_sum_view(dev: &Dev) {
+    let d = dev.device();
+    let (m, n) = (4usize, 3usize);
+    let lc = Layout::new(2, (m, n), 4, 3);
+    // Small integers: exact in bf16.
+    let start: Vec<f32> = (0..lc.len).map(|i| 1.0 + i as f32).collect();
+    let empty = dev.zeros::<bf16>(6);
+    for (trans_a, trans_b) in [(false, false), (false, true), (true, false), (true, true)] {
+        // K = 0 operands at offsets of a short buffer.
+        let a = if trans_a {
+            MatRef::at(&empty, 1, 0, m)
+        } else {
+            MatRef::at(&empty, 1, m, 0)
+        };
+        let b = if trans_b {
+            MatRef::at(&empty, 6, n, 0)
+        } else {
+            MatRef::at(&empty, 6, 0, n)
+        };
+        for bf16_out in [false, true] {
+            for accumulate in [false, true] {
+                let what = format!(
+                    "K = 0, trans_a {trans_a} trans_b {trans_b} bf16 out {bf16_out} \
+                     accumulate {accumulate}"
+                );
+                let got = if bf16_out {
+                    let out = dev.upload(&to_bf16(&start));
+                    let c = GemmOut::Bf16(lc.view(&out));
+                    dev.ok(
+                        &what,
+                        gemm::matmul(d, c, a, trans_a, b, trans_b, accumulate),
+                    );
+                    to_f32(&dev.download(&out))
+                } else {
+                    let out = dev.upload(&start);
+                    let c = GemmOut::F32(lc.view(&out));
+                    dev.ok(
+                        &what,
+                        gemm::matmul(d, c, a, trans_a, b, trans_b, accumulate),
+                    );
+                    dev.download(&out)
+                };
+                let want: Vec<f32> = (0..lc.len)
+                    .map(|i| {
+                        if lc.inside(i) && !accumulate {
+                            0.0
+                        } else {
+                            start[i]
+                        }
+                    })
+                    .collect();
+                assert_eq!(got, want, "{what}");
+            }
+        }
+    }
+}
+on_both!(
+    gemm_empty_sum_view_emu,
+    gemm_empty_sum_view_gpu,
+    gemm_empty_sum_view
+);
+
+/// Every view that does not fit is a typed shape error naming the operation
+/// and the operand, before anything is written; a single row needs no ld.
+fn gemm_shape_errors(dev: &Dev) {
+    let d = dev.device();
+    let x = dev.upload(&[bf16::ONE; 24]);
+    let y = dev.upload(&[3.0f32; 24]);
+    let out = |rows, cols| GemmOut::F32(MatRef::new(&y, rows, cols));
+    let shape = |what: &str, got: Result<(), CudaError>, needles: &[&str]| match got {
+        Err(CudaError::Shape(m)) => {
+            for s in needles {
+                assert!(m.contains(s), "{what}: {s:?} not in {m:?}");
+            }
+        }
+        other => panic!("{what}: expected a shape error, got {other:?}"),
+    };
+    shape(
+        "inner dimensions, linear_forward",
+        gemm::linear_forward(
+            d,
+            out(2, 4),
+            MatRef::new(&x, 2, 3),
+            MatRef::new(&x, 4, 5),
+            false,
+        ),
+        &[
+            "linear_forward: inner dimensions differ",
+            "x is [2, 3]",
+            "wᵀ is [5, 4]",
+        ],
+    );
+    shape(
+        "inner dimensions, matmul",
+        gemm::matmul(
+            d,
+            out(2, 2),
+            MatRef::new(&x, 2, 3),
+            false,
+            MatRef::new(&x, 2, 2),
+            false,
+            false,
+        ),
+        &[
+            "matmul: inner dimensions differ",
+            "a is [2, 3]",
+            "b is [2, 2]",
+        ],
+    );
+    shape(
+        "output shape",
+        gemm::linear_forward(
+            d,
+            out(3, 4),
+            MatRef::new(&x, 2, 3),
+            MatRef::new(&x, 4, 3),
+            false,
+        ),
+        &["linear_forward: y is [3, 4]", "is [2, 4]"],
+    );
+    // w [4, 3] at offset 13 ends at 25 of 24.
+    shape(
+        "operand past the end",
+        gemm::linear_forward(
+            d,
+            out(2, 4),
+            MatRef::new(&x, 2, 3),
+            MatRef::at(&x, 13, 4, 3),
+            false,
+        ),
+        &["linear_forward: w [4, 3] at offset 13", "past the end"],
+    );
+    // x [2, 3] with ld 22 ends at 25.
+    shape(
+        "strided operand past the end",
+        gemm::linear_forward(
+            d,
+            out(2, 4),
+            MatRef::strided(&x, 0, 2, 3, 22),
+            MatRef::new(&x, 4, 3),
+            false,
+        ),
+        &[
+            "linear_forward: x [2, 3] at offset 0 with ld 22",
+            "past the end",
+        ],
+    );
+    shape(
+        "output past the end",
+        gemm::linear_backward_weight(
+            d,
+            GemmOut::F32(MatRef::at(&y, 20, 2, 3)),
+            MatRef::new(&x, 4, 2),
+            MatRef::new(&x, 4, 3),
+            false,
+        ),
+        &[
+            "linear_backward_weight: dw [2, 3] at offset 20",
+            "past the end",
+        ],
+    );
+    shape(
+        "ld < cols",
+        gemm::linear_backward_input(
+            d,
+            GemmOut::Bf16(MatRef::strided(&x, 0, 2, 3, 2)),
+            MatRef::new(&x, 2, 4),
+            MatRef::new(&x, 4, 3),
+            false,
+        ),
+        &[
+            "linear_backward_input: dx [2, 3]",
+            "ld is less than its 3 columns",
+        ],
+    );
+    shape(
+        "ld < cols, empty sum",
+        gemm::matmul(
+            d,
+            GemmOut::F32(MatRef::strided(&y, 0, 2, 2, 1)),
+            MatRef::new(&x, 2, 0),
+            false,
+            MatRef::new(&x, 0, 2),
+            false,
+            false,
+        ),
+        &["matmul: c [2, 2] at offset 0 with ld 1", "ld is less"],
+    );
+    shape(
+        "overflow",
+        gemm::matmul(
+            d,
+            out(2, 2),
+            MatRef::strided(&x, 0, 2, 2, usize::MAX),
+            false,
+            MatRef::new(&x, 2, 2),
+            false,
+            false,
+        ),
+        &["matmul: a [2, 2]", "overflows"],
+    );
+    // Nothing was written by the refused calls.
+    assert!(dev.download(&y).iter().all(|&v| v == 3.0));
+    assert!(dev.download(&x).iter().all(|&v| v == bf16::ONE));
+
+    // One row: its ld is never used, so any value is accepted.
+    let q = dev.upload(&[SENTINEL; 3]);
+    dev.ok(
+        "one row, ld 0",
+        gemm::linear_forward(
+            d,
+            GemmOut::F32(MatRef::strided(&q, 1, 1, 2, 0)),
+            MatRef::strided(&x, 5, 1, 3, 0),
+            MatRef::new(&x, 2, 3),
+            false,
+        ),
+    );
+    assert_eq!(dev.download(&q), [SENTINEL, 3.0, 3.0]);
+}
+on_both!(
+    gemm_shape_errors_emu,
+    gemm_shape_errors_gpu,
+    gemm_shape_errors
+);
 
 /// The same GEMM shape reuses one cached cuBLASLt plan (GPU), and repeated
 /// calls keep giving the right product.
@@ -706,7 +1195,13 @@ fn gemm_plan_cache(dev: &Dev) {
     for round in 0..20 {
         dev.ok(
             "linear_forward",
-            gemm::linear_forward(d, GemmOut::F32(&y), &xb, &wb, m, k, n, false),
+            gemm::linear_forward(
+                d,
+                GemmOut::F32(MatRef::new(&y, m, n)),
+                MatRef::new(&xb, m, k),
+                MatRef::new(&wb, n, k),
+                false,
+            ),
         );
         assert_gemm(
             &format!("round {round}"),
@@ -885,7 +1380,13 @@ fn gpu_handles_share_one_context() {
                 let out = dev.zeros::<f32>(4 * 4);
                 dev.ok(
                     "gemm",
-                    gemm::linear_forward(d, GemmOut::F32(&out), &w, &w, 4, 8, 4, false),
+                    gemm::linear_forward(
+                        d,
+                        GemmOut::F32(MatRef::new(&out, 4, 4)),
+                        MatRef::new(&w, 4, 8),
+                        MatRef::new(&w, 4, 8),
+                        false,
+                    ),
                 );
                 assert!(dev.download(&out).iter().all(|&v| v == 8.0));
                 assert!(dev.download(&y).iter().all(|&v| v.to_f32() == i as f32));
@@ -918,24 +1419,18 @@ fn gpu_handles_share_one_context() {
     wrong(ops::cast_bf16_to_f32(d0, &first.zeros::<f32>(16), &host));
     wrong(gemm::linear_forward(
         d0,
-        GemmOut::Bf16(&mine),
-        &host,
-        &mine,
-        4,
-        4,
-        4,
+        GemmOut::Bf16(MatRef::new(&mine, 4, 4)),
+        MatRef::new(&host, 4, 4),
+        MatRef::new(&mine, 4, 4),
         false,
     ));
     wrong(ops::cast_f32_to_bf16(&emu, &host, &theirs));
     wrong(emu.download(&theirs).map(drop));
     wrong(gemm::linear_forward(
         &emu,
-        GemmOut::Bf16(&host),
-        &mine,
-        &host,
-        4,
-        4,
-        4,
+        GemmOut::Bf16(MatRef::new(&host, 4, 4)),
+        MatRef::new(&mine, 4, 4),
+        MatRef::new(&host, 4, 4),
         false,
     ));
     // Streams of the same context are fine for events.

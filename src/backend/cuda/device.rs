@@ -310,7 +310,7 @@ mod tests {
 
     use super::*;
     use crate::backend::cuda::runtime::check_shared_memory;
-    use crate::backend::cuda::{gemm, ops, GemmOut};
+    use crate::backend::cuda::{gemm, ops, GemmOut, MatRef};
 
     /// An emulator buffer that claims to belong to a GPU handle: what a GPU
     /// buffer looks like to the emulator, without a GPU.
@@ -356,44 +356,35 @@ mod tests {
             1e-5,
         ));
         // GEMMs: output and both operands, including the empty-sum path.
+        let v = |b| MatRef::new(b, 4, 4);
         assert_wrong(gemm::linear_forward(
             &dev,
-            GemmOut::F32(&fy),
-            &x,
-            &x,
-            4,
-            4,
-            4,
+            GemmOut::F32(MatRef::new(&fy, 4, 4)),
+            v(&x),
+            v(&x),
             false,
         ));
         assert_wrong(gemm::linear_forward(
             &dev,
-            GemmOut::F32(&y),
-            &fx,
-            &x,
-            4,
-            4,
-            4,
+            GemmOut::F32(MatRef::new(&y, 4, 4)),
+            v(&fx),
+            v(&x),
             false,
         ));
         assert_wrong(gemm::linear_backward_weight(
             &dev,
-            GemmOut::Bf16(&x),
-            &x,
-            &fx,
-            4,
-            4,
-            4,
+            GemmOut::Bf16(v(&x)),
+            v(&x),
+            v(&fx),
             false,
         ));
-        assert_wrong(gemm::linear_forward(
+        assert_wrong(gemm::matmul(
             &dev,
-            GemmOut::F32(&fy),
-            &x,
-            &x,
-            4,
-            0,
-            4,
+            GemmOut::F32(MatRef::new(&fy, 4, 4)),
+            MatRef::new(&x, 4, 0),
+            false,
+            MatRef::new(&x, 0, 4),
+            false,
             false,
         ));
         // Copies.

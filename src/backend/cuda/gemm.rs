@@ -1,7 +1,13 @@
-//! The three GEMMs of a linear layer `y = x W^T`, all row-major with x
-//! [M, K], W [N, K] (the PyTorch Linear weight) and y [M, N]; bf16 inputs,
-//! f32 accumulation, bf16 or f32 output, optional accumulation into the
-//! output (beta = 1, for gradients summed over the recursion):
+//! GEMMs on row-major matrix views ([`MatRef`]: a buffer, an offset, a shape
+//! and a leading dimension), bf16 operands, f32 accumulation, bf16 or f32
+//! output, optional accumulation into the output (beta = 1, for gradients
+//! summed over the recursion). Views let the engine multiply weights that
+//! live at offsets of one flat buffer, rows read with a stride (position 0
+//! of each sample) and gradients summed into a flat f32 buffer.
+//!
+//! [`matmul`] is the general product `c (+)= op(a) op(b)`; the three GEMMs
+//! of a linear layer `y = x W^T`, with x [M, K], W [N, K] (the PyTorch
+//! Linear weight) and y [M, N], are thin wrappers:
 //!
 //! - [`linear_forward`]:         y  = x W^T   [M, N]
 //! - [`linear_backward_input`]:  dx = dy W    [M, K]
@@ -11,9 +17,9 @@
 //! `backend::cpu::linear` on the same bf16 values in f32, rounded to bf16
 //! where the output is bf16, so layout tests run without a GPU.
 //!
-//! cuBLASLt is column-major: a row-major [R, C] matrix is a column-major
-//! [C, R] one with leading dimension C, so each row-major product is issued
-//! as its transpose (e.g. y^T = W x^T), with no copies.
+//! cuBLASLt is column-major: a row-major [R, C] view with leading dimension
+//! ld is a column-major [C, R] one with the same ld, so `C = op(A) op(B)` is
+//! issued as its transpose `C^T = op(B)^T op(A)^T`, with no copies.
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -22,261 +28,291 @@ use cudarc::cublaslt::{result as lt, sys as ltsys};
 use half::bf16;
 
 use super::device::Device;
-use super::memory::{Buffer, OnDevice};
+use super::memory::{Buffer, Elem};
 use super::runtime::Gpu;
 use super::CudaError;
 
-/// A GEMM output buffer.
+/// A row-major view of `rows x cols` elements of `buf`: element (r, c) at
+/// `offset + r * ld + c` (ld >= cols when rows > 1).
+#[derive(Debug, Clone, Copy)]
+pub struct MatRef<'a, T: Elem> {
+    pub buf: &'a Buffer<T>,
+    pub offset: usize,
+    pub rows: usize,
+    pub cols: usize,
+    pub ld: usize,
+}
+
+impl<'a, T: Elem> MatRef<'a, T> {
+    /// The whole contiguous `rows x cols` matrix at the start of `buf`.
+    pub fn new(buf: &'a Buffer<T>, rows: usize, cols: usize) -> Self {
+        Self::strided(buf, 0, rows, cols, cols)
+    }
+
+    /// A contiguous `rows x cols` matrix at `offset`.
+    pub fn at(buf: &'a Buffer<T>, offset: usize, rows: usize, cols: usize) -> Self {
+        Self::strided(buf, offset, rows, cols, cols)
+    }
+
+    /// Same as `at` with an explicit leading dimension.
+    pub fn strided(buf: &'a Buffer<T>, offset: usize, rows: usize, cols: usize, ld: usize) -> Self {
+        MatRef {
+            buf,
+            offset,
+            rows,
+            cols,
+            ld,
+        }
+    }
+
+    /// The leading dimension the data is read with: a single row has none,
+    /// so any `ld` the caller gave is replaced by `cols` (cuBLASLt needs
+    /// ld >= cols, and equal keys share a plan).
+    fn stride(&self) -> usize {
+        if self.rows <= 1 {
+            self.cols
+        } else {
+            self.ld
+        }
+    }
+
+    /// Checks the view lies inside its buffer; `op` and `what` name it.
+    fn check(&self, op: &str, what: &str) -> Result<(), CudaError> {
+        let (rows, cols, ld, offset, len) =
+            (self.rows, self.cols, self.ld, self.offset, self.buf.len());
+        let desc = || format!("{op}: {what} [{rows}, {cols}] at offset {offset} with ld {ld}");
+        if rows > 1 && ld < cols {
+            return Err(CudaError::Shape(format!(
+                "{}: ld is less than its {cols} columns",
+                desc()
+            )));
+        }
+        let end = if rows == 0 || cols == 0 {
+            Some(offset)
+        } else {
+            (rows - 1)
+                .checked_mul(ld)
+                .and_then(|v| v.checked_add(cols))
+                .and_then(|v| v.checked_add(offset))
+        };
+        let end = end.ok_or_else(|| CudaError::Shape(format!("{} overflows usize", desc())))?;
+        if end > len {
+            return Err(CudaError::Shape(format!(
+                "{} ends at element {end}, past the end of its {len}-element {} buffer",
+                desc(),
+                T::NAME
+            )));
+        }
+        Ok(())
+    }
+
+    /// The device address of element (0, 0) (checked view).
+    fn addr(&self) -> Result<u64, CudaError> {
+        Ok(self.buf.ptr_at(self.offset)? as usize as u64)
+    }
+}
+
+/// A GEMM output view.
 #[derive(Debug, Clone, Copy)]
 pub enum GemmOut<'a> {
-    Bf16(&'a Buffer<bf16>),
-    F32(&'a Buffer<f32>),
+    Bf16(MatRef<'a, bf16>),
+    F32(MatRef<'a, f32>),
 }
 
 impl GemmOut<'_> {
-    fn len(&self) -> usize {
+    fn shape(&self) -> (usize, usize) {
         match self {
-            GemmOut::Bf16(b) => b.len(),
-            GemmOut::F32(b) => b.len(),
+            GemmOut::Bf16(v) => (v.rows, v.cols),
+            GemmOut::F32(v) => (v.rows, v.cols),
         }
     }
-    fn ptr(&self) -> u64 {
+    fn stride(&self) -> usize {
         match self {
-            GemmOut::Bf16(b) => b.ptr() as usize as u64,
-            GemmOut::F32(b) => b.ptr() as usize as u64,
+            GemmOut::Bf16(v) => v.stride(),
+            GemmOut::F32(v) => v.stride(),
         }
     }
-    fn buffer(&self) -> &dyn OnDevice {
+    fn check(&self, op: &str, what: &str) -> Result<(), CudaError> {
         match self {
-            GemmOut::Bf16(b) => *b,
-            GemmOut::F32(b) => *b,
+            GemmOut::Bf16(v) => v.check(op, what),
+            GemmOut::F32(v) => v.check(op, what),
+        }
+    }
+    fn addr(&self) -> Result<u64, CudaError> {
+        match self {
+            GemmOut::Bf16(v) => v.addr(),
+            GemmOut::F32(v) => v.addr(),
         }
     }
 }
 
-/// Checks the buffers belong to `dev` and `(what, buffer length, rows *
-/// cols)` of every operand; then, for an empty sum (`inner == 0`), sets the
-/// output's `out_len` elements to zero (or leaves them, when accumulating)
-/// and returns `true`: nothing is left to compute.
-#[allow(clippy::too_many_arguments)]
-fn check(
+/// `c (+)= op(a) op(b)`, op = transpose when the flag is set; bf16
+/// operands, f32 accumulation. op(a) is [M, K], op(b) [K, N] and c [M, N];
+/// only c's elements are written (the gaps between its rows and the rest of
+/// its buffer are left as they are). An empty sum (K = 0) sets c to zero,
+/// or leaves it when accumulating.
+pub fn matmul(
     dev: &Device,
-    op: &str,
-    out: GemmOut<'_>,
-    a: &Buffer<bf16>,
-    b: &Buffer<bf16>,
-    operands: &[(&str, usize, usize, usize)],
-    (out_len, inner, accumulate): (usize, usize, bool),
-) -> Result<bool, CudaError> {
-    dev.check_buffers(op, &[out.buffer(), a, b])?;
-    check_shapes(op, operands)?;
-    if inner > 0 || out_len == 0 {
-        return Ok(false);
-    }
-    if !accumulate {
-        // Only the output's view: the buffer may be longer.
-        match (dev, out) {
-            (Device::Gpu(g), GemmOut::Bf16(buf)) => g.zero_prefix(buf, out_len)?,
-            (Device::Gpu(g), GemmOut::F32(buf)) => g.zero_prefix(buf, out_len)?,
-            #[cfg(feature = "emu")]
-            (Device::Emu, out) => emu::zero_prefix(out, out_len)?,
-        }
-    }
-    Ok(true)
+    c: GemmOut<'_>,
+    a: MatRef<'_, bf16>,
+    trans_a: bool,
+    b: MatRef<'_, bf16>,
+    trans_b: bool,
+    accumulate: bool,
+) -> Result<(), CudaError> {
+    product(
+        dev,
+        "matmul",
+        ["c", "a", "b"],
+        c,
+        (a, trans_a),
+        (b, trans_b),
+        accumulate,
+    )
 }
 
-/// Checks `(what, buffer length, rows * cols)` of every operand.
-fn check_shapes(op: &str, operands: &[(&str, usize, usize, usize)]) -> Result<(), CudaError> {
-    for &(what, len, rows, cols) in operands {
-        let need = rows.checked_mul(cols).ok_or_else(|| {
-            CudaError::Shape(format!("{op}: {what} [{rows}, {cols}] overflows usize"))
-        })?;
-        if len < need {
-            return Err(CudaError::Shape(format!(
-                "{op}: {what} [{rows}, {cols}] needs {need} elements, its buffer has {len}"
-            )));
-        }
-    }
-    Ok(())
-}
-
-/// `y[M, N] (+)= x[M, K] W[N, K]^T`.
-#[allow(clippy::too_many_arguments)]
+/// `y[M, N] (+)= x[M, K] w[N, K]^T`.
 pub fn linear_forward(
     dev: &Device,
     y: GemmOut<'_>,
-    x: &Buffer<bf16>,
-    w: &Buffer<bf16>,
-    m: usize,
-    k: usize,
-    n: usize,
+    x: MatRef<'_, bf16>,
+    w: MatRef<'_, bf16>,
     accumulate: bool,
 ) -> Result<(), CudaError> {
-    let op = "linear_forward";
-    let operands = [
-        ("y", y.len(), m, n),
-        ("x", x.len(), m, k),
-        ("w", w.len(), n, k),
-    ];
-    if check(
+    product(
         dev,
-        op,
+        "linear_forward",
+        ["y", "x", "w"],
         y,
-        x,
-        w,
-        &operands,
-        (m.saturating_mul(n), k, accumulate),
-    )? {
+        (x, false),
+        (w, true),
+        accumulate,
+    )
+}
+
+/// `dx[M, K] (+)= dy[M, N] w[N, K]`.
+pub fn linear_backward_input(
+    dev: &Device,
+    dx: GemmOut<'_>,
+    dy: MatRef<'_, bf16>,
+    w: MatRef<'_, bf16>,
+    accumulate: bool,
+) -> Result<(), CudaError> {
+    product(
+        dev,
+        "linear_backward_input",
+        ["dx", "dy", "w"],
+        dx,
+        (dy, false),
+        (w, false),
+        accumulate,
+    )
+}
+
+/// `dw[N, K] (+)= dy[M, N]^T x[M, K]`.
+pub fn linear_backward_weight(
+    dev: &Device,
+    dw: GemmOut<'_>,
+    dy: MatRef<'_, bf16>,
+    x: MatRef<'_, bf16>,
+    accumulate: bool,
+) -> Result<(), CudaError> {
+    product(
+        dev,
+        "linear_backward_weight",
+        ["dw", "dy", "x"],
+        dw,
+        (dy, true),
+        (x, false),
+        accumulate,
+    )
+}
+
+/// The shape `[rows, cols]` of `op(v)`.
+fn op_shape(v: &MatRef<'_, bf16>, trans: bool) -> (usize, usize) {
+    if trans {
+        (v.cols, v.rows)
+    } else {
+        (v.rows, v.cols)
+    }
+}
+
+/// [`matmul`], with the operation and its operands (c, a, b) named for errors.
+fn product(
+    dev: &Device,
+    op: &str,
+    [c_name, a_name, b_name]: [&str; 3],
+    c: GemmOut<'_>,
+    (a, trans_a): (MatRef<'_, bf16>, bool),
+    (b, trans_b): (MatRef<'_, bf16>, bool),
+    accumulate: bool,
+) -> Result<(), CudaError> {
+    let out_buf: &dyn super::memory::OnDevice = match &c {
+        GemmOut::Bf16(v) => v.buf,
+        GemmOut::F32(v) => v.buf,
+    };
+    dev.check_buffers(op, &[out_buf, a.buf, b.buf])?;
+    let t = |trans: bool| if trans { "ᵀ" } else { "" };
+    let (m, k) = op_shape(&a, trans_a);
+    let (k2, n) = op_shape(&b, trans_b);
+    if k != k2 {
+        return Err(CudaError::Shape(format!(
+            "{op}: inner dimensions differ: {a_name}{} is [{m}, {k}], {b_name}{} is [{k2}, {n}]",
+            t(trans_a),
+            t(trans_b)
+        )));
+    }
+    if c.shape() != (m, n) {
+        let (r, cc) = c.shape();
+        return Err(CudaError::Shape(format!(
+            "{op}: {c_name} is [{r}, {cc}], the product {a_name}{} {b_name}{} is [{m}, {n}]",
+            t(trans_a),
+            t(trans_b)
+        )));
+    }
+    c.check(op, c_name)?;
+    a.check(op, a_name)?;
+    b.check(op, b_name)?;
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        if !accumulate {
+            match (dev, c) {
+                (Device::Gpu(g), GemmOut::Bf16(v)) => {
+                    g.zero_rows(v.buf, v.offset, v.rows, v.cols, v.stride())?
+                }
+                (Device::Gpu(g), GemmOut::F32(v)) => {
+                    g.zero_rows(v.buf, v.offset, v.rows, v.cols, v.stride())?
+                }
+                #[cfg(feature = "emu")]
+                (Device::Emu, c) => emu::zero(c)?,
+            }
+        }
         return Ok(());
     }
     match dev {
-        // Column-major: y^T [N, M] = op(W) x^T with W stored [K, N] (ld K), transposed.
+        // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: a
+        // stored row-major view is its own transpose in column-major terms,
+        // so each operand keeps its flag and ld, and the two swap places.
         Device::Gpu(g) => col_major(
             g,
-            Operand::new(w, true, k),
-            Operand::new(x, false, k),
-            y,
+            Operand {
+                ptr: b.addr()?,
+                trans: trans_b,
+                ld: b.stride(),
+            },
+            Operand {
+                ptr: a.addr()?,
+                trans: trans_a,
+                ld: a.stride(),
+            },
+            c,
             (n, m, k),
             accumulate,
         ),
         #[cfg(feature = "emu")]
-        Device::Emu => emu::gemm(
-            y,
-            n,
-            emu::Side {
-                buf: x,
-                rows: m,
-                cols: k,
-                transposed: false,
-            },
-            emu::Side {
-                buf: w,
-                rows: n,
-                cols: k,
-                transposed: true,
-            },
-            accumulate,
-        ),
-    }
-}
-
-/// `dx[M, K] (+)= dy[M, N] W[N, K]`.
-#[allow(clippy::too_many_arguments)]
-pub fn linear_backward_input(
-    dev: &Device,
-    dx: GemmOut<'_>,
-    dy: &Buffer<bf16>,
-    w: &Buffer<bf16>,
-    m: usize,
-    k: usize,
-    n: usize,
-    accumulate: bool,
-) -> Result<(), CudaError> {
-    let op = "linear_backward_input";
-    let operands = [
-        ("dx", dx.len(), m, k),
-        ("dy", dy.len(), m, n),
-        ("w", w.len(), n, k),
-    ];
-    if check(
-        dev,
-        op,
-        dx,
-        dy,
-        w,
-        &operands,
-        (m.saturating_mul(k), n, accumulate),
-    )? {
-        return Ok(());
-    }
-    match dev {
-        // dx^T [K, M] = W^T dy^T: W stored [K, N] (ld K), dy stored [N, M] (ld N).
-        Device::Gpu(g) => col_major(
-            g,
-            Operand::new(w, false, k),
-            Operand::new(dy, false, n),
-            dx,
-            (k, m, n),
-            accumulate,
-        ),
-        #[cfg(feature = "emu")]
-        Device::Emu => emu::gemm(
-            dx,
-            k,
-            emu::Side {
-                buf: dy,
-                rows: m,
-                cols: n,
-                transposed: false,
-            },
-            emu::Side {
-                buf: w,
-                rows: n,
-                cols: k,
-                transposed: false,
-            },
-            accumulate,
-        ),
-    }
-}
-
-/// `dW[N, K] (+)= dy[M, N]^T x[M, K]`.
-#[allow(clippy::too_many_arguments)]
-pub fn linear_backward_weight(
-    dev: &Device,
-    dw: GemmOut<'_>,
-    dy: &Buffer<bf16>,
-    x: &Buffer<bf16>,
-    m: usize,
-    k: usize,
-    n: usize,
-    accumulate: bool,
-) -> Result<(), CudaError> {
-    let op = "linear_backward_weight";
-    let operands = [
-        ("dw", dw.len(), n, k),
-        ("dy", dy.len(), m, n),
-        ("x", x.len(), m, k),
-    ];
-    if check(
-        dev,
-        op,
-        dw,
-        dy,
-        x,
-        &operands,
-        (n.saturating_mul(k), m, accumulate),
-    )? {
-        return Ok(());
-    }
-    match dev {
-        // dW^T [K, N] = x^T dy: x stored [K, M] (ld K), dy stored [N, M] (ld N), transposed.
-        Device::Gpu(g) => col_major(
-            g,
-            Operand::new(x, false, k),
-            Operand::new(dy, true, n),
-            dw,
-            (k, n, m),
-            accumulate,
-        ),
-        #[cfg(feature = "emu")]
-        Device::Emu => emu::gemm(
-            dw,
-            k,
-            emu::Side {
-                buf: dy,
-                rows: m,
-                cols: n,
-                transposed: true,
-            },
-            emu::Side {
-                buf: x,
-                rows: m,
-                cols: k,
-                transposed: false,
-            },
-            accumulate,
-        ),
+        Device::Emu => emu::gemm(c, (a, trans_a), (b, trans_b), accumulate),
     }
 }
 
@@ -289,16 +325,6 @@ struct Operand {
     ptr: u64,
     trans: bool,
     ld: usize,
-}
-
-impl Operand {
-    fn new(buf: &Buffer<bf16>, trans: bool, ld: usize) -> Operand {
-        Operand {
-            ptr: buf.ptr() as usize as u64,
-            trans,
-            ld,
-        }
-    }
 }
 
 /// 32 MiB: NVIDIA's recommended cuBLASLt workspace on Hopper.
@@ -554,7 +580,8 @@ fn make_plan(handle: ltsys::cublasLtHandle_t, key: &PlanKey) -> Result<Plan, Cud
 }
 
 /// Column-major `C[m, n] = op(A)[m, k] op(B)[k, n] (+ C)`, bf16 A and B,
-/// f32 compute and scale, C bf16 or f32 (row-major callers pass transposes).
+/// f32 compute and scale, C bf16 or f32 at its view's address with its
+/// view's ld ([`product`] passes the transposed row-major product).
 /// `k > 0`: the empty sum was handled by the caller.
 fn col_major(
     gpu: &Gpu,
@@ -567,6 +594,7 @@ fn col_major(
     if m == 0 || n == 0 || k == 0 {
         return Ok(());
     }
+    let c_ptr = c.addr()?;
     let dims = |v: usize| {
         i64::try_from(v).map_err(|_| CudaError::Shape(format!("GEMM dimension {v} overflows")))
     };
@@ -578,11 +606,11 @@ fn col_major(
         trans_b: b.trans,
         lda: dims(a.ld)?,
         ldb: dims(b.ld)?,
-        ldc: dims(m)?,
+        ldc: dims(c.stride())?,
         f32_out: matches!(c, GemmOut::F32(_)),
         align_a: alignment(a.ptr),
         align_b: alignment(b.ptr),
-        align_c: alignment(c.ptr()),
+        align_c: alignment(c_ptr),
     };
     // This handle's workspace: GEMMs of other handles run on other streams.
     let mut workspace = gpu
@@ -611,8 +639,9 @@ fn col_major(
     let plan = blas.plan(key)?;
     let alpha = 1.0f32;
     let beta = if accumulate { 1.0f32 } else { 0.0 };
-    // SAFETY: the shapes were checked against the buffer lengths and the
-    // buffers against this handle by the callers; the workspace holds
+    // SAFETY: the caller checked every view (offset, shape and ld) against
+    // its buffer's length and the buffers against this handle; ld >= the
+    // stored rows of each operand (its stride); the workspace holds
     // WORKSPACE_BYTES, the most the preference allowed the algorithm; alpha
     // and beta are read during the call (host pointer mode); the plan stays
     // cached (the lock is held while the call enqueues).
@@ -626,9 +655,9 @@ fn col_major(
             plan.a,
             b.ptr as usize as *const c_void,
             plan.b,
-            c.ptr() as usize as *const c_void,
+            c_ptr as usize as *const c_void,
             plan.c,
-            c.ptr() as usize as *mut c_void,
+            c_ptr as usize as *mut c_void,
             plan.c,
             &plan.algo,
             workspace.ptr().cast::<c_void>(),
@@ -666,76 +695,81 @@ mod emu {
     use super::*;
     use crate::backend::cpu::linear::{matmul, Mat};
 
-    /// A row-major bf16 operand `[rows, cols]`, used as is or transposed.
-    pub(super) struct Side<'b> {
-        pub buf: &'b Buffer<bf16>,
-        pub rows: usize,
-        pub cols: usize,
-        pub transposed: bool,
-    }
-
     fn not_host(what: String) -> CudaError {
         CudaError::WrongDevice(format!("{what} used with the emulator"))
     }
 
-    /// The first `len` elements of `out` set to zero (checked by the caller).
-    pub(super) fn zero_prefix(out: GemmOut<'_>, len: usize) -> Result<(), CudaError> {
-        // SAFETY: as in `widen`.
-        match out {
-            GemmOut::F32(buf) => {
-                unsafe { buf.host() }.ok_or_else(|| not_host(format!("{buf:?}")))?[..len].fill(0.0)
-            }
-            GemmOut::Bf16(buf) => unsafe { buf.host() }
-                .ok_or_else(|| not_host(format!("{buf:?}")))?[..len]
-                .fill(bf16::ZERO),
+    /// The host memory of an emulator buffer.
+    #[allow(clippy::mut_from_ref)] // the buffer's cell, as for kernels
+    fn host<T: Elem>(buf: &Buffer<T>) -> Result<&mut Vec<T>, CudaError> {
+        // SAFETY: emulator buffers are only written inside synchronous
+        // launches, and none is running; each caller drops the view before
+        // taking another of the same buffer.
+        unsafe { buf.host() }.ok_or_else(|| not_host(format!("{buf:?}")))
+    }
+
+    /// The flat index of each element of a (checked) view, row by row.
+    fn indices<T: Elem>(v: &MatRef<'_, T>) -> impl Iterator<Item = usize> {
+        let (offset, cols, ld) = (v.offset, v.cols, v.stride());
+        (0..v.rows).flat_map(move |r| (0..cols).map(move |c| offset + r * ld + c))
+    }
+
+    /// The view's elements, row-major and contiguous, widened to f32: only
+    /// the view, as the buffer may hold all the weights or activations.
+    fn gather<T: Elem>(v: &MatRef<'_, T>, wide: impl Fn(T) -> f32) -> Result<Vec<f32>, CudaError> {
+        let data = host(v.buf)?;
+        Ok(indices(v).map(|i| wide(data[i])).collect())
+    }
+
+    /// Writes `vals` (row-major, contiguous) over the view's elements only.
+    fn scatter<T: Elem>(
+        v: &MatRef<'_, T>,
+        vals: &[f32],
+        narrow: impl Fn(f32) -> T,
+    ) -> Result<(), CudaError> {
+        let data = host(v.buf)?;
+        for (i, &x) in indices(v).zip(vals) {
+            data[i] = narrow(x);
         }
         Ok(())
     }
 
-    /// The operand widened to f32 (exact).
-    fn widen(side: &Side<'_>) -> Result<Vec<f32>, CudaError> {
-        // SAFETY: emulator buffers are only written inside synchronous
-        // launches, and none is running.
-        let host = unsafe { side.buf.host() }.ok_or_else(|| not_host(format!("{:?}", side.buf)))?;
-        Ok(host.iter().map(|x| x.to_f32()).collect())
-    }
-
-    fn view<'v>(side: &Side<'_>, data: &'v [f32]) -> Mat<'v, f32> {
-        if side.transposed {
-            Mat::rm_t(data, side.rows, side.cols)
-        } else {
-            Mat::rm(data, side.rows, side.cols)
+    /// The (checked) output view set to zero.
+    pub(super) fn zero(out: GemmOut<'_>) -> Result<(), CudaError> {
+        match out {
+            GemmOut::F32(v) => scatter(&v, &vec![0.0; v.rows * v.cols], |x| x),
+            GemmOut::Bf16(v) => scatter(&v, &vec![0.0; v.rows * v.cols], bf16::from_f32),
         }
     }
 
-    /// `out[.., out_cols] (+)= a b` in f32 with one rounding to bf16 at the
-    /// end for a bf16 output, as cuBLASLt. Shapes were checked by the caller.
+    /// `out (+)= op(a) op(b)` in f32 with one rounding to bf16 at the end for
+    /// a bf16 output, as cuBLASLt. Views were checked by the caller.
     pub(super) fn gemm(
         out: GemmOut<'_>,
-        out_cols: usize,
-        a: Side<'_>,
-        b: Side<'_>,
+        (a, trans_a): (MatRef<'_, bf16>, bool),
+        (b, trans_b): (MatRef<'_, bf16>, bool),
         accumulate: bool,
     ) -> Result<(), CudaError> {
-        let (da, db) = (widen(&a)?, widen(&b)?);
-        let (a, b) = (view(&a, &da), view(&b, &db));
-        let len = a.rows * b.cols;
+        let (da, db) = (gather(&a, bf16::to_f32)?, gather(&b, bf16::to_f32)?);
+        let mat = |data, v: &MatRef<'_, bf16>, trans| {
+            if trans {
+                Mat::rm_t(data, v.rows, v.cols)
+            } else {
+                Mat::rm(data, v.rows, v.cols)
+            }
+        };
+        let (ma, mb) = (mat(&da, &a, trans_a), mat(&db, &b, trans_b));
+        let (rows, cols) = out.shape();
+        // Only read when accumulating: the view may hold anything (NaN) else.
+        let mut acc = match (out, accumulate) {
+            (GemmOut::F32(v), true) => gather(&v, |x| x)?,
+            (GemmOut::Bf16(v), true) => gather(&v, bf16::to_f32)?,
+            (_, false) => vec![0.0; rows * cols],
+        };
+        matmul(&mut acc, cols, ma, mb, 1.0, accumulate);
         match out {
-            GemmOut::F32(buf) => {
-                // SAFETY: as in `widen`.
-                let host = unsafe { buf.host() }.ok_or_else(|| not_host(format!("{buf:?}")))?;
-                matmul(&mut host[..len], out_cols, a, b, 1.0, accumulate);
-            }
-            GemmOut::Bf16(buf) => {
-                // SAFETY: as in `widen`.
-                let host = unsafe { buf.host() }.ok_or_else(|| not_host(format!("{buf:?}")))?;
-                let mut acc: Vec<f32> = host[..len].iter().map(|v| v.to_f32()).collect();
-                matmul(&mut acc, out_cols, a, b, 1.0, accumulate);
-                for (o, v) in host.iter_mut().zip(acc) {
-                    *o = bf16::from_f32(v);
-                }
-            }
+            GemmOut::F32(v) => scatter(&v, &acc, |x| x),
+            GemmOut::Bf16(v) => scatter(&v, &acc, bf16::from_f32),
         }
-        Ok(())
     }
 }

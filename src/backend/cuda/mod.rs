@@ -8,8 +8,9 @@
 //! - [`memory`]: typed buffers ([`Buffer`] of f32, bf16, i32, u8);
 //! - [`device`]: a launch target, [`Device::Gpu`] or (feature `emu`)
 //!   [`Device::Emu`], the CPU emulator, so one test or caller body runs on both;
-//! - [`gemm`]: the three linear-layer GEMMs (cuBLASLt on the GPU, the CPU
-//!   GEMM on the emulator target);
+//! - [`gemm`]: GEMMs on strided matrix views ([`MatRef`]): [`matmul`] and the
+//!   three linear-layer products (cuBLASLt on the GPU, the CPU GEMM on the
+//!   emulator target);
 //! - [`ops`]: one typed launcher per kernel, grid and block from the shapes.
 //!
 //! The CUDA libraries (driver, cuBLASLt, NCCL) are loaded at run time, so
@@ -30,7 +31,7 @@ pub mod ptxas;
 pub mod runtime;
 
 pub use device::Device;
-pub use gemm::GemmOut;
+pub use gemm::{matmul, GemmOut, MatRef};
 pub use kernels::{
     embedded_modules, kernels_compiled, module, ptxas_report, EmbeddedModule, NVCC_FLAGS,
     NVCC_VERSION,

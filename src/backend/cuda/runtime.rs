@@ -586,6 +586,65 @@ impl Gpu {
         .map_err(|e| CudaError::driver("memset", e))
     }
 
+    /// Sets `rows` runs of `cols` elements to zero, run `r` starting at
+    /// element `offset + r * ld` of `buf` (a row-major view; the gaps between
+    /// runs keep their values). Stream-ordered.
+    pub fn zero_rows<T: Elem>(
+        &self,
+        buf: &Buffer<T>,
+        offset: usize,
+        rows: usize,
+        cols: usize,
+        ld: usize,
+    ) -> Result<(), CudaError> {
+        self.slice_of(buf)?;
+        if rows == 0 || cols == 0 {
+            return Ok(());
+        }
+        // One run, or runs that touch: a plain memset.
+        let ld = if rows == 1 { cols } else { ld };
+        let shape_err = || {
+            CudaError::Shape(format!(
+                "zero_rows: {rows} rows of {cols} at {offset} with stride {ld} do not fit {buf:?}"
+            ))
+        };
+        if ld < cols {
+            return Err(shape_err());
+        }
+        let end = (rows - 1)
+            .checked_mul(ld)
+            .and_then(|v| v.checked_add(cols))
+            .and_then(|v| v.checked_add(offset))
+            .ok_or_else(shape_err)?;
+        buf.check_len("zero_rows", end)?;
+        let size = std::mem::size_of::<T>();
+        let start = buf.ptr_at(offset)? as usize as u64;
+        let stream = self.stream.0.cu_stream();
+        self.state.bind()?;
+        if ld == cols {
+            // SAFETY: the range lies inside the allocation (checked above).
+            return unsafe { result::memset_d8_async(start, 0, rows * cols * size, stream) }
+                .map_err(|e| CudaError::driver("memset", e));
+        }
+        // SAFETY: as above; the pitch (ld) is at least the width (cols).
+        let two_d = unsafe {
+            cudarc::driver::sys::cuMemsetD2D8Async(start, ld * size, 0, cols * size, rows, stream)
+        }
+        .result();
+        if two_d.is_ok() {
+            return Ok(());
+        }
+        // The 2D memset may refuse a pitch it does not support (the driver
+        // bounds it); one memset per row always works.
+        for r in 0..rows {
+            let row = start + (r * ld * size) as u64;
+            // SAFETY: row r lies inside the allocation (checked above).
+            unsafe { result::memset_d8_async(row, 0, cols * size, stream) }
+                .map_err(|e| CudaError::driver("memset", e))?;
+        }
+        Ok(())
+    }
+
     // --- launches -------------------------------------------------------------
 
     /// The function `name` of `module`, loaded on first use, allowed
