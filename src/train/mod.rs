@@ -77,6 +77,8 @@ pub enum TrainError {
     #[error(transparent)]
     Cuda(#[from] crate::backend::cuda::CudaError),
     #[error(transparent)]
+    Device(#[from] crate::model::device_choice::DeviceError),
+    #[error(transparent)]
     Folder(#[from] crate::run_folder::FolderError),
     #[error(
         "this run would train 0 steps: the dataset gives {batches} full batches of \

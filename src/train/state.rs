@@ -164,6 +164,7 @@ pub(super) fn engine_error(e: EngineError) -> TrainError {
         EngineError::Optim(e) => TrainError::Optim(e),
         EngineError::Collective(e) => TrainError::Collective(e),
         EngineError::Cuda(e) => TrainError::Cuda(e),
+        EngineError::Device(e) => TrainError::Device(e),
         EngineError::State(reason) => TrainError::Resume {
             path: PathBuf::new(),
             reason,
