@@ -32,6 +32,7 @@ use std::path::PathBuf;
 use crate::checkpoint::CheckpointError;
 use crate::data::loader::LoaderError;
 use crate::model::act::ActError;
+use crate::model::device_choice::DeviceKind;
 use crate::model::trm::TrmError;
 use crate::optim::OptimError;
 use crate::telemetry::TelemetryError;
@@ -119,6 +120,9 @@ pub struct TrainOptions {
     pub start_over: bool,
     /// Catch SIGTERM/SIGINT (with `checkpoint_on_signal`): checkpoint and stop.
     pub handle_signals: bool,
+    /// `--device`: wins over the config's `device`; with neither, a usable
+    /// GPU else the CPU.
+    pub device: Option<DeviceKind>,
 }
 
 impl Default for TrainOptions {
@@ -129,6 +133,7 @@ impl Default for TrainOptions {
             verbose: true,
             start_over: false,
             handle_signals: false,
+            device: None,
         }
     }
 }

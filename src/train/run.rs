@@ -15,6 +15,7 @@ use crate::config::{RunConfig, Schedule};
 use crate::data::loader::{PuzzleDataset, PuzzleDatasetConfig, Split};
 use crate::dist::{Collective, SingleProcess};
 use crate::model::config::ArchConfig;
+use crate::model::device_choice;
 use crate::model::weights::{Weights, PUZZLE_EMB};
 use crate::telemetry::progress::{Progress, ProgressMode};
 use crate::tensor::Tensor;
@@ -50,6 +51,9 @@ pub fn train_with(
 ) -> Result<TrainReport> {
     let t0 = Instant::now();
     cfg.validate()?;
+    // The flag wins over the config; checked before any data is read.
+    // Ordinal 0: one GPU per process until ranks pick their local GPU.
+    let device = device_choice::resolve(opts.device.or(cfg.device), 0)?;
     let world = coll.world_size();
     if cfg.global_batch_size % world != 0 {
         return Err(TrainError::BatchSplit {
@@ -98,7 +102,7 @@ pub fn train_with(
         Some(p) => load_initial_weights(&arch, p)?,
         None => Weights::init(&arch, cfg.seed),
     };
-    let mut st = TrainerState::new(cfg, arch, weights, local_batch, coll.rank())?;
+    let mut st = TrainerState::new(cfg, arch, weights, local_batch, coll.rank(), &device)?;
     let mut resumed_from = None;
     if let Some(spec) = &opts.resume {
         let path = ckpt.resolve(spec)?;
@@ -119,6 +123,7 @@ pub fn train_with(
     let mut sinks = Sinks::open(&dir, rank0, resumed_from.is_some(), st.step, opts.verbose)?;
     let say = |msg: &str| sinks.say(msg);
     say(&format!("run folder: {}", dir.display()));
+    say(&device.describe(&st.engine.device_name()));
     if let Some(p) = &moved_aside {
         say(&format!(
             "--start-over: the previous run was moved to {}",
@@ -203,7 +208,7 @@ pub fn train_with(
         }
         let loader_state = train_ds.state().clone();
         if let Some(test) = &test_ds {
-            let log = eval::evaluate_run(&st, test, &mut arc_evals, &dir, coll)?;
+            let log = eval::evaluate_run(&mut st, test, &mut arc_evals, &dir, coll)?;
             sinks.log(st.step, &log)?;
             sinks.note(&eval::summary_line(st.step, &log));
             report.eval_log.push((st.step, log));
