@@ -67,7 +67,8 @@ fn assert_cuda_refused(out: &Output) {
 
 /// `trm train --device cuda` (or `device=cuda` in the config) without a
 /// usable GPU stops at once with the reason and writes nothing; `--device
-/// cpu` wins over the config's key, and the run says its device.
+/// cpu` wins over the config's key, and the run says its device and the
+/// expected time before the first step.
 #[test]
 fn train_device_flag_and_key() {
     if cuda_usable() {
@@ -98,6 +99,13 @@ fn train_device_flag_and_key() {
     let err = stderr(&out);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("device: cpu (requested)"), "{err}");
+    assert!(
+        err.contains("work: ") && err.contains("per sample and ACT step"),
+        "{err}"
+    );
+    // before the first step (a timed block) and after the second
+    assert_eq!(err.matches("expected: ").count(), 2, "{err}");
+    assert!(!err.contains("WARNING"), "{err}");
     let yaml = std::fs::read_to_string(
         tmp.path()
             .join("checkpoints/data-ACT-trm/run/all_config.yaml"),

@@ -16,9 +16,11 @@
 //!
 //! By job: `state` (the trainer's state and one step), `contents` (what a
 //! checkpoint holds and the resume), `eval` (evaluation during a run),
-//! `telemetry` (where a step's numbers go), `run` (the run loop).
+//! `telemetry` (where a step's numbers go), `estimate` (the run's expected
+//! duration), `run` (the run loop).
 
 mod contents;
+mod estimate;
 mod eval;
 mod run;
 mod state;

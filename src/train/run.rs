@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use super::estimate::RunEstimate;
 use super::eval;
 use super::state::TrainerState;
 use super::telemetry::{self, Sinks};
@@ -147,6 +148,18 @@ pub fn train_with(
     if test_ds.is_none() {
         say("no test split found: evaluation is skipped");
     }
+    let mut estimate = RunEstimate::new(
+        &st.arch,
+        local_batch,
+        device.kind,
+        schedule.total_steps,
+        st.step,
+    );
+    if rank0 {
+        for line in estimate.before_first_step(&st.arch) {
+            sinks.tell(line);
+        }
+    }
 
     let mut report = TrainReport {
         run_dir: dir.clone(),
@@ -172,6 +185,7 @@ pub fn train_with(
                 ProgressMode::Hidden
             },
         )
+        .with_samples_per_step(cfg.global_batch_size as u64)
     });
     for it in st.iters_done..schedule.total_iters {
         let mut batches = train_ds.train_batches();
@@ -187,6 +201,11 @@ pub fn train_with(
             sinks.log(st.step, &log)?;
             sinks.progress(st.step, &m, cfg.global_batch_size);
             report.train_log.push((st.step, log));
+            if rank0 {
+                for line in estimate.after_step(secs) {
+                    sinks.tell(line);
+                }
+            }
             if let Some(d) = pause {
                 std::thread::sleep(d);
             }
