@@ -136,7 +136,8 @@ pub struct InferOptions {
     pub progress: bool,
     /// Messages (warnings, phases) on stderr.
     pub verbose: bool,
-    /// The engine (`--device`); `None`: a usable GPU, else the CPU.
+    /// The engine (`--device`); `None`: the `device` of the model's run
+    /// config, else a usable GPU, else the CPU.
     pub device: Option<DeviceKind>,
 }
 
@@ -358,9 +359,20 @@ pub fn infer(opts: &InferOptions) -> Result<InferOutput> {
             "--pass-ks needs one or more K of at least 1".into(),
         ));
     }
-    // Ordinal 0: `trm infer` is one process.
-    let device = device_choice::resolve(opts.device, 0)?;
+    // A device asked for is checked before any input is read. Ordinal 0:
+    // `trm infer` is one process.
+    let asked = opts
+        .device
+        .map(|d| device_choice::resolve(Some(d), 0))
+        .transpose()?;
     let pkg = ModelPackage::open(&opts.model_dir)?;
+    // Else the `device` of the model's run config (a `cpu-tiny` model stays
+    // on the CPU), else automatic. A run config that does not parse only
+    // matters to --fit-steps, which reports it.
+    let device = match asked {
+        Some(d) => d,
+        None => device_choice::resolve(pkg.training_config().ok().and_then(|c| c.device), 0)?,
+    };
     let ds = pkg.config.dataset.clone();
     let seed = opts.seed.unwrap_or(ds.seed);
     let num_aug = opts.num_aug.unwrap_or(ds.num_aug);

@@ -164,8 +164,9 @@ struct InferArgs {
     /// Only errors and the final summary (no progress bar).
     #[arg(long)]
     quiet: bool,
-    /// Where the network runs; default: cuda when this build has the
-    /// kernels and a usable GPU, else cpu.
+    /// Where the network runs; default: the `device` of the model's run
+    /// config, else cuda when this build has the kernels and a usable GPU,
+    /// else cpu.
     #[arg(long, value_enum)]
     device: Option<DeviceKind>,
 }
