@@ -687,3 +687,23 @@ fn infer_out_refuses_a_file_it_did_not_write() {
     );
     assert_eq!(read_json(&path), read_json(&sub));
 }
+
+/// Without --device, `trm infer` runs on the device the model's run config
+/// names (the fixture trained `cpu-tiny`, `device: cpu`), on any machine.
+#[test]
+fn infer_defaults_to_the_device_of_the_models_run_config() {
+    let f = fixture();
+    let out = Command::new(env!("CARGO_BIN_EXE_trm"))
+        .args(["infer", "--model"])
+        .arg(&f.model)
+        .arg("--challenges")
+        .arg(&f.challenges)
+        .arg("--out")
+        .arg(f.root.join("device-sub").join("submission.json"))
+        .args(["--num-aug", &NUM_AUG.to_string()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("device: cpu (requested)"), "{stderr}");
+}

@@ -113,6 +113,9 @@ pub enum EngineError {
     Collective(#[from] CollectiveError),
     #[error(transparent)]
     Cuda(#[from] crate::backend::cuda::CudaError),
+    /// The device asked for is not in this build.
+    #[error(transparent)]
+    Device(#[from] crate::model::device_choice::DeviceError),
     /// A state to import that does not fit this engine.
     #[error("{0}")]
     State(String),

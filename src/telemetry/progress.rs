@@ -44,6 +44,8 @@ pub struct Progress {
     total: u64,
     start_step: u64,
     started: Instant,
+    /// Samples per step, for a samples/s figure (0: none shown).
+    samples_per_step: u64,
 }
 
 impl Progress {
@@ -71,7 +73,14 @@ impl Progress {
             total,
             start_step,
             started: Instant::now(),
+            samples_per_step: 0,
         }
+    }
+
+    /// Shows samples/s too, at `n` samples per step (the global batch).
+    pub fn with_samples_per_step(mut self, n: u64) -> Progress {
+        self.samples_per_step = n;
+        self
     }
 
     /// Records that `step` is done, with the current loss if known.
@@ -81,7 +90,10 @@ impl Progress {
 
     fn update_at(&mut self, step: u64, loss: Option<f64>, now: Instant) {
         let elapsed = now.saturating_duration_since(self.started);
-        let stats = Stats::new(step, self.total, self.start_step, elapsed, loss);
+        let mut stats = Stats::new(step, self.total, self.start_step, elapsed, loss);
+        if self.samples_per_step > 0 {
+            stats.samples_per_s = Some(stats.rate * self.samples_per_step as f64);
+        }
         match &mut self.out {
             Out::Bar(b) => {
                 b.set_position(step);
@@ -146,6 +158,8 @@ pub struct Stats {
     /// Time left at that rate (`None` until a step is done).
     pub eta: Option<Duration>,
     pub loss: Option<f64>,
+    /// Samples per second at that rate, when the samples per step are known.
+    pub samples_per_s: Option<f64>,
 }
 
 impl Stats {
@@ -171,13 +185,18 @@ impl Stats {
             rate,
             eta,
             loss,
+            samples_per_s: None,
         }
     }
 
     /// The bar's message: rate, ETA and loss.
     pub fn message(&self) -> String {
         let eta = self.eta.map_or_else(|| "?".to_string(), format_duration);
-        let mut s = format!("{:.2} it/s eta {eta}", self.rate);
+        let mut s = format!("{:.2} it/s", self.rate);
+        if let Some(sps) = self.samples_per_s {
+            s.push_str(&format!(" {sps:.1} samples/s"));
+        }
+        s.push_str(&format!(" eta {eta}"));
         if let Some(l) = self.loss {
             s.push_str(&format!(" loss {l:.4}"));
         }
@@ -277,6 +296,32 @@ mod tests {
         assert!(String::from_utf8(sink.0.lock().unwrap().clone())
             .unwrap()
             .ends_with("eval done\n"));
+    }
+
+    #[test]
+    fn samples_per_second_when_the_batch_is_known() {
+        let s = Stats {
+            samples_per_s: Some(5.0 * 768.0),
+            ..Stats::new(150, 1000, 100, Duration::from_secs(10), Some(1.23456))
+        };
+        assert_eq!(
+            s.line(),
+            "step 150/1000 (15.0%) 5.00 it/s 3840.0 samples/s eta 2m50s loss 1.2346"
+        );
+        let sink = Shared::default();
+        let mut p = Progress::new(
+            4,
+            0,
+            ProgressMode::Plain {
+                interval: Duration::from_secs(60),
+                sink: Box::new(sink.clone()),
+            },
+        )
+        .with_samples_per_step(8);
+        let t0 = p.started;
+        p.update_at(1, None, t0 + Duration::from_secs(2));
+        let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text, "step 1/4 (25.0%) 0.50 it/s 4.0 samples/s eta 6s\n");
     }
 
     #[test]

@@ -11,7 +11,7 @@ use crate::checkpoint::{self, CheckpointContents, TrainState};
 use crate::config::RunConfig;
 use crate::data::loader::LoaderState;
 use crate::model::act::{exploration_rng, Carry};
-use crate::model::engine::{Engine, EngineError, EngineState};
+use crate::model::engine::{EngineError, EngineState};
 use crate::model::trm::Params;
 use crate::model::weights::{Weights, PUZZLE_EMB};
 

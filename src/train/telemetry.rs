@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use super::estimate::Say;
 use super::Result;
 use crate::config::{RunConfig, Schedule};
 use crate::loss::StepMetrics;
@@ -63,6 +64,19 @@ impl Sinks {
         match &mut self.progress {
             Some(p) if self.verbose => p.println(line),
             _ => self.say(line),
+        }
+    }
+
+    /// An estimate line: notes as [`Sinks::note`], warnings on rank 0 even
+    /// in quiet runs (above the progress bar when there is one).
+    pub(super) fn tell(&mut self, line: Say) {
+        match line {
+            Say::Note(l) => self.note(&l),
+            Say::Warning(w) if self.rank0 => match &mut self.progress {
+                Some(p) if self.verbose => p.println(&w),
+                _ => eprintln!("{w}"),
+            },
+            Say::Warning(_) => {}
         }
     }
 
