@@ -588,7 +588,7 @@ pub fn infer(opts: &InferOptions) -> Result<InferOutput> {
     )?;
     progress.finish();
     // The weights as run, back from the engine (they moved into it).
-    let params = engine.params();
+    let params = engine.params()?;
     drop(engine);
 
     let mut names = pkg.identifiers.clone();
@@ -754,7 +754,7 @@ fn fit_unknown(
     progress.finish();
     let loss_after = probe_loss(&mut st)?;
     Ok((
-        st.params(),
+        st.params()?,
         FitReport {
             steps: opts.fit_steps,
             rows: fitted_rows,

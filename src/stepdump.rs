@@ -324,7 +324,12 @@ fn model_step(
         device: device.kind,
         source,
     })?;
-    engine.reset_halted(&vec![true; b]);
+    engine
+        .reset_halted(&vec![true; b])
+        .map_err(|source| StepDumpError::Engine {
+            device: device.kind,
+            source,
+        })?;
     let steps = vec![1i32; b];
     let slots = trm::Batch {
         inputs: &batch.inputs,

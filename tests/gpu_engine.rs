@@ -25,7 +25,7 @@ use trm::model::cpu::CpuEngine;
 use trm::model::engine::{Engine, EngineConfig, EvalNet, OptimStep};
 use trm::model::gpu::GpuEngine;
 use trm::model::safetensors_io;
-use trm::model::trm::{Batch, Dims, LayerParams, Params};
+use trm::model::trm::{check_supported, Batch, Dims, LayerParams, Params};
 use trm::optim::AdamAtan2Config;
 use trm::stepdump;
 use trm::tensor::Tensor;
@@ -65,7 +65,7 @@ fn step_outputs(
 ) -> BTreeMap<String, Tensor> {
     let b = ids.len();
     let dm = Dims::new(arch, b);
-    engine.reset_halted(&vec![true; b]);
+    engine.reset_halted(&vec![true; b]).expect("reset");
     let batch = Batch {
         inputs,
         labels,
@@ -78,7 +78,10 @@ fn step_outputs(
     let mut out = trace.grads.to_map(arch, b);
     out.insert("loss".into(), Tensor::scalar(r.loss.loss as f32));
     out.insert("lm_loss".into(), Tensor::scalar(r.loss.lm_loss as f32));
-    out.insert("q_halt_loss".into(), Tensor::scalar(r.loss.q_halt_loss as f32));
+    out.insert(
+        "q_halt_loss".into(),
+        Tensor::scalar(r.loss.q_halt_loss as f32),
+    );
     out.insert(
         "logits".into(),
         Tensor::new(&[b, dm.seq, dm.v], trace.logits),
@@ -191,7 +194,11 @@ fn golden_steps_on_the_emulator_match_the_reference() {
             }
         }
     }
-    assert!(failures.is_empty(), "off the reference:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "off the reference:\n{}",
+        failures.join("\n")
+    );
 }
 
 /// The tabulated allowances cover what the golden files show.
@@ -320,7 +327,7 @@ fn one_step_matches_the_cpu_engine_at_three_more_configs() {
         ("3 heads d64 P3", config_three_heads()),
         ("d64 no puzzle no RoPE", config_plain()),
     ] {
-        arch.validate_supported().expect("config");
+        check_supported(&arch).expect("config");
         let b = 3;
         let params = rand_params(&arch, 7);
         let (inputs, labels, ids) = rand_batch(&arch, b, 11);
@@ -329,7 +336,9 @@ fn one_step_matches_the_cpu_engine_at_three_more_configs() {
         let mut gpu = emu_engine(&arch, params, b, false);
         let got = step_outputs(&mut gpu, &arch, &inputs, &labels, &ids);
         for (name, w) in &want {
-            let g = got.get(name).unwrap_or_else(|| panic!("{label}: `{name}` missing"));
+            let g = got
+                .get(name)
+                .unwrap_or_else(|| panic!("{label}: `{name}` missing"));
             let err = rel(g, w);
             let allowed = kind_tolerance(kind(name));
             let line = format!("{label}: {name:<55} rel {err:.3e}  allowed {allowed:.3e}");
@@ -339,7 +348,11 @@ fn one_step_matches_the_cpu_engine_at_three_more_configs() {
             }
         }
     }
-    assert!(failures.is_empty(), "off the CPU engine:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "off the CPU engine:\n{}",
+        failures.join("\n")
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -357,7 +370,7 @@ fn train_steps(
     for (i, (inputs, labels, ids)) in batches.iter().enumerate() {
         let step = first + i;
         let b = ids.len();
-        engine.reset_halted(&vec![true; b]);
+        engine.reset_halted(&vec![true; b]).expect("reset");
         let batch = Batch {
             inputs,
             labels,
@@ -424,17 +437,19 @@ fn checkpoints_cross_between_engines() {
     let batches: Vec<_> = (0..3).map(|i| rand_batch(&arch, b, 200 + i)).collect();
     let mut gpu = emu_engine(&arch, rand_params(&arch, 5), b, true);
     train_steps(&mut gpu, &arch, &batches[..2], 0);
-    let st = gpu.export_state();
+    let st = gpu.export_state().expect("export");
     let mut cpu = CpuEngine::new(arch.clone(), rand_params(&arch, 6), b, engine_config(true));
-    cpu.import_state(st.clone()).expect("CPU engine imports the CUDA engine's state");
-    let back = cpu.export_state();
+    cpu.import_state(st.clone())
+        .expect("CPU engine imports the CUDA engine's state");
+    let back = cpu.export_state().expect("export");
     assert_eq!(back.adam_m, st.adam_m);
     assert_eq!(back.ema, st.ema);
     assert_eq!(back.z_h, st.z_h);
     assert_eq!(back.params, st.params);
     let mut gpu2 = emu_engine(&arch, rand_params(&arch, 8), b, true);
-    gpu2.import_state(back).expect("CUDA engine imports the CPU engine's state");
-    let again = gpu2.export_state();
+    gpu2.import_state(back)
+        .expect("CUDA engine imports the CPU engine's state");
+    let again = gpu2.export_state().expect("export");
     assert_eq!(again.params, st.params);
     assert_eq!(again.adam_v, st.adam_v);
     assert_eq!(again.z_l, st.z_l);
@@ -460,12 +475,15 @@ fn resume_on_the_cuda_engine_is_bit_identical() {
     let l_whole = train_steps(&mut whole, &arch, &batches, 0);
     let mut first = emu_engine(&arch, params.clone(), b, true);
     train_steps(&mut first, &arch, &batches[..2], 0);
-    let st = first.export_state();
+    let st = first.export_state().expect("export");
     let mut resumed = emu_engine(&arch, rand_params(&arch, 10), b, true);
     resumed.import_state(st).expect("import");
     let l_rest = train_steps(&mut resumed, &arch, &batches[2..], 2);
     assert_eq!(&l_whole[2..], &l_rest[..], "losses after the resume");
-    let (a, c) = (whole.export_state(), resumed.export_state());
+    let (a, c) = (
+        whole.export_state().expect("export"),
+        resumed.export_state().expect("export"),
+    );
     assert_eq!(a.params, c.params);
     assert_eq!(a.adam_m, c.adam_m);
     assert_eq!(a.adam_v, c.adam_v);
@@ -490,15 +508,21 @@ fn evaluation_matches_the_cpu_engine_and_keeps_the_training_carry() {
     };
     let mut cpu = CpuEngine::new(arch.clone(), params.clone(), b, engine_config(false));
     let mut gpu = emu_engine(&arch, params, b, false);
-    let before = gpu.export_state();
+    let before = gpu.export_state().expect("export");
     let (lc, qc) = cpu.eval_steps(&batch, 3).expect("cpu eval");
     let (lg, qg) = gpu.eval_steps(&batch, 3).expect("emu eval");
     let t = |v: Vec<f32>| Tensor::new(&[v.len()], v);
     let (e_logits, e_q) = (rel(&t(lg), &t(lc)), rel(&t(qg), &t(qc)));
-    assert!(e_logits < kind_tolerance("outputs"), "logits off by {e_logits:.3e}");
+    assert!(
+        e_logits < kind_tolerance("outputs"),
+        "logits off by {e_logits:.3e}"
+    );
     assert!(e_q < kind_tolerance("outputs"), "Q logits off by {e_q:.3e}");
-    let after = gpu.export_state();
-    assert_eq!(before.z_h, after.z_h, "evaluation changed the training carry");
+    let after = gpu.export_state().expect("export");
+    assert_eq!(
+        before.z_h, after.z_h,
+        "evaluation changed the training carry"
+    );
 }
 
 /// Configs the kernels cannot run are refused at construction with the
@@ -528,7 +552,7 @@ fn unsupported_configs_and_bad_batches_are_clear_errors() {
         puzzle_ids: &ids,
         b: 2,
     };
-    let err = trm::model::engine::ActNet::inner_step(&mut gpu, &batch)
-        .expect_err("puzzle id 99 of 5");
+    let err =
+        trm::model::engine::ActNet::inner_step(&mut gpu, &batch).expect_err("puzzle id 99 of 5");
     assert!(err.to_string().contains("puzzle identifier 99"), "{err}");
 }

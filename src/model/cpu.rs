@@ -146,8 +146,15 @@ impl Engine for CpuEngine {
         })
     }
 
-    fn reset_halted(&mut self, halted: &[bool]) {
+    fn reset_halted(&mut self, halted: &[bool]) -> Result<(), EngineError> {
         let (s, d) = (self.ctx.dm.s, self.ctx.dm.d);
+        if halted.len() != self.ctx.dm.b {
+            return Err(EngineError::State(format!(
+                "{} halted flags for a batch of {}",
+                halted.len(),
+                self.ctx.dm.b
+            )));
+        }
         for (b, _) in halted.iter().enumerate().filter(|(_, &h)| h) {
             for t in 0..s {
                 let r = (b * s + t) * d;
@@ -155,6 +162,7 @@ impl Engine for CpuEngine {
                 self.state.z_l[r..r + d].copy_from_slice(&self.params.l_init);
             }
         }
+        Ok(())
     }
 
     fn optimizer_step(
@@ -195,23 +203,23 @@ impl Engine for CpuEngine {
         Ok(())
     }
 
-    fn params(&self) -> Params<f32> {
-        self.params.clone()
+    fn params(&self) -> Result<Params<f32>, EngineError> {
+        Ok(self.params.clone())
     }
 
-    fn eval_params(&self) -> Params<f32> {
-        match &self.ema {
+    fn eval_params(&self) -> Result<Params<f32>, EngineError> {
+        Ok(match &self.ema {
             Some(ema) => {
                 let mut p = self.params.clone();
                 self.layout.unflatten(ema.shadow(), &mut p);
                 p
             }
             None => self.params.clone(),
-        }
+        })
     }
 
-    fn export_state(&self) -> EngineState {
-        EngineState {
+    fn export_state(&self) -> Result<EngineState, EngineError> {
+        Ok(EngineState {
             params: self.params.clone(),
             adam_m: self.adam.exp_avg().to_vec(),
             adam_v: self.adam.exp_avg_sq().to_vec(),
@@ -219,7 +227,7 @@ impl Engine for CpuEngine {
             ema: self.ema.as_ref().map(|e| e.shadow().to_vec()),
             z_h: self.state.z_h.clone(),
             z_l: self.state.z_l.clone(),
-        }
+        })
     }
 
     fn import_state(&mut self, st: EngineState) -> Result<(), EngineError> {
@@ -296,7 +304,7 @@ mod tests {
             b,
         };
         let check = |e: &mut CpuEngine| {
-            let want_params = e.eval_params();
+            let want_params = e.eval_params().unwrap();
             let ctx = Ctx::new(&arch, b);
             let mut reference = CpuEval {
                 ctx: &ctx,
@@ -316,7 +324,7 @@ mod tests {
             update_dense: true,
         };
         for _ in 0..2 {
-            e.reset_halted(&[true, true]);
+            e.reset_halted(&[true, true]).unwrap();
             act::act_step(&mut e, &arch, &batch, &[1, 1], None).unwrap();
             e.optimizer_step(&update, &[1, 2], &SingleProcess).unwrap();
             check(&mut e);
@@ -325,9 +333,9 @@ mod tests {
         }
         // The shadow lags the live weights, so the checks above compared
         // against something other than the live weights.
-        assert_ne!(e.eval_params().lm_head, e.params.lm_head);
+        assert_ne!(e.eval_params().unwrap().lm_head, e.params.lm_head);
         // A resume replaces the weights: the cache goes with them.
-        e.import_state(e.export_state()).unwrap();
+        e.import_state(e.export_state().unwrap()).unwrap();
         assert!(e.eval_dense.is_none());
         check(&mut e);
     }

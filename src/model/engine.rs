@@ -134,7 +134,7 @@ pub trait Engine: ActNet<f32> + EvalNet {
 
     /// Restarts the hidden state of every slot whose `halted` flag is set
     /// from `H_init` / `L_init` (before the host loads new samples there).
-    fn reset_halted(&mut self, halted: &[bool]);
+    fn reset_halted(&mut self, halted: &[bool]) -> Result<(), EngineError>;
 
     /// One optimiser update from the last backward: dense gradients summed
     /// over ranks through `coll`, AdamATan2 and EMA, then sign-SGD on the
@@ -147,14 +147,14 @@ pub trait Engine: ActNet<f32> + EvalNet {
     ) -> Result<(), EngineError>;
 
     /// The live weights, on the host.
-    fn params(&self) -> Params<f32>;
+    fn params(&self) -> Result<Params<f32>, EngineError>;
 
     /// The weights evaluation uses: the EMA shadow when EMA is on (with the
     /// live puzzle-embedding table), else the live weights.
-    fn eval_params(&self) -> Params<f32>;
+    fn eval_params(&self) -> Result<Params<f32>, EngineError>;
 
     /// The full state for a checkpoint.
-    fn export_state(&self) -> EngineState;
+    fn export_state(&self) -> Result<EngineState, EngineError>;
 
     /// Replaces the full state (a resume); fails when it does not fit.
     fn import_state(&mut self, state: EngineState) -> Result<(), EngineError>;

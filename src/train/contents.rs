@@ -32,7 +32,7 @@ impl TrainerState {
         loader: &LoaderState,
     ) -> Result<CheckpointContents> {
         let dm = self.dm;
-        let e = self.engine.export_state();
+        let e = self.engine.export_state().map_err(engine_error)?;
         let mut model = e.params.to_map(&self.arch);
         let mut puzzle_emb = BTreeMap::new();
         if let Some(t) = model.remove(PUZZLE_EMB) {

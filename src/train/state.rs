@@ -103,7 +103,9 @@ impl TrainerState {
         let dm = self.dm;
         check_batch_shape(&dm, batch, "inputs")?;
         // Halted slots take new samples and restart from H_init / L_init.
-        self.engine.reset_halted(&self.carry.halted);
+        self.engine
+            .reset_halted(&self.carry.halted)
+            .map_err(engine_error)?;
         self.carry.load_halted(batch);
         for s in self.carry.steps.iter_mut() {
             *s += 1;
@@ -155,14 +157,14 @@ impl TrainerState {
     }
 
     /// The live weights (a host copy).
-    pub fn params(&self) -> Params<f32> {
-        self.engine.params()
+    pub fn params(&self) -> Result<Params<f32>> {
+        self.engine.params().map_err(engine_error)
     }
 
     /// The weights evaluation uses: the EMA shadow when EMA is on (with the
     /// live puzzle-embedding table), else the live weights.
-    pub fn eval_params(&self) -> Params<f32> {
-        self.engine.eval_params()
+    pub fn eval_params(&self) -> Result<Params<f32>> {
+        self.engine.eval_params().map_err(engine_error)
     }
 
     pub fn local_batch(&self) -> usize {

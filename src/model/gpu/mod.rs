@@ -17,19 +17,21 @@ pub mod weights;
 use half::bf16;
 
 use crate::backend::cpu::rope::rope_tables;
+use crate::backend::cpu::stablemax_ce::IGNORE_LABEL;
 use crate::backend::cuda::ops::{
-    adam_atan2, cast_f32_to_bf16, carry_reset, ema, puzzle_sign_sgd, scale_f32,
+    adam_atan2, carry_reset, cast_f32_to_bf16, ema, puzzle_sign_sgd, scale_f32,
     stablemax_ce_backward, stablemax_ce_forward, AdamAtan2Step, CeOutputs,
 };
 use crate::backend::cuda::{Buffer, CudaError, Device};
-use crate::backend::cpu::stablemax_ce::IGNORE_LABEL;
 use crate::dist::Collective;
 use crate::model::config::{ArchConfig, PosEncodings};
 use crate::model::engine::{
     ActNet, Engine, EngineConfig, EngineError, EngineState, EvalNet, OptimStep, StepTrace,
 };
 use crate::model::layout::FlatLayout;
-use crate::model::trm::{check_supported, q_head_loss, Batch, Dims, Grads, LossOut, Params, TrmError};
+use crate::model::trm::{
+    check_supported, q_head_loss, Batch, Dims, Grads, LossOut, Params, TrmError,
+};
 
 use net::{GradSink, Net};
 use plan::{Activations, PlanShape};
@@ -169,7 +171,11 @@ impl GpuEngine {
             dev: &self.dev,
             dm: self.dm,
             eps: self.arch.rms_norm_eps as f32,
-            w: if eval { self.w.eval_bf16() } else { &self.w.bf16 },
+            w: if eval {
+                self.w.eval_bf16()
+            } else {
+                &self.w.bf16
+            },
             off: &self.off,
             num_puzzle_ids: self.arch.num_puzzle_identifiers,
             cos: &self.acts.cos,
@@ -197,7 +203,11 @@ impl GpuEngine {
     /// The input embeddings of the uploaded batch into `acts.x`, with the
     /// token table of the live or the evaluation weights.
     fn embed_inputs(&self, eval: bool) -> Result<(), CudaError> {
-        let table = if eval { self.w.eval_bf16() } else { &self.w.bf16 };
+        let table = if eval {
+            self.w.eval_bf16()
+        } else {
+            &self.w.bf16
+        };
         let n = self.dm.v * self.dm.d;
         self.dev
             .copy((&self.w.embed, 0), (table, self.off.embed), n)?;
@@ -234,7 +244,11 @@ impl GpuEngine {
                 return Ok(b);
             }
         }
-        let src = if eval { self.w.eval_master() } else { &self.w.master };
+        let src = if eval {
+            self.w.eval_master()
+        } else {
+            &self.w.master
+        };
         let v = self.dev.download_range(src, self.off.q_b, 2)?;
         let b = [v[0], v[1]];
         if !eval || self.w.ema.is_none() {
@@ -318,7 +332,8 @@ impl GpuEngine {
         }
         let dm = self.dm;
         let acts = &self.acts;
-        self.dev.write(&acts.labels, &self.full_labels(batch.labels))?;
+        self.dev
+            .write(&acts.labels, &self.full_labels(batch.labels))?;
         let outs = CeOutputs {
             sample_loss: Some(&acts.sample_loss),
             count: Some(&acts.count),
@@ -425,9 +440,8 @@ impl GpuEngine {
                 dev.write(&self.w.grad, &flat)?;
             }
             self.adam_steps += 1;
-            let step = u32::try_from(self.adam_steps).map_err(|_| {
-                EngineError::State("more than 2^32 optimiser steps".into())
-            })?;
+            let step = u32::try_from(self.adam_steps)
+                .map_err(|_| EngineError::State("more than 2^32 optimiser steps".into()))?;
             let a = &self.cfg.adam;
             let h = AdamAtan2Step {
                 lr: up.lr,
@@ -437,7 +451,15 @@ impl GpuEngine {
                 step,
             };
             let w = &self.w;
-            adam_atan2(dev, &w.master, &w.adam_m, &w.adam_v, &w.grad, Some(&w.bf16), h)?;
+            adam_atan2(
+                dev,
+                &w.master,
+                &w.adam_m,
+                &w.adam_v,
+                &w.grad,
+                Some(&w.bf16),
+                h,
+            )?;
             if let (Some(shadow), Some(rate)) = (&w.ema, self.cfg.ema_rate) {
                 ema(dev, shadow, &w.master, rate)?;
             }
@@ -456,12 +478,32 @@ impl GpuEngine {
                 let (ids, all) = coll.all_gather_rows(puzzle_ids, &local)?;
                 let (ids_d, rows_d) = (dev.upload(&ids)?, dev.upload(&all)?);
                 let table = &self.w.puzzle;
-                puzzle_sign_sgd(dev, table, &rows_d, &ids_d, ids.len(), ndim, num_ids, lr, wd)?;
+                puzzle_sign_sgd(
+                    dev,
+                    table,
+                    &rows_d,
+                    &ids_d,
+                    ids.len(),
+                    ndim,
+                    num_ids,
+                    lr,
+                    wd,
+                )?;
             } else {
                 dev.write(&self.acts.puzzle_ids, puzzle_ids)?;
                 let (table, ids) = (&self.w.puzzle, &self.acts.puzzle_ids);
                 let b = self.dm.b;
-                puzzle_sign_sgd(dev, table, &self.acts.dpuzzle, ids, b, ndim, num_ids, lr, wd)?;
+                puzzle_sign_sgd(
+                    dev,
+                    table,
+                    &self.acts.dpuzzle,
+                    ids,
+                    b,
+                    ndim,
+                    num_ids,
+                    lr,
+                    wd,
+                )?;
             }
         }
         Ok(())
@@ -474,7 +516,11 @@ impl GpuEngine {
         let mut z_l = widen(self.dev.download(&self.acts.z_l)?);
         if let Some(halted) = &self.pending_reset {
             let (s, d) = (self.dm.s, self.dm.d);
-            let round = |v: &[f32]| v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect::<Vec<_>>();
+            let round = |v: &[f32]| {
+                v.iter()
+                    .map(|&x| bf16::from_f32(x).to_f32())
+                    .collect::<Vec<_>>()
+            };
             let (hi, li) = (round(&self.template.h_init), round(&self.template.l_init));
             for (b, _) in halted.iter().enumerate().filter(|(_, &h)| h) {
                 for t in 0..s {
@@ -498,21 +544,10 @@ impl GpuEngine {
         Ok(p)
     }
 
-    /// The live weights on the host.
-    pub fn try_params(&self) -> Result<Params<f32>, EngineError> {
-        Ok(self.params_from(&self.w.master)?)
-    }
-
-    /// The evaluation weights on the host (see [`Engine::eval_params`]).
-    pub fn try_eval_params(&self) -> Result<Params<f32>, EngineError> {
-        Ok(self.params_from(self.w.eval_master())?)
-    }
-
-    /// The full state for a checkpoint.
-    pub fn try_export_state(&self) -> Result<EngineState, EngineError> {
+    fn export_state_impl(&self) -> Result<EngineState, EngineError> {
         let (z_h, z_l) = self.carry_host()?;
         Ok(EngineState {
-            params: self.try_params()?,
+            params: self.params_from(&self.w.master)?,
             adam_m: self.dev.download(&self.w.adam_m)?,
             adam_v: self.dev.download(&self.w.adam_v)?,
             optimizer_steps: self.adam_steps,
@@ -544,7 +579,8 @@ impl GpuEngine {
         }
         let p = &st.params;
         let table = self.arch.num_puzzle_identifiers * self.dm.ndim;
-        if p.puzzle_emb.len() != table || p.h_init.len() != self.dm.d || p.l_init.len() != self.dm.d {
+        if p.puzzle_emb.len() != table || p.h_init.len() != self.dm.d || p.l_init.len() != self.dm.d
+        {
             return Err(EngineError::State(
                 "the checkpoint's weights do not fit this model's config".into(),
             ));
@@ -694,9 +730,17 @@ impl Engine for GpuEngine {
         self.step_trace_impl()
     }
 
-    fn reset_halted(&mut self, halted: &[bool]) {
+    fn reset_halted(&mut self, halted: &[bool]) -> Result<(), EngineError> {
+        if halted.len() != self.dm.b {
+            return Err(EngineError::State(format!(
+                "{} halted flags for a batch of {}",
+                halted.len(),
+                self.dm.b
+            )));
+        }
         // Applied on the device at the next inner step (the only reader).
         self.pending_reset = Some(halted.to_vec());
+        Ok(())
     }
 
     fn optimizer_step(
@@ -708,18 +752,16 @@ impl Engine for GpuEngine {
         self.optimizer_step_impl(update, puzzle_ids, coll)
     }
 
-    fn params(&self) -> Params<f32> {
-        self.try_params().expect("reading the weights back from the device")
+    fn params(&self) -> Result<Params<f32>, EngineError> {
+        Ok(self.params_from(&self.w.master)?)
     }
 
-    fn eval_params(&self) -> Params<f32> {
-        self.try_eval_params()
-            .expect("reading the weights back from the device")
+    fn eval_params(&self) -> Result<Params<f32>, EngineError> {
+        Ok(self.params_from(self.w.eval_master())?)
     }
 
-    fn export_state(&self) -> EngineState {
-        self.try_export_state()
-            .expect("reading the state back from the device")
+    fn export_state(&self) -> Result<EngineState, EngineError> {
+        self.export_state_impl()
     }
 
     fn import_state(&mut self, state: EngineState) -> Result<(), EngineError> {

@@ -33,9 +33,10 @@ pub struct LayerOffsets {
 impl Offsets {
     pub fn new(layout: &FlatLayout, n_layers: usize) -> Result<Offsets, CudaError> {
         let at = |name: &str| {
-            layout.range_of(name).map(|r| r.start).ok_or_else(|| {
-                CudaError::Shape(format!("the flat layout has no tensor `{name}`"))
-            })
+            layout
+                .range_of(name)
+                .map(|r| r.start)
+                .ok_or_else(|| CudaError::Shape(format!("the flat layout has no tensor `{name}`")))
         };
         let layers = (0..n_layers)
             .map(|i| {
