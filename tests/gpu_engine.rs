@@ -22,6 +22,7 @@ use trm::dist::SingleProcess;
 use trm::model::act;
 use trm::model::config::{ArchConfig, PosEncodings};
 use trm::model::cpu::CpuEngine;
+use trm::model::device_choice::{self, DeviceKind};
 use trm::model::engine::{Engine, EngineConfig, EvalNet, OptimStep};
 use trm::model::gpu::GpuEngine;
 use trm::model::safetensors_io;
@@ -150,28 +151,21 @@ fn load(path: &Path) -> BTreeMap<String, Tensor> {
     safetensors_io::load_tensors_as_f32(path).expect("safetensors")
 }
 
-/// The golden steps on the emulator: every tensor of `expected.safetensors`
-/// within twice the reference's own bf16 error (floor [`FLOOR`]).
+/// `trm step-dump --device emu` on every golden case: every tensor of
+/// `expected.safetensors` within twice the reference's own bf16 error
+/// (floor [`FLOOR`]).
 #[test]
 fn golden_steps_on_the_emulator_match_the_reference() {
     let mut failures = Vec::new();
+    let emu = device_choice::resolve(Some(DeviceKind::Emu), 0).expect("the emulator");
     for case in golden_cases() {
         let label = case.file_name().unwrap().to_string_lossy().to_string();
         let arch = ArchConfig::from_json_file(&case.join("config.json")).expect("config");
         let weights =
             stepdump::load_weights(&arch, &case.join("weights.safetensors")).expect("weights");
         let batch = stepdump::load_batch(&case.join("batch.safetensors"), &arch).expect("batch");
-        let mut arch = arch;
-        arch.halt_exploration_prob = 0.0;
-        let params = Params::<f32>::from_weights(&arch, &weights).expect("params");
-        let mut engine = emu_engine(&arch, params, batch.batch_size, false);
-        let out = step_outputs(
-            &mut engine,
-            &arch,
-            &batch.inputs,
-            &batch.labels,
-            &batch.puzzle_identifiers,
-        );
+        let out = stepdump::step_dump_on(&emu, &arch, &weights, &batch)
+            .unwrap_or_else(|e| panic!("{label}: step-dump on the emulator: {e}"));
         let f32_ref = load(&case.join("expected.safetensors"));
         let bf16_ref = load(&case.join("expected-bf16.safetensors"));
         for (name, want) in &f32_ref {
