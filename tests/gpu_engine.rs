@@ -31,6 +31,42 @@ use trm::optim::AdamAtan2Config;
 use trm::stepdump;
 use trm::tensor::Tensor;
 
+mod device;
+use device::Dev;
+
+/// Where a test body runs: the emulator of the kernels, or GPU 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Emu,
+    Gpu,
+}
+
+impl Target {
+    fn device(self) -> Device {
+        match self {
+            Target::Emu => Device::Emu,
+            Target::Gpu => Device::gpu(0).unwrap_or_else(|e| panic!("GPU 0: {e}")),
+        }
+    }
+}
+
+/// Each body as `<name>_emu` and `<name>_gpu` (the latter says it did not
+/// run and asserts nothing without a GPU, unless TRM_REQUIRE_GPU=1).
+macro_rules! on_both {
+    ($body:ident, $emu:ident, $gpu:ident) => {
+        #[test]
+        fn $emu() {
+            $body(Target::Emu);
+        }
+        #[test]
+        fn $gpu() {
+            if Dev::gpu().is_some() {
+                $body(Target::Gpu);
+            }
+        }
+    };
+}
+
 /// The smallest allowance of any tensor (see the module comment).
 const FLOOR: f64 = 1e-2;
 
@@ -50,9 +86,9 @@ fn engine_config(ema: bool) -> EngineConfig {
     }
 }
 
-fn emu_engine(arch: &ArchConfig, p: Params<f32>, b: usize, ema: bool) -> GpuEngine {
-    GpuEngine::new(Device::Emu, arch.clone(), p, b, engine_config(ema))
-        .unwrap_or_else(|e| panic!("GpuEngine on the emulator: {e}"))
+fn gpu_engine(t: Target, arch: &ArchConfig, p: Params<f32>, b: usize, ema: bool) -> GpuEngine {
+    GpuEngine::new(t.device(), arch.clone(), p, b, engine_config(ema))
+        .unwrap_or_else(|e| panic!("GpuEngine on {t:?}: {e}"))
 }
 
 /// One ACT step from a fresh carry, exploration off, as `trm step-dump`
@@ -154,10 +190,13 @@ fn load(path: &Path) -> BTreeMap<String, Tensor> {
 /// `trm step-dump --device emu` on every golden case: every tensor of
 /// `expected.safetensors` within twice the reference's own bf16 error
 /// (floor [`FLOOR`]).
-#[test]
-fn golden_steps_on_the_emulator_match_the_reference() {
+fn golden_steps_match_the_reference(t: Target) {
     let mut failures = Vec::new();
-    let emu = device_choice::resolve(Some(DeviceKind::Emu), 0).expect("the emulator");
+    let kind = match t {
+        Target::Emu => DeviceKind::Emu,
+        Target::Gpu => DeviceKind::Cuda,
+    };
+    let emu = device_choice::resolve(Some(kind), 0).expect("the device");
     for case in golden_cases() {
         let label = case.file_name().unwrap().to_string_lossy().to_string();
         let arch = ArchConfig::from_json_file(&case.join("config.json")).expect("config");
@@ -194,6 +233,12 @@ fn golden_steps_on_the_emulator_match_the_reference() {
         failures.join("\n")
     );
 }
+
+on_both!(
+    golden_steps_match_the_reference,
+    golden_steps_match_the_reference_emu,
+    golden_steps_match_the_reference_gpu
+);
 
 /// The tabulated allowances cover what the golden files show.
 #[test]
@@ -313,8 +358,7 @@ fn config_plain() -> ArchConfig {
     c
 }
 
-#[test]
-fn one_step_matches_the_cpu_engine_at_three_more_configs() {
+fn one_step_matches_the_cpu_engine_at_three_more_configs(t: Target) {
     let mut failures = Vec::new();
     for (label, arch) in [
         ("H1 L1 odd S", config_h1_l1_odd()),
@@ -327,7 +371,7 @@ fn one_step_matches_the_cpu_engine_at_three_more_configs() {
         let (inputs, labels, ids) = rand_batch(&arch, b, 11);
         let mut cpu = CpuEngine::new(arch.clone(), params.clone(), b, engine_config(false));
         let want = step_outputs(&mut cpu, &arch, &inputs, &labels, &ids);
-        let mut gpu = emu_engine(&arch, params, b, false);
+        let mut gpu = gpu_engine(t, &arch, params, b, false);
         let got = step_outputs(&mut gpu, &arch, &inputs, &labels, &ids);
         for (name, w) in &want {
             let g = got
@@ -348,6 +392,12 @@ fn one_step_matches_the_cpu_engine_at_three_more_configs() {
         failures.join("\n")
     );
 }
+
+on_both!(
+    one_step_matches_the_cpu_engine_at_three_more_configs,
+    one_step_matches_the_cpu_engine_at_three_more_configs_emu,
+    one_step_matches_the_cpu_engine_at_three_more_configs_gpu
+);
 
 // ---------------------------------------------------------------------------
 // training: both engines, checkpoints across engines, resume
@@ -401,14 +451,13 @@ fn small_training_config() -> ArchConfig {
 
 /// 20 steps from the same weights and data: the loss of every step agrees
 /// within 5 % between the engines (bf16 against f32).
-#[test]
-fn twenty_training_steps_agree_with_the_cpu_engine() {
+fn twenty_training_steps_agree_with_the_cpu_engine(t: Target) {
     let arch = small_training_config();
     let b = 4;
     let params = rand_params(&arch, 3);
     let batches: Vec<_> = (0..20).map(|i| rand_batch(&arch, b, 100 + i)).collect();
     let mut cpu = CpuEngine::new(arch.clone(), params.clone(), b, engine_config(true));
-    let mut gpu = emu_engine(&arch, params, b, true);
+    let mut gpu = gpu_engine(t, &arch, params, b, true);
     let lc = train_steps(&mut cpu, &arch, &batches, 0);
     let lg = train_steps(&mut gpu, &arch, &batches, 0);
     for (i, (c, g)) in lc.iter().zip(&lg).enumerate() {
@@ -421,15 +470,20 @@ fn twenty_training_steps_agree_with_the_cpu_engine() {
     assert!(lc[19] < lc[0], "the CPU engine did not learn: {lc:?}");
 }
 
+on_both!(
+    twenty_training_steps_agree_with_the_cpu_engine,
+    twenty_training_steps_agree_with_the_cpu_engine_emu,
+    twenty_training_steps_agree_with_the_cpu_engine_gpu
+);
+
 /// A CUDA-engine state loads into the CPU engine and the other way round:
 /// the next step's loss agrees as in the training test, and the state
 /// round-trips through each engine exactly (bf16 carries are exact in f32).
-#[test]
-fn checkpoints_cross_between_engines() {
+fn checkpoints_cross_between_engines(t: Target) {
     let arch = small_training_config();
     let b = 4;
     let batches: Vec<_> = (0..3).map(|i| rand_batch(&arch, b, 200 + i)).collect();
-    let mut gpu = emu_engine(&arch, rand_params(&arch, 5), b, true);
+    let mut gpu = gpu_engine(t, &arch, rand_params(&arch, 5), b, true);
     train_steps(&mut gpu, &arch, &batches[..2], 0);
     let st = gpu.export_state().expect("export");
     let mut cpu = CpuEngine::new(arch.clone(), rand_params(&arch, 6), b, engine_config(true));
@@ -440,7 +494,7 @@ fn checkpoints_cross_between_engines() {
     assert_eq!(back.ema, st.ema);
     assert_eq!(back.z_h, st.z_h);
     assert_eq!(back.params, st.params);
-    let mut gpu2 = emu_engine(&arch, rand_params(&arch, 8), b, true);
+    let mut gpu2 = gpu_engine(t, &arch, rand_params(&arch, 8), b, true);
     gpu2.import_state(back)
         .expect("CUDA engine imports the CPU engine's state");
     let again = gpu2.export_state().expect("export");
@@ -457,20 +511,25 @@ fn checkpoints_cross_between_engines() {
     );
 }
 
+on_both!(
+    checkpoints_cross_between_engines,
+    checkpoints_cross_between_engines_emu,
+    checkpoints_cross_between_engines_gpu
+);
+
 /// Stopping after 2 of 4 steps and resuming from the exported state gives
 /// the uninterrupted run's state bit for bit.
-#[test]
-fn resume_on_the_cuda_engine_is_bit_identical() {
+fn resume_on_the_cuda_engine_is_bit_identical(t: Target) {
     let arch = small_training_config();
     let b = 4;
     let params = rand_params(&arch, 9);
     let batches: Vec<_> = (0..4).map(|i| rand_batch(&arch, b, 300 + i)).collect();
-    let mut whole = emu_engine(&arch, params.clone(), b, true);
+    let mut whole = gpu_engine(t, &arch, params.clone(), b, true);
     let l_whole = train_steps(&mut whole, &arch, &batches, 0);
-    let mut first = emu_engine(&arch, params.clone(), b, true);
+    let mut first = gpu_engine(t, &arch, params.clone(), b, true);
     train_steps(&mut first, &arch, &batches[..2], 0);
     let st = first.export_state().expect("export");
-    let mut resumed = emu_engine(&arch, rand_params(&arch, 10), b, true);
+    let mut resumed = gpu_engine(t, &arch, rand_params(&arch, 10), b, true);
     resumed.import_state(st).expect("import");
     let l_rest = train_steps(&mut resumed, &arch, &batches[2..], 2);
     assert_eq!(&l_whole[2..], &l_rest[..], "losses after the resume");
@@ -486,10 +545,51 @@ fn resume_on_the_cuda_engine_is_bit_identical() {
     assert_eq!(a.z_l, c.z_l);
 }
 
+on_both!(
+    resume_on_the_cuda_engine_is_bit_identical,
+    resume_on_the_cuda_engine_is_bit_identical_emu,
+    resume_on_the_cuda_engine_is_bit_identical_gpu
+);
+
+/// The same steps with the regions replayed from CUDA graphs and with plain
+/// launches give the same bits (on a GPU the first has graphs to replay).
+fn graphs_match_plain_launches(t: Target) {
+    let arch = small_training_config();
+    let b = 4;
+    let params = rand_params(&arch, 14);
+    let batches: Vec<_> = (0..4).map(|i| rand_batch(&arch, b, 400 + i)).collect();
+    let mut graphed = gpu_engine(t, &arch, params.clone(), b, true);
+    let mut plain = gpu_engine(t, &arch, params, b, true);
+    plain.set_graphs(false);
+    let lg = train_steps(&mut graphed, &arch, &batches, 0);
+    let lp = train_steps(&mut plain, &arch, &batches, 0);
+    if t == Target::Gpu {
+        let captured = graphed.captured_regions();
+        assert!(
+            captured.contains(&"no-grad cycles") && captured.contains(&"backward"),
+            "regions from graphs: {captured:?}"
+        );
+    }
+    assert!(plain.captured_regions().is_empty());
+    assert_eq!(lg, lp, "losses with and without graphs");
+    let (a, c) = (
+        graphed.export_state().expect("export"),
+        plain.export_state().expect("export"),
+    );
+    assert_eq!(a.params, c.params);
+    assert_eq!(a.adam_v, c.adam_v);
+    assert_eq!(a.z_h, c.z_h);
+}
+
+on_both!(
+    graphs_match_plain_launches,
+    graphs_match_plain_launches_emu,
+    graphs_match_plain_launches_gpu
+);
+
 /// Evaluation on the CUDA engine leaves the training carry alone and
 /// agrees with the CPU engine's.
-#[test]
-fn evaluation_matches_the_cpu_engine_and_keeps_the_training_carry() {
+fn evaluation_matches_the_cpu_engine_and_keeps_the_training_carry(t: Target) {
     let arch = small_training_config();
     let b = 3;
     let params = rand_params(&arch, 12);
@@ -501,7 +601,7 @@ fn evaluation_matches_the_cpu_engine_and_keeps_the_training_carry() {
         b,
     };
     let mut cpu = CpuEngine::new(arch.clone(), params.clone(), b, engine_config(false));
-    let mut gpu = emu_engine(&arch, params, b, false);
+    let mut gpu = gpu_engine(t, &arch, params, b, false);
     let before = gpu.export_state().expect("export");
     let (lc, qc) = cpu.eval_steps(&batch, 3).expect("cpu eval");
     let (lg, qg) = gpu.eval_steps(&batch, 3).expect("emu eval");
@@ -518,6 +618,12 @@ fn evaluation_matches_the_cpu_engine_and_keeps_the_training_carry() {
         "evaluation changed the training carry"
     );
 }
+
+on_both!(
+    evaluation_matches_the_cpu_engine_and_keeps_the_training_carry,
+    evaluation_matches_the_cpu_engine_and_keeps_the_training_carry_emu,
+    evaluation_matches_the_cpu_engine_and_keeps_the_training_carry_gpu
+);
 
 /// Configs the kernels cannot run are refused at construction with the
 /// reason, and a wrong batch is a model error, not a device fault.
@@ -537,7 +643,7 @@ fn unsupported_configs_and_bad_batches_are_clear_errors() {
     .expect("head dim 24 has no attention kernel");
     assert!(err.to_string().contains("head dim 24"), "{err}");
     let arch = small_training_config();
-    let mut gpu = emu_engine(&arch, rand_params(&arch, 2), 2, false);
+    let mut gpu = gpu_engine(Target::Emu, &arch, rand_params(&arch, 2), 2, false);
     let (inputs, labels, mut ids) = rand_batch(&arch, 2, 3);
     ids[1] = 99;
     let batch = Batch {

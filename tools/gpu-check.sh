@@ -45,7 +45,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # order; MEMCHECK_SUITES' `_gpu` tests also run under compute-sanitizer.
 EMU_SUITES=(emu_harness kernel_ops cuda_runtime attention) # kernels on the CPU emulator (not in --prebuilt: CI runs them)
 BUILD_SUITES=(kernels_build)                     # cubins and ptxas report (reads kernels/, so not in --prebuilt)
-GPU_SUITES=(emu_harness kernel_ops attention cuda_runtime) # arch.cuh self-tests first, then kernels, launchers, GEMMs
+GPU_SUITES=(emu_harness kernel_ops attention cuda_runtime gpu_engine) # arch.cuh self-tests first, then kernels, launchers, GEMMs, the engine
 MEMCHECK_SUITES=(kernel_ops attention)           # compute-sanitizer memcheck
 BENCHES=(kernels)                                # benches/<name>.rs, harness = false
 

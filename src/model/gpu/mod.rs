@@ -10,6 +10,7 @@
 //! computed on the host (B values) with the CPU engine's own function, and
 //! its gradient goes back as a `[B, 2]` GEMM operand.
 
+pub mod graphs;
 pub mod net;
 pub mod plan;
 pub mod weights;
@@ -33,6 +34,7 @@ use crate::model::trm::{
     check_supported, q_head_loss, Batch, Dims, Grads, LossOut, Params, TrmError,
 };
 
+use graphs::{Graphs, PhaseTimes, Profiler, Region};
 use net::{GradSink, Net};
 use plan::{Activations, PlanShape};
 use weights::{DeviceWeights, Offsets};
@@ -77,6 +79,8 @@ pub struct GpuEngine {
     /// The inner step's Q logits (with the bias), for the loss.
     last_q: Vec<f32>,
     phase: Phase,
+    graphs: Graphs,
+    profiler: Profiler,
 }
 
 /// `n` bytes in GiB, for messages.
@@ -152,6 +156,8 @@ impl GpuEngine {
             pending_reset: None,
             last_q: Vec::new(),
             phase: Phase::Idle,
+            graphs: Graphs::new(true),
+            profiler: Profiler::default(),
             arch,
         })
     }
@@ -163,6 +169,45 @@ impl GpuEngine {
             gib(self.acts.bytes()),
             gib(self.w.bytes())
         )
+    }
+
+    /// Starts (or stops) timing the phases of each step; see
+    /// [`GpuEngine::take_phase_times`].
+    pub fn set_profiling(&mut self, on: bool) {
+        self.profiler.set(on);
+    }
+
+    /// Time per phase of the steps since profiling started or this was last
+    /// called (waits for the device).
+    pub fn take_phase_times(&mut self) -> Result<PhaseTimes, EngineError> {
+        Ok(self.profiler.take()?)
+    }
+
+    /// Turns CUDA graphs on (the default on a GPU) or off; regions start
+    /// over from plain launches.
+    pub fn set_graphs(&mut self, on: bool) {
+        self.graphs = Graphs::new(on);
+    }
+
+    /// The regions now replayed from CUDA graphs.
+    pub fn captured_regions(&self) -> Vec<&'static str> {
+        self.graphs.captured()
+    }
+
+    /// Runs `body` as `region` (plain launches or its CUDA graph), timed
+    /// as one phase when profiling.
+    fn region(
+        &mut self,
+        region: Region,
+        body: impl Fn(&GpuEngine) -> Result<(), CudaError>,
+    ) -> Result<(), CudaError> {
+        let start = self.profiler.mark(&self.dev)?;
+        let mut graphs = std::mem::replace(&mut self.graphs, Graphs::off());
+        let this: &GpuEngine = self;
+        let ran = graphs.run(&this.dev, region, || body(this));
+        self.graphs = graphs;
+        ran?;
+        self.profiler.span(&self.dev, region.name(), start)
     }
 
     /// The network over the live weights (`eval`: the evaluation weights).
@@ -294,13 +339,24 @@ impl GpuEngine {
     fn inner_step_impl(&mut self, batch: &Batch<'_>) -> Result<Vec<f32>, EngineError> {
         self.upload_batch(batch)?;
         self.apply_pending_reset()?;
-        self.embed_inputs(false)?;
         let (h, l) = (self.arch.h_cycles, self.arch.l_cycles);
-        let net = self.net(false);
-        let acts = &self.acts;
-        net::nograd_cycles(&net, &acts.z_h, &acts.z_l, h.saturating_sub(1), l, acts)?;
-        net::grad_cycle(&net, l, acts)?;
-        net::heads_forward(&net, net::grad_cycle_z_h(acts, l), acts)?;
+        self.region(Region::Nograd, |e| {
+            e.embed_inputs(false)?;
+            let acts = &e.acts;
+            net::nograd_cycles(
+                &e.net(false),
+                &acts.z_h,
+                &acts.z_l,
+                h.saturating_sub(1),
+                l,
+                acts,
+            )
+        })?;
+        self.region(Region::GradForward, |e| {
+            let (net, acts) = (e.net(false), &e.acts);
+            net::grad_cycle(&net, l, acts)?;
+            net::heads_forward(&net, net::grad_cycle_z_h(acts, l), acts)
+        })?;
         let q = self.read_q(false)?;
         self.last_q = q.clone();
         self.phase = Phase::Forward;
@@ -312,13 +368,14 @@ impl GpuEngine {
             return Err(TrmError::StepOrder.into());
         }
         let md = self.dm.m() * self.dm.d;
-        let acts = &self.acts;
-        self.dev.copy((&acts.side_h, 0), (&acts.z_h, 0), md)?;
-        self.dev.copy((&acts.side_l, 0), (&acts.z_l, 0), md)?;
-        let net = self.net(false);
         let (h, l) = (self.arch.h_cycles, self.arch.l_cycles);
-        net::nograd_cycles(&net, &acts.side_h, &acts.side_l, h, l, acts)?;
-        net::q_head_forward(&net, &acts.side_h, &acts.q)?;
+        self.region(Region::Bootstrap, |e| {
+            let (net, acts) = (e.net(false), &e.acts);
+            e.dev.copy((&acts.side_h, 0), (&acts.z_h, 0), md)?;
+            e.dev.copy((&acts.side_l, 0), (&acts.z_l, 0), md)?;
+            net::nograd_cycles(&net, &acts.side_h, &acts.side_l, h, l, acts)?;
+            net::q_head_forward(&net, &acts.side_h, &acts.q)
+        })?;
         Ok(self.read_q(false)?)
     }
 
@@ -331,6 +388,7 @@ impl GpuEngine {
             return Err(TrmError::StepOrder.into());
         }
         let dm = self.dm;
+        let start = self.profiler.mark(&self.dev)?;
         let acts = &self.acts;
         self.dev
             .write(&acts.labels, &self.full_labels(batch.labels))?;
@@ -354,26 +412,32 @@ impl GpuEngine {
             .collect();
         let lm_loss: f64 = sample_loss.iter().map(|&x| x as f64).sum();
         let (q_halt_loss, q_continue_loss, dq) = q_head_loss(&self.last_q, &seq_correct, target);
-        // backward: dlogits of the summed per-sample means, dq as a GEMM operand
-        stablemax_ce_backward(
-            &self.dev,
-            &acts.dlogits,
-            &acts.logits,
-            &acts.labels,
-            &acts.count,
-            1.0,
-            b,
-            s,
-            v,
-        )?;
         let dq16: Vec<bf16> = dq.iter().map(|&x| bf16::from_f32(x)).collect();
         self.dev.write(&acts.dq, &dq16)?;
-        self.dev.zero(&self.w.grad)?;
-        let gs = GradSink {
-            grad: &self.w.grad,
-            off: &self.off,
-        };
-        net::inner_backward(&self.net(false), self.arch.l_cycles, acts, &gs)?;
+        self.profiler.span(&self.dev, "loss", start)?;
+        let l = self.arch.l_cycles;
+        self.region(Region::Backward, |e| {
+            let acts = &e.acts;
+            // dlogits of the summed per-sample means; dq is a GEMM operand
+            stablemax_ce_backward(
+                &e.dev,
+                &acts.dlogits,
+                &acts.logits,
+                &acts.labels,
+                &acts.count,
+                1.0,
+                b,
+                s,
+                v,
+            )?;
+            e.dev.zero(&e.w.grad)?;
+            let gs = GradSink {
+                grad: &e.w.grad,
+                off: &e.off,
+            };
+            net::inner_backward(&e.net(false), l, acts, &gs)
+        })?;
+        let acts = &self.acts;
         // The two gradients that are not GEMM outputs: the Q bias (summed
         // here) and the token table (from the embedding kernel).
         let db = [
@@ -407,14 +471,16 @@ impl GpuEngine {
         self.w.refresh_eval(&self.dev)?;
         self.embed_inputs(true)?;
         self.reset_slots(&vec![1; self.dm.b], true)?;
-        let net = self.net(true);
-        let acts = &self.acts;
         let (h, l) = (self.arch.h_cycles, self.arch.l_cycles);
         // Every step is a full inner forward without gradient: H cycles.
         for _ in 0..n.max(1) {
-            net::nograd_cycles(&net, &acts.side_h, &acts.side_l, h, l, acts)?;
+            self.region(Region::EvalStep, |e| {
+                let acts = &e.acts;
+                net::nograd_cycles(&e.net(true), &acts.side_h, &acts.side_l, h, l, acts)
+            })?;
         }
-        net::heads_forward(&net, &acts.side_h, acts)?;
+        let acts = &self.acts;
+        net::heads_forward(&self.net(true), &acts.side_h, acts)?;
         let q = self.read_q(true)?;
         Ok((self.read_logits()?, q))
     }
@@ -429,6 +495,18 @@ impl GpuEngine {
             return Err(TrmError::StepOrder.into());
         }
         self.phase = Phase::Idle;
+        let start = self.profiler.mark(&self.dev)?;
+        self.optimizer_updates(up, puzzle_ids, coll)?;
+        Ok(self.profiler.span(&self.dev, "optimizer", start)?)
+    }
+
+    /// AdamATan2 and EMA on the dense weights, sign-SGD on the puzzle rows.
+    fn optimizer_updates(
+        &mut self,
+        up: &OptimStep,
+        puzzle_ids: &[i32],
+        coll: &dyn Collective,
+    ) -> Result<(), EngineError> {
         let dev = &self.dev;
         let n = self.layout.len;
         if up.update_dense {
