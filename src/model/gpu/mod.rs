@@ -171,6 +171,17 @@ impl GpuEngine {
         )
     }
 
+    /// Waits for the device's queued work (and reports its errors).
+    pub fn synchronize(&self) -> Result<(), EngineError> {
+        Ok(self.dev.synchronize()?)
+    }
+
+    /// Device memory in use by the whole process (0 on the emulator).
+    pub fn device_memory_used(&self) -> Result<usize, EngineError> {
+        let (free, total) = self.dev.memory_info()?;
+        Ok(total.saturating_sub(free))
+    }
+
     /// Starts (or stops) timing the phases of each step; see
     /// [`GpuEngine::take_phase_times`].
     pub fn set_profiling(&mut self, on: bool) {
