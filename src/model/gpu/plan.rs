@@ -288,3 +288,78 @@ impl Activations {
             + i32s.iter().map(|b| b.bytes()).sum::<usize>()
     }
 }
+
+#[cfg(all(test, feature = "emu"))]
+mod tests {
+    use super::*;
+    use crate::model::config::ArchConfig;
+
+    fn shape(b: usize) -> PlanShape {
+        let mut c = ArchConfig::trm_default(9, 10, 6);
+        c.hidden_size = 64;
+        c.num_heads = 2;
+        c.l_layers = 2;
+        c.l_cycles = 3;
+        c.puzzle_emb_ndim = 64;
+        c.puzzle_emb_len = 2;
+        PlanShape {
+            dm: Dims::new(&c, b),
+            tape_calls: c.l_cycles + 1,
+            layers: c.l_layers,
+        }
+    }
+
+    /// The plan's arithmetic is what allocation makes, byte for byte.
+    #[test]
+    fn planned_bytes_are_the_allocated_bytes() {
+        for b in [1, 3] {
+            let p = shape(b);
+            let s = p.dm.s * p.dm.hd;
+            let acts = Activations::allocate(&Device::Emu, &p, &vec![1.0; s], &vec![0.0; s])
+                .expect("allocate");
+            assert_eq!(acts.bytes(), p.bytes(), "batch {b}");
+        }
+    }
+
+    /// The largest batch for a budget fits it, and one more does not.
+    #[test]
+    fn largest_batch_is_the_largest_that_fits() {
+        let p = shape(1);
+        for budget in [0, p.bytes() - 1, p.bytes(), 10 * p.bytes() + 12345] {
+            let n = p.largest_batch(budget);
+            let at = |b: usize| PlanShape {
+                dm: Dims { b, ..p.dm },
+                ..p
+            };
+            if n > 0 {
+                assert!(at(n).bytes() <= budget, "{n} for {budget}");
+            }
+            assert!(at(n + 1).bytes() > budget, "{} fits {budget}", n + 1);
+        }
+    }
+
+    /// The ARC config's activations per local batch (the README's table).
+    #[test]
+    fn arc_config_activation_sizes() {
+        let mut c = ArchConfig::trm_default(900, 12, 1);
+        c.hidden_size = 512;
+        c.num_heads = 8;
+        c.expansion = 4.0;
+        c.l_layers = 2;
+        c.puzzle_emb_ndim = 512;
+        c.puzzle_emb_len = 16;
+        for l_cycles in [4, 6] {
+            for b in [96, 192, 384] {
+                let p = PlanShape {
+                    dm: Dims::new(&c, b),
+                    tape_calls: l_cycles + 1,
+                    layers: 2,
+                };
+                let gib = p.bytes() as f64 / (1u64 << 30) as f64;
+                println!("L_cycles {l_cycles} batch {b}: {gib:.1} GiB");
+                // Linear in the batch: about 0.1 GiB per sample at L_cycles 4.
+                assert!(gib > 0.05 * b as f64 && gib < 0.2 * b as f64, "{gib}");
+            }
+        }
+    }
+}
