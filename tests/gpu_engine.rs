@@ -587,6 +587,40 @@ on_both!(
     graphs_match_plain_launches_gpu
 );
 
+/// The memory plan counts what it allocates, the embedding backward's
+/// scratch included, whose slice count grows with the batch (one slice per
+/// 64 token rows here), so the plan's bytes are not linear in B; and the
+/// largest batch it names for a budget is exact.
+#[test]
+fn the_plan_counts_what_it_allocates() {
+    use trm::model::gpu::plan::{Activations, PlanShape};
+    let arch = config_plain();
+    // (B, slices): 15 token rows a sample.
+    for (b, slices) in [(1usize, 1usize), (9, 3), (40, 10)] {
+        let dm = Dims::new(&arch, b);
+        let shape = PlanShape {
+            dm,
+            tape_calls: arch.l_cycles + 1,
+            layers: arch.l_layers,
+        };
+        let n = dm.s * dm.hd;
+        let acts = Activations::allocate(&Device::Emu, &shape, &vec![1.0; n], &vec![0.0; n])
+            .expect("allocate on the emulator");
+        assert_eq!(
+            acts.dembed_scratch.len(),
+            slices * 11 * 128,
+            "B {b}: scratch"
+        );
+        assert_eq!(acts.bytes(), shape.bytes(), "B {b}: allocated vs planned");
+        assert_eq!(shape.largest_batch(shape.bytes()), b, "B {b}: exact budget");
+        assert_eq!(
+            shape.largest_batch(shape.bytes() - 1),
+            b - 1,
+            "B {b}: a byte short"
+        );
+    }
+}
+
 /// Evaluation on the CUDA engine leaves the training carry alone and
 /// agrees with the CPU engine's.
 fn evaluation_matches_the_cpu_engine_and_keeps_the_training_carry(t: Target) {

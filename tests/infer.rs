@@ -726,12 +726,23 @@ fn infer_on_the_cuda_engine_emulator_matches_the_cpu_engine() {
             .and_then(|x| x.trim().parse::<f64>().ok())
             .unwrap_or_else(|| panic!("no `{k}` in {stdout}"));
         println!("{k}: emulator {got:.4}, CPU {v:.4}");
-        assert!((got - v).abs() <= 0.25 + 1e-9, "{k}: {got} on the emulator, {v} on the CPU");
+        assert!(
+            (got - v).abs() <= 0.25 + 1e-9,
+            "{k}: {got} on the emulator, {v} on the CPU"
+        );
     }
-    let (emu, cpu) = (read_json(&sub), read_json(&f.evaluator.join("submission.json")));
+    let (emu, cpu) = (
+        read_json(&sub),
+        read_json(&f.evaluator.join("submission.json")),
+    );
     let (mut same, mut total) = (0, 0);
     for (task, outs) in cpu.as_object().expect("a submission object") {
-        for (i, o) in outs.as_array().expect("attempts per test input").iter().enumerate() {
+        for (i, o) in outs
+            .as_array()
+            .expect("attempts per test input")
+            .iter()
+            .enumerate()
+        {
             total += 1;
             if emu[task][i]["attempt_1"] == o["attempt_1"] {
                 same += 1;
@@ -739,5 +750,8 @@ fn infer_on_the_cuda_engine_emulator_matches_the_cpu_engine() {
         }
     }
     println!("first attempts equal: {same} of {total}");
-    assert!(total > 0 && 2 * same >= total, "{same} of {total} first attempts agree");
+    assert!(
+        total > 0 && 2 * same >= total,
+        "{same} of {total} first attempts agree"
+    );
 }

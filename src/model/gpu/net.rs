@@ -130,6 +130,7 @@ pub fn input_embedding_backward(net: &Net<'_>, acts: &Activations) -> Result<(),
         dpuzzle,
         &acts.dx,
         &acts.tokens,
+        &acts.dembed_scratch,
         scale,
         embedding_shape(net),
     )
