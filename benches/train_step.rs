@@ -171,7 +171,8 @@ fn measure(
         samples_per_s: b as f64 / secs,
         mfu: flops / secs / PEAK_FLOPS,
         memory: engine.memory_summary(),
-        device_used_gib: engine.device_memory_used().unwrap_or(0) as f64 / (1u64 << 30) as f64,
+        device_used_gib: Engine::device_memory_used(&engine).unwrap_or(0) as f64
+            / (1u64 << 30) as f64,
         phases,
         graphs: engine.captured_regions(),
     })

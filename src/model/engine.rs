@@ -129,6 +129,11 @@ pub trait Engine: ActNet<f32> + EvalNet {
     /// Where it runs, for the start-up line (e.g. `cpu`, `cuda:0 (NVIDIA H200)`).
     fn device_name(&self) -> String;
 
+    /// Device memory in use, for the progress line (`None` on the CPU).
+    fn device_memory_used(&self) -> Option<usize> {
+        None
+    }
+
     /// The last backward's outputs on the host (see [`StepTrace`]).
     fn step_trace(&self) -> Result<StepTrace, EngineError>;
 

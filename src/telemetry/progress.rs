@@ -46,6 +46,8 @@ pub struct Progress {
     started: Instant,
     /// Samples per step, for a samples/s figure (0: none shown).
     samples_per_step: u64,
+    /// Device memory in use, shown when known (a GPU engine).
+    device_memory: Option<u64>,
 }
 
 impl Progress {
@@ -74,6 +76,7 @@ impl Progress {
             start_step,
             started: Instant::now(),
             samples_per_step: 0,
+            device_memory: None,
         }
     }
 
@@ -81,6 +84,11 @@ impl Progress {
     pub fn with_samples_per_step(mut self, n: u64) -> Progress {
         self.samples_per_step = n;
         self
+    }
+
+    /// Shows `bytes` of device memory in use from the next update on.
+    pub fn set_device_memory(&mut self, bytes: Option<u64>) {
+        self.device_memory = bytes;
     }
 
     /// Records that `step` is done, with the current loss if known.
@@ -94,6 +102,7 @@ impl Progress {
         if self.samples_per_step > 0 {
             stats.samples_per_s = Some(stats.rate * self.samples_per_step as f64);
         }
+        stats.device_memory = self.device_memory;
         match &mut self.out {
             Out::Bar(b) => {
                 b.set_position(step);
@@ -160,6 +169,8 @@ pub struct Stats {
     pub loss: Option<f64>,
     /// Samples per second at that rate, when the samples per step are known.
     pub samples_per_s: Option<f64>,
+    /// Device memory in use (bytes), when the engine runs on a GPU.
+    pub device_memory: Option<u64>,
 }
 
 impl Stats {
@@ -186,6 +197,7 @@ impl Stats {
             eta,
             loss,
             samples_per_s: None,
+            device_memory: None,
         }
     }
 
@@ -195,6 +207,12 @@ impl Stats {
         let mut s = format!("{:.2} it/s", self.rate);
         if let Some(sps) = self.samples_per_s {
             s.push_str(&format!(" {sps:.1} samples/s"));
+        }
+        if let Some(bytes) = self.device_memory {
+            s.push_str(&format!(
+                " gpu mem {:.1} GiB",
+                bytes as f64 / (1u64 << 30) as f64
+            ));
         }
         s.push_str(&format!(" eta {eta}"));
         if let Some(l) = self.loss {
@@ -322,6 +340,14 @@ mod tests {
         p.update_at(1, None, t0 + Duration::from_secs(2));
         let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
         assert_eq!(text, "step 1/4 (25.0%) 0.50 it/s 4.0 samples/s eta 6s\n");
+        // A GPU engine's memory joins the line once known.
+        p.set_device_memory(Some(3 << 29));
+        p.update_at(4, None, t0 + Duration::from_secs(8));
+        let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        assert!(
+            text.ends_with("step 4/4 (100.0%) 0.50 it/s 4.0 samples/s gpu mem 1.5 GiB eta 0s\n"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -199,7 +199,8 @@ pub fn train_with(
             report.steps_run += 1;
             let log = telemetry::step_log(&m, cfg, &schedule, st.step, secs);
             sinks.log(st.step, &log)?;
-            sinks.progress(st.step, &m, cfg.global_batch_size);
+            let mem = st.engine.device_memory_used().map(|b| b as u64);
+            sinks.progress(st.step, &m, cfg.global_batch_size, mem);
             report.train_log.push((st.step, log));
             if rank0 {
                 for line in estimate.after_step(secs) {

@@ -93,8 +93,15 @@ impl Sinks {
     }
 
     /// Moves the progress bar to `step`, showing the step's mean loss.
-    pub(super) fn progress(&mut self, step: u64, m: &StepMetrics, global_batch: usize) {
+    pub(super) fn progress(
+        &mut self,
+        step: u64,
+        m: &StepMetrics,
+        global_batch: usize,
+        device_memory: Option<u64>,
+    ) {
         if let Some(p) = &mut self.progress {
+            p.set_device_memory(device_memory);
             let loss =
                 (m.lm_loss + 0.5 * (m.q_halt_loss + m.q_continue_loss)) / global_batch as f64;
             p.update(step, Some(loss));

@@ -176,12 +176,6 @@ impl GpuEngine {
         Ok(self.dev.synchronize()?)
     }
 
-    /// Device memory in use by the whole process (0 on the emulator).
-    pub fn device_memory_used(&self) -> Result<usize, EngineError> {
-        let (free, total) = self.dev.memory_info()?;
-        Ok(total.saturating_sub(free))
-    }
-
     /// Starts (or stops) timing the phases of each step; see
     /// [`GpuEngine::take_phase_times`].
     pub fn set_profiling(&mut self, on: bool) {
@@ -817,6 +811,12 @@ impl Engine for GpuEngine {
 
     fn step_trace(&self) -> Result<StepTrace, EngineError> {
         self.step_trace_impl()
+    }
+
+    fn device_memory_used(&self) -> Option<usize> {
+        // On a GPU: the whole device's use (ours and any other process's).
+        let (free, total) = self.dev.memory_info().ok()?;
+        (total != usize::MAX).then(|| total.saturating_sub(free))
     }
 
     fn reset_halted(&mut self, halted: &[bool]) -> Result<(), EngineError> {
