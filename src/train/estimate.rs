@@ -71,6 +71,16 @@ impl RunEstimate {
             let how = format!("at the {}/s of a timed block", human_flops(rate));
             out.extend(self.expected(self.step_flops / rate, &how));
         }
+        if self.device == DeviceKind::Cuda && self.steps_left > 0 {
+            // A first guess until the second step is timed.
+            let rate = GPU_ASSUMED_MFU * GPU_PEAK_FLOPS;
+            let how = format!(
+                "assuming {:.0} % of an H200's {}/s until a step is timed",
+                100.0 * GPU_ASSUMED_MFU,
+                human_flops(GPU_PEAK_FLOPS)
+            );
+            out.extend(self.expected(self.step_flops / rate, &how));
+        }
         out
     }
 
@@ -116,6 +126,12 @@ impl RunEstimate {
         out
     }
 }
+
+/// Dense bf16 tensor-core peak of an H100/H200 (the sm_90a kernels' GPUs).
+const GPU_PEAK_FLOPS: f64 = 790e12;
+/// The share of it a step is assumed to reach before one is timed (the
+/// PyTorch reference compiled reaches about 46 % at the ARC config).
+const GPU_ASSUMED_MFU: f64 = 0.3;
 
 /// The WARNING for a CPU run expected to take more than a day.
 fn cpu_warning(device: DeviceKind, secs: f64, steps: u64, per_step: f64) -> Option<String> {
@@ -266,8 +282,18 @@ mod tests {
         assert!(matches!(&says[0], Say::Note(l) if l.starts_with("work: ")));
         assert!(matches!(&says[1], Say::Note(l) if l.contains("timed block")));
         assert!(cpu_block_rate(&c) > 0.0);
-        // other engines are timed by their steps only
+        // the CUDA engine starts from an assumed share of the GPU's peak
         let mut e = RunEstimate::new(&c, 8, DeviceKind::Cuda, 100, 0);
+        let says = e.before_first_step(&c);
+        assert_eq!(says.len(), 2, "{says:?}");
+        let Say::Note(line) = &says[1] else {
+            panic!("{says:?}")
+        };
+        let per_step = e.step_flops / (GPU_ASSUMED_MFU * GPU_PEAK_FLOPS);
+        assert!(line.contains(&human_secs(per_step)), "{line} ({per_step} s)");
+        assert!(line.contains("assuming 30 %"), "{line}");
+        // the emulator is timed by its steps only
+        let mut e = RunEstimate::new(&c, 8, DeviceKind::Emu, 100, 0);
         assert_eq!(e.before_first_step(&c).len(), 1);
     }
 }
