@@ -5,9 +5,16 @@
 //! all-reduce per step), puzzle-embedding rows as (ids, rows) pairs to
 //! all-gather, metrics as a few f64 sums. [`SingleProcess`] is the world of
 //! one rank (CPU runs, tests); NCCL ranks implement the same trait
-//! ([`nccl::NcclCollective`]).
+//! ([`nccl::NcclCollective`]). Where a rank sits in the run comes from the
+//! launcher's environment ([`world::World`]).
 
 pub mod nccl;
+pub mod rendezvous;
+mod slurm;
+pub mod tcp;
+pub mod world;
+
+pub use world::{gpu_ordinal, Launcher, World, WorldError};
 
 /// A collective that did not complete (a rank died, the network failed):
 /// training stops with this error instead of continuing on partial sums.
