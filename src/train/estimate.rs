@@ -290,7 +290,10 @@ mod tests {
             panic!("{says:?}")
         };
         let per_step = e.step_flops / (GPU_ASSUMED_MFU * GPU_PEAK_FLOPS);
-        assert!(line.contains(&human_secs(per_step)), "{line} ({per_step} s)");
+        assert!(
+            line.contains(&human_secs(per_step)),
+            "{line} ({per_step} s)"
+        );
         assert!(line.contains("assuming 30 %"), "{line}");
         // the emulator is timed by its steps only
         let mut e = RunEstimate::new(&c, 8, DeviceKind::Emu, 100, 0);

@@ -37,7 +37,7 @@ use crate::model::trm::{
 use graphs::{Graphs, PhaseTimes, Profiler, Region};
 use net::{GradSink, Net};
 use plan::{Activations, PlanShape};
-use weights::{DeviceWeights, Offsets};
+use weights::{DeviceLayout, DeviceWeights, Offsets};
 
 /// Head dims the attention kernels are built for.
 const HEAD_DIMS: [usize; 3] = [32, 64, 128];
@@ -64,7 +64,7 @@ pub struct GpuEngine {
     arch: ArchConfig,
     dm: Dims,
     cfg: EngineConfig,
-    layout: FlatLayout,
+    layout: DeviceLayout,
     off: Offsets,
     w: DeviceWeights,
     acts: Activations,
@@ -119,7 +119,7 @@ impl GpuEngine {
             ))
             .into());
         }
-        let layout = FlatLayout::new(&arch);
+        let layout = DeviceLayout::new(FlatLayout::new(&arch));
         let off = Offsets::new(&layout, arch.l_layers)?;
         let shape = PlanShape {
             dm,
@@ -620,7 +620,8 @@ impl GpuEngine {
     /// puzzle table.
     fn params_from(&self, flat: &Buffer<f32>) -> Result<Params<f32>, CudaError> {
         let mut p = self.template.clone();
-        self.layout.unflatten(&self.dev.download(flat)?, &mut p);
+        let compact = self.layout.unpad(&self.dev.download(flat)?);
+        self.layout.compact.unflatten(&compact, &mut p);
         if self.dm.ndim > 0 {
             p.puzzle_emb = self.dev.download(&self.w.puzzle)?;
         }
@@ -631,11 +632,11 @@ impl GpuEngine {
         let (z_h, z_l) = self.carry_host()?;
         Ok(EngineState {
             params: self.params_from(&self.w.master)?,
-            adam_m: self.dev.download(&self.w.adam_m)?,
-            adam_v: self.dev.download(&self.w.adam_v)?,
+            adam_m: self.layout.unpad(&self.dev.download(&self.w.adam_m)?),
+            adam_v: self.layout.unpad(&self.dev.download(&self.w.adam_v)?),
             optimizer_steps: self.adam_steps,
             ema: match &self.w.ema {
-                Some(e) => Some(self.dev.download(e)?),
+                Some(e) => Some(self.layout.unpad(&self.dev.download(e)?)),
                 None => None,
             },
             z_h,
@@ -651,7 +652,7 @@ impl GpuEngine {
                 st.z_h.len()
             )));
         }
-        let len = self.layout.len;
+        let len = self.layout.compact.len;
         for (what, v) in [("Adam m", &st.adam_m), ("Adam v", &st.adam_v)] {
             if v.len() != len {
                 return Err(EngineError::State(format!(
@@ -670,12 +671,13 @@ impl GpuEngine {
         }
         let dev = &self.dev;
         let w = &self.w;
-        dev.write(&w.master, &self.layout.flatten(p))?;
+        let layout = &self.layout;
+        dev.write(&w.master, &layout.pad(&layout.compact.flatten(p)))?;
         cast_f32_to_bf16(dev, &w.bf16, &w.master)?;
-        dev.write(&w.adam_m, &st.adam_m)?;
-        dev.write(&w.adam_v, &st.adam_v)?;
+        dev.write(&w.adam_m, &layout.pad(&st.adam_m))?;
+        dev.write(&w.adam_v, &layout.pad(&st.adam_v))?;
         match (&w.ema, &st.ema) {
-            (Some(e), Some(shadow)) if shadow.len() == len => dev.write(e, shadow)?,
+            (Some(e), Some(shadow)) if shadow.len() == len => dev.write(e, &layout.pad(shadow))?,
             (Some(_), Some(_)) => {
                 return Err(EngineError::State("the EMA shadow does not fit".into()))
             }
@@ -712,7 +714,7 @@ impl GpuEngine {
         }
         let flat = self.dev.download(&self.w.grad)?;
         let mut grads = Grads::zeros_like(&self.template, &self.dm);
-        for (name, &off) in self.layout.names.iter().zip(&self.layout.offsets) {
+        for (name, &off) in self.layout.compact.names.iter().zip(&self.layout.offsets) {
             if let Some(g) = grads.dense_mut(name) {
                 let len = g.len();
                 g.copy_from_slice(&flat[off..off + len]);
@@ -734,7 +736,7 @@ impl GpuEngine {
 }
 
 /// Bytes [`DeviceWeights::upload`] will allocate.
-fn weights_bytes(layout: &FlatLayout, params: &Params<f32>, ema: bool) -> usize {
+fn weights_bytes(layout: &DeviceLayout, params: &Params<f32>, ema: bool) -> usize {
     let n = layout.len;
     // master, grad, m, v in f32; the bf16 copy; with EMA the shadow and its bf16 copy
     let flat = n * (4 * 4 + 2) + if ema { n * 6 } else { 0 };
