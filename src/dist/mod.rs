@@ -44,6 +44,9 @@ pub trait Collective {
         ids: &[i32],
         rows: &[f32],
     ) -> Result<(Vec<i32>, Vec<f32>), CollectiveError>;
+    /// Every rank's `mine`, in rank order; lengths may differ between ranks
+    /// (carry rows for a checkpoint, evaluation predictions for voting).
+    fn all_gather_bytes(&self, mine: &[u8]) -> Result<Vec<Vec<u8>>, CollectiveError>;
 }
 
 /// The world of one rank: every collective is the identity.
@@ -69,5 +72,8 @@ impl Collective for SingleProcess {
         rows: &[f32],
     ) -> Result<(Vec<i32>, Vec<f32>), CollectiveError> {
         Ok((ids.to_vec(), rows.to_vec()))
+    }
+    fn all_gather_bytes(&self, mine: &[u8]) -> Result<Vec<Vec<u8>>, CollectiveError> {
+        Ok(vec![mine.to_vec()])
     }
 }

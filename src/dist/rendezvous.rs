@@ -90,7 +90,9 @@ fn refused_note(refused: &[String]) -> String {
 
 /// The rendezvous timeout from `TRM_RENDEZVOUS_TIMEOUT_S` read through `get`
 /// (seconds, fractions allowed), [`DEFAULT_TIMEOUT`] when unset.
-pub fn timeout_from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Duration, RendezvousError> {
+pub fn timeout_from_vars(
+    get: impl Fn(&str) -> Option<String>,
+) -> Result<Duration, RendezvousError> {
     match get("TRM_RENDEZVOUS_TIMEOUT_S") {
         None => Ok(DEFAULT_TIMEOUT),
         Some(v) => match v.trim().parse::<f64>() {
@@ -179,7 +181,8 @@ fn bind(world: &World, port: u16) -> Result<TcpListener, RendezvousError> {
     } else {
         ([0, 0, 0, 0], port).into()
     };
-    let listener = TcpListener::bind(any).map_err(|source| RendezvousError::Listen { port, source })?;
+    let listener =
+        TcpListener::bind(any).map_err(|source| RendezvousError::Listen { port, source })?;
     listener
         .set_nonblocking(true)
         .map_err(|source| RendezvousError::Listen { port, source })?;
@@ -189,7 +192,11 @@ fn bind(world: &World, port: u16) -> Result<TcpListener, RendezvousError> {
 /// Rank 0: listens on `MASTER_PORT`, hands `payload` to each rank of this
 /// job, and returns the connections indexed by rank - 1 once all
 /// `world_size - 1` ranks have joined.
-pub fn lead(world: &World, payload: &[u8], timeout: Duration) -> Result<Vec<TcpStream>, RendezvousError> {
+pub fn lead(
+    world: &World,
+    payload: &[u8],
+    timeout: Duration,
+) -> Result<Vec<TcpStream>, RendezvousError> {
     if world.world_size == 1 {
         return Ok(Vec::new());
     }
@@ -201,7 +208,9 @@ pub fn lead(world: &World, payload: &[u8], timeout: Duration) -> Result<Vec<TcpS
     while peers.iter().any(Option::is_none) {
         let now = Instant::now();
         if now >= deadline {
-            let missing = (1..world.world_size).filter(|r| peers[r - 1].is_none()).collect();
+            let missing = (1..world.world_size)
+                .filter(|r| peers[r - 1].is_none())
+                .collect();
             return Err(RendezvousError::Missing {
                 missing,
                 world: world.world_size,
@@ -219,12 +228,17 @@ pub fn lead(world: &World, payload: &[u8], timeout: Duration) -> Result<Vec<TcpS
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(source) => return Err(RendezvousError::Listen { port, source }),
         };
-        let wait = HELLO_WAIT.min(deadline - now).max(Duration::from_millis(10));
+        let wait = HELLO_WAIT
+            .min(deadline - now)
+            .max(Duration::from_millis(10));
         let setup = stream
             .set_nonblocking(false)
             .and_then(|_| stream.set_read_timeout(Some(wait)))
             .and_then(|_| stream.set_write_timeout(Some(wait)));
-        let hello = match setup.map_err(|e| e.to_string()).and_then(|_| read_hello(&mut stream)) {
+        let hello = match setup
+            .map_err(|e| e.to_string())
+            .and_then(|_| read_hello(&mut stream))
+        {
             Ok(h) => h,
             Err(e) => {
                 refused.push(format!("{from}: {e}"));
@@ -292,9 +306,8 @@ pub fn join(world: &World, timeout: Duration) -> Result<(Vec<u8>, TcpStream), Re
     let addr = format!("{host}:{port}");
     let deadline = Instant::now() + timeout;
     let mut backoff = FIRST_BACKOFF;
-    let mut last = String::from("no attempt");
     loop {
-        match attempt(world, &host, port, deadline) {
+        let last = match attempt(world, &host, port, deadline) {
             Ok(done) => return Ok(done),
             Err(Attempt::Refused(reason)) => {
                 return Err(RendezvousError::Refused {
@@ -303,9 +316,11 @@ pub fn join(world: &World, timeout: Duration) -> Result<(Vec<u8>, TcpStream), Re
                     reason,
                 })
             }
-            Err(Attempt::Garbled(message)) => return Err(RendezvousError::Protocol { addr, message }),
-            Err(Attempt::Retry(e)) => last = e,
-        }
+            Err(Attempt::Garbled(message)) => {
+                return Err(RendezvousError::Protocol { addr, message })
+            }
+            Err(Attempt::Retry(e)) => e,
+        };
         let now = Instant::now();
         if now >= deadline {
             return Err(RendezvousError::Unreachable {
@@ -327,8 +342,17 @@ enum Attempt {
     Garbled(String),
 }
 
-fn attempt(world: &World, host: &str, port: u16, deadline: Instant) -> Result<(Vec<u8>, TcpStream), Attempt> {
-    let left = || deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(10));
+fn attempt(
+    world: &World,
+    host: &str,
+    port: u16,
+    deadline: Instant,
+) -> Result<(Vec<u8>, TcpStream), Attempt> {
+    let left = || {
+        deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(10))
+    };
     // Resolved on every try: a Kubernetes service name appears late.
     let addrs: Vec<SocketAddr> = (host, port)
         .to_socket_addrs()
@@ -361,7 +385,8 @@ fn attempt(world: &World, host: &str, port: u16, deadline: Instant) -> Result<(V
         }
         let mut status = [0u8; 1];
         s.read_exact(&mut status).map_err(io)?;
-        let body = read_body(&mut s, MAX_PAYLOAD).map_err(|e| Attempt::Garbled(format!("{a}: {e}")))?;
+        let body =
+            read_body(&mut s, MAX_PAYLOAD).map_err(|e| Attempt::Garbled(format!("{a}: {e}")))?;
         return match status[0] {
             ACCEPTED => {
                 let _ = s.set_nodelay(true);
@@ -369,7 +394,9 @@ fn attempt(world: &World, host: &str, port: u16, deadline: Instant) -> Result<(V
                 let _ = s.set_write_timeout(None);
                 Ok((body, s))
             }
-            REFUSED => Err(Attempt::Refused(String::from_utf8_lossy(&body).into_owned())),
+            REFUSED => Err(Attempt::Refused(
+                String::from_utf8_lossy(&body).into_owned(),
+            )),
             other => Err(Attempt::Garbled(format!("{a}: unknown status {other}"))),
         };
     }
@@ -412,21 +439,30 @@ mod tests {
         }
         let delay: u64 = std::env::var("TEST_DELAY_MS").unwrap().parse().unwrap();
         std::thread::sleep(Duration::from_millis(delay));
-        let outcome = World::from_env()
-            .map_err(|e| e.to_string())
-            .and_then(|w| {
-                let t = timeout_from_env().map_err(|e| e.to_string())?;
-                join(&w, t).map_err(|e| e.to_string())
-            });
+        let outcome = World::from_env().map_err(|e| e.to_string()).and_then(|w| {
+            let t = timeout_from_env().map_err(|e| e.to_string())?;
+            join(&w, t).map_err(|e| e.to_string())
+        });
         match outcome {
             Ok((payload, _)) => println!("\nOUTCOME ok {}", hex::encode(payload)),
             Err(e) => println!("\nOUTCOME err {e}"),
         }
     }
 
-    fn spawn(rank: usize, size: usize, port: u16, job: &str, delay_ms: u64, timeout_s: f64) -> Child {
+    fn spawn(
+        rank: usize,
+        size: usize,
+        port: u16,
+        job: &str,
+        delay_ms: u64,
+        timeout_s: f64,
+    ) -> Child {
         Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "dist::rendezvous::tests::member_process", "--nocapture"])
+            .args([
+                "--exact",
+                "dist::rendezvous::tests::member_process",
+                "--nocapture",
+            ])
             .env(CHILD, "1")
             .env("RANK", rank.to_string())
             .env("WORLD_SIZE", size.to_string())
@@ -461,9 +497,16 @@ mod tests {
     fn three_ranks_receive_the_payload() {
         let port = free_port();
         // Members start first: they retry until rank 0 listens.
-        let kids: Vec<Child> = (1..3).map(|r| spawn(r, 3, port, "job-a", 0, 20.0)).collect();
+        let kids: Vec<Child> = (1..3)
+            .map(|r| spawn(r, 3, port, "job-a", 0, 20.0))
+            .collect();
         std::thread::sleep(Duration::from_millis(300));
-        let peers = lead(&world(0, 3, port, "job-a"), b"unique-id", Duration::from_secs(20)).unwrap();
+        let peers = lead(
+            &world(0, 3, port, "job-a"),
+            b"unique-id",
+            Duration::from_secs(20),
+        )
+        .unwrap();
         assert_eq!(peers.len(), 2);
         for k in kids {
             assert_eq!(outcome(k).unwrap(), hex::encode(b"unique-id"));
@@ -477,7 +520,11 @@ mod tests {
         let late = spawn(2, 3, port, "job-b", 1500, 20.0);
         let t0 = Instant::now();
         let peers = lead(&world(0, 3, port, "job-b"), b"x", Duration::from_secs(20)).unwrap();
-        assert!(t0.elapsed() >= Duration::from_millis(1400), "{:?}", t0.elapsed());
+        assert!(
+            t0.elapsed() >= Duration::from_millis(1400),
+            "{:?}",
+            t0.elapsed()
+        );
         assert_eq!(peers.len(), 2);
         assert_eq!(outcome(early).unwrap(), hex::encode(b"x"));
         assert_eq!(outcome(late).unwrap(), hex::encode(b"x"));
@@ -492,16 +539,30 @@ mod tests {
         let member = spawn(1, 3, port, "job-c", 0, 10.0);
         let foreign = spawn(2, 3, port, "job-old", 200, 10.0);
         let t0 = Instant::now();
-        let e = lead(&world(0, 3, port, "job-c"), b"id", Duration::from_millis(1500)).unwrap_err();
+        let e = lead(
+            &world(0, 3, port, "job-c"),
+            b"id",
+            Duration::from_millis(1500),
+        )
+        .unwrap_err();
         assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
         let msg = e.to_string();
-        assert!(matches!(&e, RendezvousError::Missing { missing, .. } if missing == &[2]), "{msg}");
-        assert!(msg.contains("rank(s) [2] of 3 never reached rank 0"), "{msg}");
+        assert!(
+            matches!(&e, RendezvousError::Missing { missing, .. } if missing == &[2]),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("rank(s) [2] of 3 never reached rank 0"),
+            "{msg}"
+        );
         assert!(msg.contains("\"job-old\""), "{msg}");
         assert_eq!(outcome(member).unwrap(), hex::encode(b"id"));
         let refusal = outcome(foreign).unwrap_err();
         assert!(refusal.contains("refused rank 2"), "{refusal}");
-        assert!(refusal.contains("\"job-old\"") && refusal.contains("\"job-c\""), "{refusal}");
+        assert!(
+            refusal.contains("\"job-old\"") && refusal.contains("\"job-c\""),
+            "{refusal}"
+        );
     }
 
     #[test]
@@ -513,16 +574,23 @@ mod tests {
         assert_eq!(peers.len(), 1);
         assert_eq!(outcome(right).unwrap(), hex::encode(b"id"));
         let e = outcome(stale).unwrap_err();
-        assert!(e.contains("belongs to job \"yesterday\", rank 0 serves job \"today\""), "{e}");
+        assert!(
+            e.contains("belongs to job \"yesterday\", rank 0 serves job \"today\""),
+            "{e}"
+        );
     }
 
     /// Same job, different world size: a misconfigured launch stops rank 0.
     #[test]
     fn disagreeing_world_size_is_a_conflict() {
         let port = free_port();
-        let member = std::thread::spawn(move || join(&world(1, 4, port, "j"), Duration::from_secs(10)));
+        let member =
+            std::thread::spawn(move || join(&world(1, 4, port, "j"), Duration::from_secs(10)));
         let e = lead(&world(0, 2, port, "j"), b"id", Duration::from_secs(10)).unwrap_err();
-        assert!(e.to_string().contains("it counts 4 ranks, rank 0 counts 2"), "{e}");
+        assert!(
+            e.to_string().contains("it counts 4 ranks, rank 0 counts 2"),
+            "{e}"
+        );
         let e = member.join().unwrap().unwrap_err();
         assert!(matches!(e, RendezvousError::Refused { .. }), "{e}");
     }
@@ -534,7 +602,10 @@ mod tests {
         let e = join(&world(1, 2, port, "j"), Duration::from_millis(400)).unwrap_err();
         assert!(t0.elapsed() < Duration::from_secs(3));
         let msg = e.to_string();
-        assert!(msg.contains(&format!("rank 0 at 127.0.0.1:{port} within 0.4 s")), "{msg}");
+        assert!(
+            msg.contains(&format!("rank 0 at 127.0.0.1:{port} within 0.4 s")),
+            "{msg}"
+        );
         assert!(msg.contains("TRM_RENDEZVOUS_TIMEOUT_S"), "{msg}");
     }
 
@@ -560,8 +631,18 @@ mod tests {
             let e = timeout_from_vars(|_| Some(bad.into())).unwrap_err();
             assert!(e.to_string().contains("TRM_RENDEZVOUS_TIMEOUT_S"), "{e}");
         }
-        let e = lead(&World { master_addr: None, ..world(0, 2, 1, "j") }, b"", DEFAULT_TIMEOUT).unwrap_err();
+        let e = lead(
+            &World {
+                master_addr: None,
+                ..world(0, 2, 1, "j")
+            },
+            b"",
+            DEFAULT_TIMEOUT,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("needs MASTER_ADDR"), "{e}");
-        assert!(lead(&World::single(), b"", DEFAULT_TIMEOUT).unwrap().is_empty());
+        assert!(lead(&World::single(), b"", DEFAULT_TIMEOUT)
+            .unwrap()
+            .is_empty());
     }
 }

@@ -44,7 +44,11 @@ fn split_top_level(list: &str) -> Result<Vec<&str>, ListError> {
             '[' if depth == 0 => depth = 1,
             '[' => return Err(ListError(format!("nested '[' at byte {i} in {list:?}"))),
             ']' if depth == 1 => depth = 0,
-            ']' => return Err(ListError(format!("']' without '[' at byte {i} in {list:?}"))),
+            ']' => {
+                return Err(ListError(format!(
+                    "']' without '[' at byte {i} in {list:?}"
+                )))
+            }
             ',' if depth == 0 => {
                 out.push(&list[start..i]);
                 start = i + 1;
@@ -152,7 +156,10 @@ mod tests {
         assert_eq!(tasks_on_node("4(x2),3", 0).unwrap(), 4);
         assert_eq!(tasks_on_node("4(x2),3", 1).unwrap(), 4);
         assert_eq!(tasks_on_node("4(x2),3", 2).unwrap(), 3);
-        assert!(tasks_on_node("4(x2),3", 3).unwrap_err().0.contains("3 nodes"));
+        assert!(tasks_on_node("4(x2),3", 3)
+            .unwrap_err()
+            .0
+            .contains("3 nodes"));
         assert!(tasks_on_node("4(2)", 0).is_err());
         assert!(tasks_on_node("four", 0).is_err());
     }

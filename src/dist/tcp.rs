@@ -25,6 +25,7 @@ const ABORT: u8 = 1;
 const REDUCE_F32: u8 = 1;
 const REDUCE_F64: u8 = 2;
 const GATHER_ROWS: u8 = 3;
+const GATHER_BYTES: u8 = 4;
 /// A peer's claim above this many bytes is refused before allocating.
 const MAX_MESSAGE: u64 = 1 << 34;
 
@@ -127,7 +128,9 @@ fn receive(s: &TcpStream, deadline: Instant) -> Result<(u8, u64, Vec<u8>), Strin
     let seq = u64::from_le_bytes(head[1..9].try_into().unwrap_or_default());
     let len = u64::from_le_bytes(head[9..17].try_into().unwrap_or_default());
     if len > MAX_MESSAGE {
-        return Err(format!("announced {len} bytes, more than any operation sends"));
+        return Err(format!(
+            "announced {len} bytes, more than any operation sends"
+        ));
     }
     let mut body = vec![0u8; len as usize];
     read_until(s, &mut body, deadline)?;
@@ -178,7 +181,8 @@ fn encode_rows(ids: &[i32], rows: &[f32], width: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(16 + ids.len() * 4 + rows.len() * 4);
     out.extend_from_slice(&(ids.len() as u64).to_le_bytes());
     out.extend_from_slice(&(width as u64).to_le_bytes());
-    ids.iter().for_each(|i| out.extend_from_slice(&i.to_le_bytes()));
+    ids.iter()
+        .for_each(|i| out.extend_from_slice(&i.to_le_bytes()));
     out.extend_from_slice(&encode(rows));
     out
 }
@@ -190,10 +194,18 @@ struct Rows {
 }
 
 fn decode_rows(b: &[u8]) -> Result<Rows, String> {
-    let word = |i: usize| b.get(i * 8..i * 8 + 8).map(|w| u64::from_le_bytes(w.try_into().unwrap_or_default()));
+    let word = |i: usize| {
+        b.get(i * 8..i * 8 + 8)
+            .map(|w| u64::from_le_bytes(w.try_into().unwrap_or_default()))
+    };
     let (count, width) = match (word(0), word(1)) {
         (Some(c), Some(w)) => (c as usize, w as usize),
-        _ => return Err(format!("a row message of {} bytes lacks its header", b.len())),
+        _ => {
+            return Err(format!(
+                "a row message of {} bytes lacks its header",
+                b.len()
+            ))
+        }
     };
     let want = count
         .checked_mul(width)
@@ -305,22 +317,33 @@ impl TcpCollective {
     }
 
     fn spoke(&self, hub: &TcpStream, tag: u8, seq: u64, local: &[u8]) -> Result<Vec<u8>, String> {
-        send(hub, tag, seq, local, self.op_timeout).map_err(|e| format!("sending to rank 0: {e}"))?;
+        send(hub, tag, seq, local, self.op_timeout)
+            .map_err(|e| format!("sending to rank 0: {e}"))?;
         // Rank 0 waits up to the timeout for the slowest rank, then reports
         // it: waiting twice as long lets that report arrive first.
         let deadline = Instant::now() + 2 * self.op_timeout;
         let (status, q, body) = receive(hub, deadline).map_err(|e| format!("rank 0 {e}"))?;
         if q != seq {
-            return Err(format!("rank 0 answered operation {q}, this rank is at {seq}"));
+            return Err(format!(
+                "rank 0 answered operation {q}, this rank is at {seq}"
+            ));
         }
         match status {
             OK => Ok(body),
-            ABORT => Err(format!("rank 0 aborted: {}", String::from_utf8_lossy(&body))),
+            ABORT => Err(format!(
+                "rank 0 aborted: {}",
+                String::from_utf8_lossy(&body)
+            )),
             other => Err(format!("rank 0 sent unknown status {other}")),
         }
     }
 
-    fn all_reduce<T: Elem>(&self, op: &'static str, tag: u8, buf: &mut [T]) -> Result<(), CollectiveError> {
+    fn all_reduce<T: Elem>(
+        &self,
+        op: &'static str,
+        tag: u8,
+        buf: &mut [T],
+    ) -> Result<(), CollectiveError> {
         if self.world == 1 {
             return Ok(());
         }
@@ -342,7 +365,10 @@ impl TcpCollective {
             Ok(encode(&acc))
         })?;
         if reply.len() != len * T::SIZE {
-            return Err(self.fail(op, format!("rank 0 returned {} bytes for {len} values", reply.len())));
+            return Err(self.fail(
+                op,
+                format!("rank 0 returned {} bytes for {len} values", reply.len()),
+            ));
         }
         decode_into(&reply, buf);
         Ok(())
@@ -354,6 +380,7 @@ fn op_name(tag: u8) -> &'static str {
         REDUCE_F32 => "all-reduce f32",
         REDUCE_F64 => "all-reduce f64",
         GATHER_ROWS => "all-gather rows",
+        GATHER_BYTES => "all-gather bytes",
         _ => "unknown",
     }
 }
@@ -371,7 +398,11 @@ impl Collective for TcpCollective {
     fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<(), CollectiveError> {
         self.all_reduce("TCP all-reduce f64", REDUCE_F64, buf)
     }
-    fn all_gather_rows(&self, ids: &[i32], rows: &[f32]) -> Result<(Vec<i32>, Vec<f32>), CollectiveError> {
+    fn all_gather_rows(
+        &self,
+        ids: &[i32],
+        rows: &[f32],
+    ) -> Result<(Vec<i32>, Vec<f32>), CollectiveError> {
         const OP: &str = "TCP all-gather";
         let width = match (ids.len(), rows.len()) {
             (0, 0) => 0,
@@ -407,6 +438,33 @@ impl Collective for TcpCollective {
         })?;
         let all = decode_rows(&reply).map_err(|e| self.fail(OP, format!("rank 0's reply: {e}")))?;
         Ok((all.ids, all.rows))
+    }
+    fn all_gather_bytes(&self, mine: &[u8]) -> Result<Vec<Vec<u8>>, CollectiveError> {
+        const OP: &str = "TCP all-gather";
+        // Rank 0 replies with every part, each behind its u64 length.
+        let reply = self.exchange(OP, GATHER_BYTES, mine.to_vec(), |parts| {
+            let mut out = Vec::new();
+            for p in parts {
+                out.extend_from_slice(&(p.len() as u64).to_le_bytes());
+                out.extend_from_slice(&p);
+            }
+            Ok(out)
+        })?;
+        let mut parts = Vec::with_capacity(self.world);
+        let mut rest = &reply[..];
+        while parts.len() < self.world {
+            let bad = || self.fail(OP, "rank 0's reply is cut short".into());
+            let head: [u8; 8] = rest
+                .get(..8)
+                .ok_or_else(bad)?
+                .try_into()
+                .map_err(|_| bad())?;
+            let n = u64::from_le_bytes(head) as usize;
+            let body = rest.get(8..8 + n).ok_or_else(bad)?;
+            parts.push(body.to_vec());
+            rest = &rest[8 + n..];
+        }
+        Ok(parts)
     }
 }
 
@@ -482,8 +540,16 @@ mod tests {
             let want32 = (f32s[0] + f32s[1]) + f32s[2];
             let want64 = (values(0, n)[i] + values(1, n)[i]) + values(2, n)[i];
             for (r, (a, b)) in got.iter().enumerate() {
-                assert_eq!(a[i].to_bits(), want32.to_bits(), "f32 value {i} on rank {r}");
-                assert_eq!(b[i].to_bits(), want64.to_bits(), "f64 value {i} on rank {r}");
+                assert_eq!(
+                    a[i].to_bits(),
+                    want32.to_bits(),
+                    "f32 value {i} on rank {r}"
+                );
+                assert_eq!(
+                    b[i].to_bits(),
+                    want64.to_bits(),
+                    "f64 value {i} on rank {r}"
+                );
             }
         }
     }
@@ -494,7 +560,10 @@ mod tests {
         let got = on_ranks(3, Duration::from_secs(20), |r, c| {
             let n = if r == 1 { 0 } else { r + 1 };
             let ids: Vec<i32> = (0..n).map(|k| (r * 10 + k) as i32).collect();
-            let rows: Vec<f32> = ids.iter().flat_map(|&i| [i as f32, 0.5, -(i as f32)]).collect();
+            let rows: Vec<f32> = ids
+                .iter()
+                .flat_map(|&i| [i as f32, 0.5, -(i as f32)])
+                .collect();
             c.all_gather_rows(&ids, &rows).unwrap()
         });
         let want_ids = vec![0, 20, 21, 22];
@@ -505,6 +574,18 @@ mod tests {
         for (ids, rows) in got {
             assert_eq!(ids, want_ids);
             assert_eq!(rows, want_rows);
+        }
+    }
+
+    #[test]
+    fn byte_gather_keeps_each_ranks_length() {
+        // Rank 1 sends nothing; the others send rank + 2 bytes.
+        let got = on_ranks(3, Duration::from_secs(20), |r, c| {
+            let n = if r == 1 { 0 } else { r + 2 };
+            c.all_gather_bytes(&vec![r as u8 + 1; n]).unwrap()
+        });
+        for parts in got {
+            assert_eq!(parts, vec![vec![1, 1], vec![], vec![3, 3, 3, 3]]);
         }
     }
 
@@ -523,11 +604,23 @@ mod tests {
         });
         // The closed connection is seen at once, long before the timeout.
         assert!(t0.elapsed() < Duration::from_secs(8), "{:?}", t0.elapsed());
-        assert!(got[0][0].starts_with("TCP all-reduce on rank 0 of 3 failed"), "{}", got[0][0]);
-        assert!(got[0][0].contains("rank 2 closed the connection"), "{}", got[0][0]);
-        assert!(got[1][0].contains("rank 0 aborted: rank 2 closed"), "{}", got[1][0]);
-        for r in 0..2 {
-            assert!(got[r][1].contains("an earlier operation failed"), "{}", got[r][1]);
+        assert!(
+            got[0][0].starts_with("TCP all-reduce on rank 0 of 3 failed"),
+            "{}",
+            got[0][0]
+        );
+        assert!(
+            got[0][0].contains("rank 2 closed the connection"),
+            "{}",
+            got[0][0]
+        );
+        assert!(
+            got[1][0].contains("rank 0 aborted: rank 2 closed"),
+            "{}",
+            got[1][0]
+        );
+        for g in &got[..2] {
+            assert!(g[1].contains("an earlier operation failed"), "{}", g[1]);
         }
     }
 
@@ -539,7 +632,10 @@ mod tests {
         let got = on_ranks(3, Duration::from_millis(700), |r, c| {
             if r == 2 {
                 // Alive but never calls: waits until the others have failed.
-                let _ = done_rx.lock().unwrap().recv_timeout(Duration::from_secs(20));
+                let _ = done_rx
+                    .lock()
+                    .unwrap()
+                    .recv_timeout(Duration::from_secs(20));
                 drop(c);
                 return String::new();
             }
@@ -549,8 +645,16 @@ mod tests {
             e
         });
         assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
-        assert!(got[0].contains("rank 2 sent nothing more before the deadline"), "{}", got[0]);
-        assert!(got[1].contains("rank 0 aborted: rank 2 sent nothing"), "{}", got[1]);
+        assert!(
+            got[0].contains("rank 2 sent nothing more before the deadline"),
+            "{}",
+            got[0]
+        );
+        assert!(
+            got[1].contains("rank 0 aborted: rank 2 sent nothing"),
+            "{}",
+            got[1]
+        );
     }
 
     #[test]
@@ -559,12 +663,23 @@ mod tests {
             let mut buf = vec![0.0f32; 4 + r];
             let len = c.all_reduce_sum(&mut buf).unwrap_err().to_string();
             // Bad input fails on its own rank before any traffic.
-            let bad = c.all_gather_rows(&[1, 2], &[0.0; 3]).unwrap_err().to_string();
+            let bad = c
+                .all_gather_rows(&[1, 2], &[0.0; 3])
+                .unwrap_err()
+                .to_string();
             (len, bad)
         });
-        assert!(got[0].0.contains("rank 1 sent 5 values, rank 0 has 4"), "{}", got[0].0);
+        assert!(
+            got[0].0.contains("rank 1 sent 5 values, rank 0 has 4"),
+            "{}",
+            got[0].0
+        );
         assert!(got[1].0.contains("rank 1 sent 5 values"), "{}", got[1].0);
-        assert!(got[0].1.contains("3 row values do not split into 2 rows"), "{}", got[0].1);
+        assert!(
+            got[0].1.contains("3 row values do not split into 2 rows"),
+            "{}",
+            got[0].1
+        );
     }
 
     #[test]

@@ -151,7 +151,10 @@ fn required(
     number(get, var)?.ok_or(WorldError::Missing { var, why })
 }
 
-fn port(get: &impl Fn(&str) -> Option<String>, var: &'static str) -> Result<Option<u16>, WorldError> {
+fn port(
+    get: &impl Fn(&str) -> Option<String>,
+    var: &'static str,
+) -> Result<Option<u16>, WorldError> {
     get(var)
         .map(|v| match v.trim().parse::<u16>() {
             Ok(p) if p > 0 => Ok(p),
@@ -188,7 +191,12 @@ fn torchrun(get: &impl Fn(&str) -> Option<String>) -> Result<World, WorldError> 
     // One process per pod (Kubeflow, Indexed Jobs) sets no local variables.
     let local_rank = number(get, "LOCAL_RANK")?.unwrap_or(0);
     let local_world_size = number(get, "LOCAL_WORLD_SIZE")?.unwrap_or(1);
-    below("LOCAL_RANK", local_rank, "LOCAL_WORLD_SIZE", local_world_size)?;
+    below(
+        "LOCAL_RANK",
+        local_rank,
+        "LOCAL_WORLD_SIZE",
+        local_world_size,
+    )?;
     let master_addr = get("MASTER_ADDR").map(|a| a.trim().to_string());
     let master_port = port(get, "MASTER_PORT")?;
     if world_size > 1 {
@@ -247,7 +255,12 @@ fn slurm_world(get: &impl Fn(&str) -> Option<String>) -> Result<World, WorldErro
             })?
         }
     };
-    below("SLURM_LOCALID", local_rank, "tasks on this node", local_world_size)?;
+    below(
+        "SLURM_LOCALID",
+        local_rank,
+        "tasks on this node",
+        local_world_size,
+    )?;
     let job = required(get, "SLURM_JOB_ID", WHY)?;
     // An explicit MASTER_ADDR / MASTER_PORT (common in sbatch scripts) wins.
     let master_addr = match get("MASTER_ADDR") {
@@ -286,7 +299,8 @@ fn slurm_world(get: &impl Fn(&str) -> Option<String>) -> Result<World, WorldErro
 /// Kubernetes device plugin) left exactly one visible through
 /// `CUDA_VISIBLE_DEVICES`.
 pub fn gpu_ordinal(world: &World, cuda_visible_devices: Option<&str>) -> usize {
-    let visible = cuda_visible_devices.map(|v| v.split(',').filter(|d| !d.trim().is_empty()).count());
+    let visible =
+        cuda_visible_devices.map(|v| v.split(',').filter(|d| !d.trim().is_empty()).count());
     match visible {
         Some(1) => 0,
         _ => world.local_rank,
@@ -418,7 +432,12 @@ mod tests {
                 launcher: Launcher::Slurm,
             }
         );
-        assert!(w.describe().contains("via SLURM, rendezvous at gpu07:23456"), "{}", w.describe());
+        assert!(
+            w.describe()
+                .contains("via SLURM, rendezvous at gpu07:23456"),
+            "{}",
+            w.describe()
+        );
     }
 
     #[test]
@@ -450,7 +469,11 @@ mod tests {
         // Uneven nodes: this is node 2, which runs 3 tasks.
         let w = world(with(
             SLURM,
-            &[("SLURM_TASKS_PER_NODE", "4(x2),3"), ("SLURM_NODEID", "2"), ("SLURM_LOCALID", "1")],
+            &[
+                ("SLURM_TASKS_PER_NODE", "4(x2),3"),
+                ("SLURM_NODEID", "2"),
+                ("SLURM_LOCALID", "1"),
+            ],
         ))
         .unwrap();
         assert_eq!(w.local_world_size, 3);
@@ -470,28 +493,79 @@ mod tests {
         world(pairs).unwrap_err().to_string()
     }
 
+    /// A base environment, the variables changed in it, and what the error says.
+    type BadCase<'a> = (&'a [(&'a str, &'a str)], &'a [(&'a str, &'a str)], &'a str);
+
     #[test]
     fn inconsistent_environments_name_the_variable() {
-        let cases: &[(&[(&str, &str)], &[(&str, &str)], &str)] = &[
-            (TORCHRUN, &[("RANK", "8")], "RANK=8 must be below WORLD_SIZE=8"),
-            (TORCHRUN, &[("RANK", "two")], "RANK=\"two\" is not a non-negative integer"),
+        let cases: &[BadCase] = &[
+            (
+                TORCHRUN,
+                &[("RANK", "8")],
+                "RANK=8 must be below WORLD_SIZE=8",
+            ),
+            (
+                TORCHRUN,
+                &[("RANK", "two")],
+                "RANK=\"two\" is not a non-negative integer",
+            ),
             (TORCHRUN, &[("RANK", "-1")], "RANK=\"-1\""),
             (TORCHRUN, &[("WORLD_SIZE", "")], "WORLD_SIZE is not set"),
-            (TORCHRUN, &[("WORLD_SIZE", "0"), ("RANK", "0")], "WORLD_SIZE=0"),
+            (
+                TORCHRUN,
+                &[("WORLD_SIZE", "0"), ("RANK", "0")],
+                "WORLD_SIZE=0",
+            ),
             (TORCHRUN, &[("MASTER_ADDR", "")], "MASTER_ADDR is not set"),
             (TORCHRUN, &[("MASTER_PORT", "")], "MASTER_PORT is not set"),
-            (TORCHRUN, &[("MASTER_PORT", "70000")], "MASTER_PORT=\"70000\" is not a TCP port"),
+            (
+                TORCHRUN,
+                &[("MASTER_PORT", "70000")],
+                "MASTER_PORT=\"70000\" is not a TCP port",
+            ),
             (TORCHRUN, &[("MASTER_PORT", "0")], "MASTER_PORT=\"0\""),
-            (TORCHRUN, &[("LOCAL_RANK", "4")], "LOCAL_RANK=4 must be below LOCAL_WORLD_SIZE=4"),
-            (TORCHRUN, &[("LOCAL_WORLD_SIZE", "x")], "LOCAL_WORLD_SIZE=\"x\""),
-            (SLURM, &[("SLURM_PROCID", "9")], "SLURM_PROCID=9 must be below SLURM_NTASKS=8"),
+            (
+                TORCHRUN,
+                &[("LOCAL_RANK", "4")],
+                "LOCAL_RANK=4 must be below LOCAL_WORLD_SIZE=4",
+            ),
+            (
+                TORCHRUN,
+                &[("LOCAL_WORLD_SIZE", "x")],
+                "LOCAL_WORLD_SIZE=\"x\"",
+            ),
+            (
+                SLURM,
+                &[("SLURM_PROCID", "9")],
+                "SLURM_PROCID=9 must be below SLURM_NTASKS=8",
+            ),
             (SLURM, &[("SLURM_NTASKS", "")], "SLURM_NTASKS is not set"),
-            (SLURM, &[("SLURM_LOCALID", "4")], "SLURM_LOCALID=4 must be below tasks on this node=4"),
+            (
+                SLURM,
+                &[("SLURM_LOCALID", "4")],
+                "SLURM_LOCALID=4 must be below tasks on this node=4",
+            ),
             (SLURM, &[("SLURM_JOB_ID", "abc")], "SLURM_JOB_ID=\"abc\""),
-            (SLURM, &[("SLURM_JOB_NODELIST", "gpu[07-08")], "SLURM_JOB_NODELIST=\"gpu[07-08\""),
-            (SLURM, &[("SLURM_JOB_NODELIST", "")], "SLURM_JOB_NODELIST is not set"),
-            (SLURM, &[("SLURM_TASKS_PER_NODE", "4(x2)"), ("SLURM_NODEID", "5")], "SLURM_TASKS_PER_NODE=\"4(x2)\""),
-            (SLURM, &[("SLURM_TASKS_PER_NODE", "")], "SLURM_TASKS_PER_NODE is not set"),
+            (
+                SLURM,
+                &[("SLURM_JOB_NODELIST", "gpu[07-08")],
+                "SLURM_JOB_NODELIST=\"gpu[07-08\"",
+            ),
+            (
+                SLURM,
+                &[("SLURM_JOB_NODELIST", "")],
+                "SLURM_JOB_NODELIST is not set",
+            ),
+            (
+                SLURM,
+                &[("SLURM_TASKS_PER_NODE", "4(x2)"), ("SLURM_NODEID", "5")],
+                "SLURM_TASKS_PER_NODE=\"4(x2)\"",
+            ),
+            (
+                SLURM,
+                &[("SLURM_TASKS_PER_NODE", "")],
+                "SLURM_TASKS_PER_NODE is not set",
+            ),
         ];
         for (base, extra, want) in cases {
             let got = err(with(base, extra));
