@@ -56,7 +56,16 @@ enum Command {
             trm train data_paths='[data/arc2concept-aug-1000]' arch.L_cycles=4 global_batch_size=768 +run_name=x ema=True\n\n\
             The run folder (checkpoint_path, else checkpoints/<project>/<run_name>) gets all_config.yaml, \
             metrics.jsonl, TensorBoard event files and step_N/ checkpoints. `--resume latest` continues \
-            the newest checkpoint exactly (same step numbering, LR and data order)."
+            the newest checkpoint exactly (same step numbering, LR and data order).\n\n\
+            Many processes (data parallel, one per GPU): started by \
+            `torchrun --no-python --nproc-per-node N trm train ...` (RANK, WORLD_SIZE, LOCAL_RANK, \
+            LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT; a Kubeflow PyTorchJob sets the same) or by \
+            `srun trm train ...` (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, the first host of \
+            SLURM_JOB_NODELIST), every process trains its share of global_batch_size and rank 0 \
+            writes the run folder. TRM_RENDEZVOUS_TIMEOUT_S (seconds, default 300) bounds how long \
+            a rank waits for the others, at the start and in every exchange: a rank that dies makes \
+            the others stop with an error within it. TRM_JOB_ID sets the job identity every rank \
+            must share."
     )]
     Train(TrainArgs),
     /// Draw PNG charts (losses, accuracies, lr) of a run folder's metrics.jsonl.
@@ -420,9 +429,40 @@ fn init_threads(n: usize) -> anyhow::Result<()> {
 static PREEMPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 fn run_train(a: TrainArgs) -> anyhow::Result<()> {
+    // The launcher's variables first: a broken launch fails before any work.
+    let world = trm::dist::World::from_env()
+        .map_err(|e| anyhow::anyhow!("this process's place in the run: {e}"))?;
+    let timeout = trm::dist::rendezvous::timeout_from_env()?;
+    let (rank, size) = (world.rank, world.world_size);
+    // Every rank's error names the rank: torchrun and srun mix the ranks'
+    // stderr into one stream.
+    train_as_rank(a, &world, timeout).map_err(|e| match size {
+        1 => e,
+        _ => e.context(format!("rank {rank} of {size}")),
+    })
+}
+
+fn train_as_rank(
+    a: TrainArgs,
+    world: &trm::dist::World,
+    timeout: std::time::Duration,
+) -> anyhow::Result<()> {
     let source = trm::config::ConfigSource::from_arg(&a.config)?;
     let cfg = trm::config::RunConfig::load(source, &a.overrides)?;
     init_threads(cfg.threads)?;
+    // One line for the whole run, from rank 0 (the others only speak when
+    // they fail): with 8 GPUs x N nodes a line per rank would drown it.
+    let lead = world.rank == 0;
+    if lead && !a.quiet {
+        let wait = match world.world_size {
+            1 => String::new(),
+            _ => format!(
+                "; waiting up to {:.0} s for every rank (TRM_RENDEZVOUS_TIMEOUT_S)",
+                timeout.as_secs_f64()
+            ),
+        };
+        eprintln!("world: {}{wait}", world.describe());
+    }
     let opts = trm::train::TrainOptions {
         resume: a.resume,
         progress: !a.quiet,
@@ -431,7 +471,7 @@ fn run_train(a: TrainArgs) -> anyhow::Result<()> {
         handle_signals: true,
         device: a.device,
     };
-    let r = trm::train::train(&cfg, &opts)?;
+    let r = trm::train::train_in_world(&cfg, &opts, world, timeout)?;
     if let Some(sig) = r.stopped_by {
         let ckpt = r.checkpoints.last().map(|p| p.display().to_string());
         eprintln!(
@@ -441,6 +481,9 @@ fn run_train(a: TrainArgs) -> anyhow::Result<()> {
             ckpt.unwrap_or_default()
         );
         PREEMPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+        return Ok(());
+    }
+    if !lead {
         return Ok(());
     }
     println!(

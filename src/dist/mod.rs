@@ -6,14 +6,17 @@
 //! all-gather, metrics as a few f64 sums. [`SingleProcess`] is the world of
 //! one rank (CPU runs, tests); NCCL ranks implement the same trait
 //! ([`nccl::NcclCollective`]). Where a rank sits in the run comes from the
-//! launcher's environment ([`world::World`]).
+//! launcher's environment ([`world::World`]); [`launch::join`] turns it into
+//! this rank's collective.
 
+pub mod launch;
 pub mod nccl;
 pub mod rendezvous;
 mod slurm;
 pub mod tcp;
 pub mod world;
 
+pub use launch::{join, JoinError};
 pub use world::{gpu_ordinal, Launcher, World, WorldError};
 
 /// A collective that did not complete (a rank died, the network failed):

@@ -80,6 +80,18 @@ pub fn connect(world: &World, timeout: Duration) -> Result<TcpCollective, Rendez
     })
 }
 
+/// An I/O error on a peer's connection, worded for the user: a reset or a
+/// broken pipe is what a killed process leaves.
+fn io_text(e: &std::io::Error) -> String {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+    match e.kind() {
+        ConnectionReset | ConnectionAborted | BrokenPipe => {
+            format!("closed the connection ({e}; the process died?)")
+        }
+        _ => e.to_string(),
+    }
+}
+
 /// Reads exactly `buf.len()` bytes before `deadline`.
 fn read_until(s: &TcpStream, buf: &mut [u8], deadline: Instant) -> Result<(), String> {
     // `Read` for `&TcpStream`: operations take `&self`.
@@ -103,7 +115,7 @@ fn read_until(s: &TcpStream, buf: &mut [u8], deadline: Instant) -> Result<(), St
             {
                 return Err("sent nothing more before the deadline (hung or too slow)".into())
             }
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(io_text(&e)),
         }
     }
     Ok(())
@@ -118,7 +130,7 @@ fn send(s: &TcpStream, head: u8, seq: u64, body: &[u8], wait: Duration) -> Resul
     let mut w = s;
     s.set_write_timeout(Some(wait.max(Duration::from_millis(1))))
         .and_then(|_| w.write_all(&msg))
-        .map_err(|e| e.to_string())
+        .map_err(|e| io_text(&e))
 }
 
 /// A message: its head byte, sequence number and body.

@@ -26,7 +26,7 @@ mod run;
 mod state;
 mod telemetry;
 
-pub use run::{arc_pass_ks, mean_row, run_dir, train, train_with};
+pub use run::{arc_pass_ks, mean_row, run_dir, train, train_in_world, train_with};
 pub use state::TrainerState;
 
 use std::path::PathBuf;
@@ -77,6 +77,8 @@ pub enum TrainError {
     Resume { path: PathBuf, reason: String },
     #[error(transparent)]
     Collective(#[from] crate::dist::CollectiveError),
+    #[error(transparent)]
+    Join(#[from] crate::dist::JoinError),
     #[error(transparent)]
     Cuda(#[from] crate::backend::cuda::CudaError),
     #[error(transparent)]

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::estimate::RunEstimate;
 use super::eval;
@@ -14,9 +14,9 @@ use super::{Result, TrainError, TrainOptions, TrainReport};
 use crate::checkpoint::{self, CheckpointDir};
 use crate::config::{RunConfig, Schedule};
 use crate::data::loader::{PuzzleDataset, PuzzleDatasetConfig, Split};
-use crate::dist::{Collective, SingleProcess};
+use crate::dist::{Collective, SingleProcess, World};
 use crate::model::config::ArchConfig;
-use crate::model::device_choice;
+use crate::model::device_choice::{self, DeviceChoice};
 use crate::model::weights::{Weights, PUZZLE_EMB};
 use crate::telemetry::progress::{Progress, ProgressMode};
 use crate::tensor::Tensor;
@@ -44,7 +44,8 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainReport> {
     train_with(cfg, opts, &SingleProcess)
 }
 
-/// [`train`] over an explicit collective (data-parallel ranks).
+/// [`train`] over an explicit collective (ranks in one process, tests); a
+/// GPU engine runs on GPU 0.
 pub fn train_with(
     cfg: &RunConfig,
     opts: &TrainOptions,
@@ -53,8 +54,36 @@ pub fn train_with(
     let t0 = Instant::now();
     cfg.validate()?;
     // The flag wins over the config; checked before any data is read.
-    // Ordinal 0: one GPU per process until ranks pick their local GPU.
     let device = device_choice::resolve(opts.device.or(cfg.device), 0)?;
+    train_on(cfg, opts, coll, device, t0)
+}
+
+/// `trm train` as one rank of `world` (a process a launcher started): its
+/// GPU by [`crate::dist::gpu_ordinal`], the collective joining the other
+/// ranks (waiting at most `timeout`, at the start and in every operation),
+/// then the run.
+pub fn train_in_world(
+    cfg: &RunConfig,
+    opts: &TrainOptions,
+    world: &World,
+    timeout: Duration,
+) -> Result<TrainReport> {
+    let t0 = Instant::now();
+    cfg.validate()?;
+    let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+    let ordinal = crate::dist::gpu_ordinal(world, visible.as_deref());
+    let device = device_choice::resolve(opts.device.or(cfg.device), ordinal)?;
+    let coll = crate::dist::join(world, device.kind, timeout)?;
+    train_on(cfg, opts, &*coll, device, t0)
+}
+
+fn train_on(
+    cfg: &RunConfig,
+    opts: &TrainOptions,
+    coll: &dyn Collective,
+    device: DeviceChoice,
+    t0: Instant,
+) -> Result<TrainReport> {
     let world = coll.world_size();
     if cfg.global_batch_size % world != 0 {
         return Err(TrainError::BatchSplit {
@@ -98,9 +127,10 @@ pub fn train_with(
     };
     let ckpt = CheckpointDir::new(dir.clone()).with_keep_last(cfg.checkpoint_keep_last);
 
+    let rank0 = coll.rank() == 0;
     // weights: +load_checkpoint, else seeded init
     let weights = match &cfg.load_checkpoint {
-        Some(p) => load_initial_weights(&arch, p)?,
+        Some(p) => load_initial_weights(&arch, p, rank0)?,
         None => Weights::init(&arch, cfg.seed),
     };
     let mut st = TrainerState::new(cfg, arch, weights, local_batch, coll.rank(), &device)?;
@@ -108,12 +138,12 @@ pub fn train_with(
     if let Some(spec) = &opts.resume {
         let path = ckpt.resolve(spec)?;
         let c = checkpoint::load(&path)?;
+        same_checkpoint_on_every_rank(&path, coll)?;
         let loader = st.restore(&path, c)?;
         train_ds.restore(loader)?;
         resumed_from = Some(path);
     }
 
-    let rank0 = coll.rank() == 0;
     if rank0 {
         let yaml = cfg.to_yaml()?;
         let p = dir.join("all_config.yaml");
@@ -210,7 +240,10 @@ pub fn train_with(
             if let Some(d) = pause {
                 std::thread::sleep(d);
             }
-            if let (true, Some(sig)) = (opts.handle_signals, crate::signals::requested()) {
+            // Handlers are installed for a world of one only (see above):
+            // ranks would have to agree on the step to stop at.
+            let stop = opts.handle_signals && world == 1;
+            if let (true, Some(sig)) = (stop, crate::signals::requested()) {
                 // Mid-iteration checkpoint: the loader saves its position in
                 // the walk, so a resume continues with the next batch.
                 let c = st.checkpoint_contents(cfg, batches.state())?;
@@ -243,6 +276,41 @@ pub fn train_with(
     sinks.finish();
     report.seconds = t0.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// Every rank verified its checkpoint on loading; this checks they all
+/// loaded the same one (by the SHA-256 of its manifest, which covers every
+/// file), e.g. that no rank resolved `latest` in another copy of the folder.
+fn same_checkpoint_on_every_rank(path: &Path, coll: &dyn Collective) -> Result<()> {
+    if coll.world_size() == 1 {
+        return Ok(());
+    }
+    let manifest = checkpoint::hash_file(&path.join(checkpoint::MANIFEST_FILE))?;
+    // "<sha256> <path>": a hex digest has no space.
+    let mine = format!("{} {}", manifest.sha256, path.display());
+    let all = coll.all_gather_bytes(mine.as_bytes())?;
+    let loaded: Vec<(String, String)> = all
+        .iter()
+        .map(|b| {
+            let text = String::from_utf8_lossy(b);
+            let (sha, place) = text.split_once(' ').unwrap_or((&text, ""));
+            (sha.to_string(), place.to_string())
+        })
+        .collect();
+    let mismatch = |reason: String| TrainError::Resume {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let (sha0, place0) = loaded
+        .first()
+        .ok_or_else(|| mismatch("the ranks' checkpoints could not be compared".into()))?;
+    match loaded.iter().enumerate().find(|(_, (sha, _))| sha != sha0) {
+        None => Ok(()),
+        Some((rank, (sha, place))) => Err(mismatch(format!(
+            "rank {rank} loaded {place} but rank 0 loaded {place0}, another checkpoint \
+             (manifest SHA-256 {sha} vs {sha0}); every rank must resume from the same one"
+        ))),
+    }
 }
 
 /// The train split and, when the data has one, the test split, both checked.
@@ -305,7 +373,7 @@ pub fn arc_pass_ks(cfg: &RunConfig) -> Vec<Vec<usize>> {
 /// them, as the reference saves the EMA model) or a reference-named
 /// safetensors file. A puzzle-embedding table of another size is replaced by
 /// its mean row repeated, as the reference does.
-fn load_initial_weights(arch: &ArchConfig, path: &Path) -> Result<Weights> {
+fn load_initial_weights(arch: &ArchConfig, path: &Path, rank0: bool) -> Result<Weights> {
     let mut map = checkpoint::load_weights_only(path)?;
     if path.is_dir() {
         let c = checkpoint::load(path)?;
@@ -332,10 +400,12 @@ fn load_initial_weights(arch: &ArchConfig, path: &Path) -> Result<Weights> {
                 for _ in 0..want[0] {
                     data.extend_from_slice(&mean);
                 }
-                eprintln!(
-                    "load_checkpoint: puzzle embedding {:?} resized to {:?} with its mean row",
-                    t.shape, want
-                );
+                if rank0 {
+                    eprintln!(
+                        "load_checkpoint: puzzle embedding {:?} resized to {:?} with its mean row",
+                        t.shape, want
+                    );
+                }
                 map.insert(PUZZLE_EMB.into(), Tensor::new(&want, data));
             }
         }
