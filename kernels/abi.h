@@ -172,10 +172,13 @@ struct InputEmbeddingForwardArgs {
     int32_t num_puzzle_ids;
 };
 
-// dembed[tokens[b, t]] += scale * dx[b, P + t] (scatter-add, f32 atomics);
-// dpuzzle[b, k] = scale * dx[b] flattened at k < ndim.
+// Stage 1 of the deterministic backward: the B * T token rows cut into
+// nblocks contiguous slices, slice k summed per (id, column) in row order:
+// partial[k, v] = sum of scale * dx[b, P + t] over its rows with tokens[b, t]
+// == v (every element written); dpuzzle[b, k] = scale * dx[b] flattened at k
+// < ndim. Any grid gives the same bits.
 struct InputEmbeddingBackwardArgs {
-    float* dembed;                // [V, D] accumulated
+    float* partial;               // [nblocks, V, D] out: scratch
     float* dpuzzle;               // [B, ndim] out, or null
     const bf16* dx;               // [B, P + T, D]
     const int32_t* tokens;        // [B, T]
@@ -186,7 +189,16 @@ struct InputEmbeddingBackwardArgs {
     int32_t D;
     int32_t V;
     int32_t ndim;
-    int32_t shared_accumulate;    // 1: sum each block's rows in V * D floats of dynamic shared memory first
+    int32_t nblocks;              // slices of the token rows, >= 1; fixes the summation order
+    int32_t shared_accumulate;    // 1: sum each slice in V * D floats of dynamic shared memory first
+};
+
+// Stage 2: dembed[i] += sum over k < nblocks, in order, of partial[k, i].
+struct InputEmbeddingReduceArgs {
+    float* dembed;                // [n] accumulated
+    const float* partial;         // [nblocks, n]
+    int64_t n;                    // V * D
+    int32_t nblocks;
 };
 
 // ---------------------------------------------------------------------------

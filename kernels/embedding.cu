@@ -10,12 +10,17 @@
 // the reference's bf16 rounding: token rows are bf16 tables, puzzle rows are
 // f32 and cast to bf16 before the scale, and the scaled value is rounded once
 // more. Ids out of range give zero rows (the model validates ids before).
-// The backward gives each thread fixed columns, so a block sums its slice of
-// token rows per (id, column) without atomics or barriers -- in V * D floats
-// of dynamic shared memory when `shared_accumulate` (V * D * 4 bytes), else
-// straight into dembed -- and adds the sums to dembed with one f32 atomicAdd
-// each (so dembed's summation order, hence its last bits, varies run to run).
-// The puzzle rows' gradient is written, not accumulated.
+// The backward is deterministic: no float atomics, and a summation order
+// fixed by the shapes alone, so the same data gives the same bits on every
+// run and whatever grid the launch has. The B * T token rows are cut into
+// `nblocks` contiguous slices (the launcher picks nblocks from the shapes);
+// slice k is summed per (id, column) in row order into its own V * D floats
+// of `partial` -- in dynamic shared memory first when `shared_accumulate` (V
+// * D * 4 bytes), else straight in the scratch, which no other slice touches
+// -- each thread owning fixed columns, so no barrier is needed. A second
+// kernel then adds the nblocks partials per (id, column) in slice order and
+// adds the sum to dembed. The puzzle rows' gradient is written, not
+// accumulated.
 #include "common.cuh"
 
 // The scaled puzzle value at flat position f < P * D of a sample.
@@ -64,7 +69,7 @@ extern "C" __global__ void input_embedding_forward_bf16(const InputEmbeddingForw
 }
 
 extern "C" __global__ void input_embedding_backward_bf16(const InputEmbeddingBackwardArgs a) {
-    const long D = a.D, S = (long)a.P + a.T;
+    const long D = a.D, S = (long)a.P + a.T, table = (long)a.V * a.D;
     // Puzzle rows: dpuzzle[b, k] = scale * dx[b] flattened at k.
     if (a.dpuzzle != nullptr) {
         for (long q = thread_index(); q < (long)a.B * a.ndim; q += thread_count()) {
@@ -72,34 +77,39 @@ extern "C" __global__ void input_embedding_backward_bf16(const InputEmbeddingBac
             a.dpuzzle[q] = a.scale * to_f32(a.dx[b * S * D + k]);
         }
     }
-    // Token rows: this block's contiguous slice of the B * T rows.
+    // Token rows: slice k of nblocks, whichever block runs it, so the sums
+    // do not depend on the grid.
     const long rows = (long)a.B * a.T;
-    const long per_block = ceil_div(rows, gridDim.x);
-    const long first = blockIdx.x * per_block;
-    const long last = first + per_block < rows ? first + per_block : rows;
-    // Each thread owns the columns c = threadIdx.x + k * blockDim.x of every
-    // id: it alone clears, sums and flushes them, so no barrier is needed.
-    float* acc = a.shared_accumulate ? dynamic_shared<float>() : nullptr;
-    for (long c = threadIdx.x; c < D; c += blockDim.x) {
-        if (acc != nullptr) {
+    const long per_slice = ceil_div(rows, a.nblocks);
+    float* smem = a.shared_accumulate ? dynamic_shared<float>() : nullptr;
+    for (long k = blockIdx.x; k < a.nblocks; k += gridDim.x) {
+        const long first = k * per_slice;
+        const long last = first + per_slice < rows ? first + per_slice : rows;
+        float* out = a.partial + k * table;
+        float* acc = smem != nullptr ? smem : out;
+        // Each thread owns the columns c = threadIdx.x + j * blockDim.x of
+        // every id: it alone clears, sums and flushes them, so no barrier is
+        // needed (not even between slices sharing the shared memory).
+        for (long c = threadIdx.x; c < D; c += blockDim.x) {
             for (long v = 0; v < a.V; v++) acc[v * D + c] = 0.0f;
-        }
-        for (long r = first; r < last; r++) {
-            const int token = a.tokens[r];
-            if (token < 0 || token >= a.V) continue;
-            const long b = r / a.T, t = r % a.T;
-            const float g = a.scale * to_f32(a.dx[(b * S + a.P + t) * D + c]);
-            if (acc != nullptr) {
-                acc[token * D + c] += g;
-            } else {
-                atomicAdd(a.dembed + token * D + c, g);
+            for (long r = first; r < last; r++) {
+                const int token = a.tokens[r];
+                if (token < 0 || token >= a.V) continue;
+                const long b = r / a.T, t = r % a.T;
+                acc[token * D + c] += a.scale * to_f32(a.dx[(b * S + a.P + t) * D + c]);
+            }
+            if (smem != nullptr) {
+                for (long v = 0; v < a.V; v++) out[v * D + c] = acc[v * D + c];
             }
         }
-        if (acc != nullptr) {
-            for (long v = 0; v < a.V; v++) {
-                const float sum = acc[v * D + c];
-                if (sum != 0.0f) atomicAdd(a.dembed + v * D + c, sum);  // adding 0 changes nothing
-            }
-        }
+    }
+}
+
+extern "C" __global__ void input_embedding_backward_reduce(const InputEmbeddingReduceArgs a) {
+    for (long i = thread_index(); i < a.n; i += thread_count()) {
+        // Slice order, the same for every grid.
+        float sum = 0.0f;
+        for (long k = 0; k < a.nblocks; k++) sum += a.partial[k * a.n + i];
+        a.dembed[i] += sum;
     }
 }

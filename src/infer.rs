@@ -31,9 +31,11 @@ use crate::data::loader::{LoaderError, MemorySplit, PuzzleDataset, PuzzleDataset
 use crate::data::metadata::DatasetMetadata;
 use crate::dist::SingleProcess;
 use crate::eval::{ArcEvaluator, ArcResult, EvalError};
-use crate::model::act::{evaluate_batches, ActError};
+use crate::model::act::{evaluate_with, ActError};
 use crate::model::config::ArchConfig;
-use crate::model::trm::{Ctx, Params};
+use crate::model::device_choice::{self, build_engine, DeviceChoice, DeviceError, DeviceKind};
+use crate::model::engine::{EngineConfig, EngineError};
+use crate::model::trm::{Dims, Params};
 use crate::model::weights::{Weights, PUZZLE_EMB};
 use crate::optim::CosineWarmup;
 use crate::package::{ModelPackage, PackageError};
@@ -66,6 +68,10 @@ pub enum InferError {
     Loader(#[from] LoaderError),
     #[error(transparent)]
     Run(Box<TrainError>),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error(transparent)]
+    Engine(Box<EngineError>),
     #[error("ARC evaluator: {0}")]
     Eval(#[from] EvalError),
     #[error("{path}: cannot write: {source}")]
@@ -83,6 +89,12 @@ type Result<T> = std::result::Result<T, InferError>;
 impl From<PackageError> for InferError {
     fn from(e: PackageError) -> Self {
         InferError::Package(Box::new(e))
+    }
+}
+
+impl From<EngineError> for InferError {
+    fn from(e: EngineError) -> Self {
+        InferError::Engine(Box::new(e))
     }
 }
 
@@ -124,6 +136,9 @@ pub struct InferOptions {
     pub progress: bool,
     /// Messages (warnings, phases) on stderr.
     pub verbose: bool,
+    /// The engine (`--device`); `None`: the `device` of the model's run
+    /// config, else a usable GPU, else the CPU.
+    pub device: Option<DeviceKind>,
 }
 
 impl InferOptions {
@@ -139,6 +154,7 @@ impl InferOptions {
             pass_ks: None,
             progress: false,
             verbose: false,
+            device: None,
         }
     }
 }
@@ -343,7 +359,20 @@ pub fn infer(opts: &InferOptions) -> Result<InferOutput> {
             "--pass-ks needs one or more K of at least 1".into(),
         ));
     }
+    // A device asked for is checked before any input is read. Ordinal 0:
+    // `trm infer` is one process.
+    let asked = opts
+        .device
+        .map(|d| device_choice::resolve(Some(d), 0))
+        .transpose()?;
     let pkg = ModelPackage::open(&opts.model_dir)?;
+    // Else the `device` of the model's run config (a `cpu-tiny` model stays
+    // on the CPU), else automatic. A run config that does not parse only
+    // matters to --fit-steps, which reports it.
+    let device = match asked {
+        Some(d) => d,
+        None => device_choice::resolve(pkg.training_config().ok().and_then(|c| c.device), 0)?,
+    };
     let ds = pkg.config.dataset.clone();
     let seed = opts.seed.unwrap_or(ds.seed);
     let num_aug = opts.num_aug.unwrap_or(ds.num_aug);
@@ -487,7 +516,8 @@ pub fn infer(opts: &InferOptions) -> Result<InferOutput> {
 
     let mut fit = None;
     let params = if opts.fit_steps > 0 && !new_names.is_empty() {
-        let (params, report) = fit_unknown(&pkg, &arch, weights, &plan, opts, seed, batch)?;
+        let (params, report) =
+            fit_unknown(&pkg, &arch, weights, &plan, opts, seed, batch, &device)?;
         say(&format!(
             "fitted {} puzzle embeddings in {} steps: demonstration lm_loss {:.4} -> {:.4}",
             report.rows, report.steps, report.loss_before, report.loss_after
@@ -525,7 +555,15 @@ pub fn infer(opts: &InferOptions) -> Result<InferOutput> {
         examples,
         arch.halt_max_steps
     ));
-    let ctx = Ctx::new(&arch, batch);
+    let mut engine = build_engine(
+        device.kind,
+        device.ordinal,
+        arch.clone(),
+        params,
+        batch,
+        inference_engine_config(),
+    )?;
+    say(&device.describe(&engine.device_name()));
     let mut progress = Progress::new(
         examples as u64,
         0,
@@ -536,10 +574,10 @@ pub fn infer(opts: &InferOptions) -> Result<InferOutput> {
         },
     );
     let mut done = 0u64;
-    let (_, outs) = evaluate_batches(
-        &ctx,
+    let (_, outs) = evaluate_with(
+        &mut *engine,
+        &Dims::new(&arch, batch),
         &arch,
-        &params,
         test.test_batches(),
         blank,
         &SingleProcess,
@@ -549,6 +587,9 @@ pub fn infer(opts: &InferOptions) -> Result<InferOutput> {
         },
     )?;
     progress.finish();
+    // The weights as run, back from the engine (they moved into it).
+    let params = engine.params()?;
+    drop(engine);
 
     let mut names = pkg.identifiers.clone();
     names.extend(new_names);
@@ -571,9 +612,19 @@ pub fn infer(opts: &InferOptions) -> Result<InferOutput> {
     })
 }
 
+/// An engine that only evaluates: no EMA, the optimisers never step.
+fn inference_engine_config() -> EngineConfig {
+    EngineConfig {
+        adam: Default::default(),
+        ema_rate: None,
+        puzzle_emb_weight_decay: 0.0,
+    }
+}
+
 /// Fits the rows of the unknown members on their puzzles' demonstration
 /// pairs with the trainer (`freeze_weights`: the dense weights stay as they
-/// are, only the batch's puzzle rows move by sign-SGD).
+/// are, only the batch's puzzle rows move by sign-SGD) on `device`.
+#[allow(clippy::too_many_arguments)]
 fn fit_unknown(
     pkg: &ModelPackage,
     arch: &ArchConfig,
@@ -582,6 +633,7 @@ fn fit_unknown(
     opts: &InferOptions,
     seed: u64,
     batch: usize,
+    device: &DeviceChoice,
 ) -> Result<(Params<f32>, FitReport)> {
     let side = pkg.config.dataset.canvas_side;
     let seq_len = side * side;
@@ -661,24 +713,16 @@ fn fit_unknown(
         total_steps: opts.fit_steps,
         min_ratio: 1.0,
     };
-    let mut st = TrainerState::new(&cfg, arch.clone(), weights, batch, 0)?;
-    let probe_loss = |st: &TrainerState| -> Result<f64> {
-        let ctx = Ctx::new(arch, batch);
-        let (per_set, _) = evaluate_batches(
-            &ctx,
-            arch,
-            &st.params(),
-            probe.test_batches(),
-            blank,
-            &SingleProcess,
-            &mut |_| {},
-        )?;
+    let mut st = TrainerState::new(&cfg, arch.clone(), weights, batch, 0, device)?;
+    // EMA is off, so the engine evaluates with the live weights.
+    let probe_loss = |st: &mut TrainerState| -> Result<f64> {
+        let (per_set, _) = st.evaluate(&probe, &SingleProcess)?;
         let (sum, count) = per_set
             .values()
             .fold((0.0, 0.0), |(s, c), m| (s + m.lm_loss, c + m.count));
         Ok(sum / f64::max(count, 1.0))
     };
-    let loss_before = probe_loss(&st)?;
+    let loss_before = probe_loss(&mut st)?;
     let mut progress = Progress::new(
         opts.fit_steps,
         0,
@@ -708,9 +752,9 @@ fn fit_unknown(
         }
     }
     progress.finish();
-    let loss_after = probe_loss(&st)?;
+    let loss_after = probe_loss(&mut st)?;
     Ok((
-        st.params(),
+        st.params()?,
         FitReport {
             steps: opts.fit_steps,
             rows: fitted_rows,

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 use trm::data::builder::{build_dataset, BuildOptions, BuildReport, BuildUi};
+use trm::model::device_choice::DeviceKind;
 
 #[derive(Parser)]
 #[command(
@@ -84,7 +85,7 @@ enum Command {
     )]
     Infer(InferArgs),
     /// One ACT training step from a fresh carry; writes outputs and gradients (parity checks against PyTorch).
-    StepDump(trm::stepdump::StepDumpArgs),
+    StepDump(trm::stepdump::StepDumpCli),
 }
 
 #[derive(Args)]
@@ -102,6 +103,10 @@ struct TrainArgs {
     /// moved aside to `<folder>.previous-N` (never deleted).
     #[arg(long, conflicts_with = "resume")]
     start_over: bool,
+    /// Where the network runs (wins over the config's `device`); default:
+    /// cuda when this build has the kernels and a usable GPU, else cpu.
+    #[arg(long, value_enum)]
+    device: Option<DeviceKind>,
     /// Hydra-style overrides: key=value, +key=value, arch.key=value.
     overrides: Vec<String>,
 }
@@ -159,6 +164,11 @@ struct InferArgs {
     /// Only errors and the final summary (no progress bar).
     #[arg(long)]
     quiet: bool,
+    /// Where the network runs; default: the `device` of the model's run
+    /// config, else cuda when this build has the kernels and a usable GPU,
+    /// else cpu.
+    #[arg(long, value_enum)]
+    device: Option<DeviceKind>,
 }
 
 #[derive(Args)]
@@ -419,6 +429,7 @@ fn run_train(a: TrainArgs) -> anyhow::Result<()> {
         verbose: !a.quiet,
         start_over: a.start_over,
         handle_signals: true,
+        device: a.device,
     };
     let r = trm::train::train(&cfg, &opts)?;
     if let Some(sig) = r.stopped_by {
@@ -474,6 +485,7 @@ fn run_infer(a: InferArgs) -> anyhow::Result<()> {
         pass_ks: a.pass_ks,
         progress: !a.quiet,
         verbose: !a.quiet,
+        device: a.device,
         ..trm::infer::InferOptions::new(&a.model, &a.challenges)
     };
     let out = trm::infer::infer(&opts)?;
@@ -528,7 +540,7 @@ fn main() -> ExitCode {
         Command::Plot(a) => run_plot(a),
         Command::Package(a) => run_package(a),
         Command::Infer(a) => run_infer(a),
-        Command::StepDump(a) => trm::stepdump::run(&a),
+        Command::StepDump(a) => trm::stepdump::run_on(&a.args, a.device),
     };
     match result {
         Ok(()) if PREEMPTED.load(std::sync::atomic::Ordering::SeqCst) => {

@@ -3,21 +3,26 @@
 //! and gradient to a safetensors file, named as the PyTorch reference's golden
 //! files (`../shared/golden/*/expected.safetensors`) so the two can be diffed.
 //!
-//! The in-process entry point [`step_dump`] is what the golden parity test
-//! calls; [`run`] adds the file handling of the CLI.
+//! The step runs on an engine from [`crate::model::device_choice`], through
+//! the shared ACT rules ([`act::act_step`]) and the engine's trace of it.
+//! The in-process entry point [`step_dump`] (the CPU engine) is what the
+//! golden parity test calls; [`run`] adds the file handling of the CLI.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
+use crate::model::act;
 use crate::model::config::{ArchConfig, ConfigError};
+use crate::model::device_choice::{build_engine, DeviceChoice, DeviceError, DeviceKind};
+use crate::model::engine::{EngineConfig, EngineError};
 use crate::model::safetensors_io::{self, FloatDtype, SafetensorsError};
-use crate::model::trm;
+use crate::model::trm::{self, Dims, Params};
 use crate::model::weights::{self, Weights, WeightsError};
 use crate::tensor::Tensor;
 
-/// Arguments of `trm step-dump`.
+/// `trm step-dump`'s command line: the dump's arguments and the device.
 #[derive(Debug, Clone, clap::Args)]
 #[command(
     about = "Run one training ACT step on a batch and dump outputs and gradients (for parity checks)"
@@ -31,6 +36,17 @@ z_H, z_L, grad.<name> for every trainable weight and grad.inner.puzzle_emb.local
 (the gradient of the batch's puzzle-embedding rows). The names match the PyTorch \
 reference's golden files."
 )]
+pub struct StepDumpCli {
+    #[command(flatten)]
+    pub args: StepDumpArgs,
+    /// Where the step runs; default: cuda when this build has the kernels
+    /// and a usable GPU, else cpu.
+    #[arg(long, value_enum)]
+    pub device: Option<DeviceKind>,
+}
+
+/// Arguments of `trm step-dump`.
+#[derive(Debug, Clone, clap::Args)]
 pub struct StepDumpArgs {
     /// Architecture config: JSON with the reference's arch fields plus
     /// seq_len, vocab_size and num_puzzle_identifiers.
@@ -109,6 +125,14 @@ pub enum StepDumpError {
     },
     #[error("model step failed: {0}")]
     Model(String),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error("cannot open the {device} engine: {source}")]
+    Engine {
+        device: DeviceKind,
+        #[source]
+        source: EngineError,
+    },
     #[error("model step did not produce `{0}`")]
     MissingOutput(String),
 }
@@ -230,10 +254,26 @@ pub fn load_weights(config: &ArchConfig, path: &Path) -> Result<Weights, StepDum
     })
 }
 
-/// Runs the step and returns every dumped tensor by name (f32; `halted` as
-/// 0/1, `steps` as float). Halting exploration is forced off, as in the
-/// golden files, so the result is deterministic.
+/// Runs the step on the CPU engine (the reference the golden files check)
+/// and returns every dumped tensor by name (f32; `halted` as 0/1, `steps`
+/// as float). Halting exploration is forced off, as in the golden files, so
+/// the result is deterministic.
 pub fn step_dump(
+    config: &ArchConfig,
+    weights: &Weights,
+    batch: &Batch,
+) -> Result<BTreeMap<String, Tensor>, StepDumpError> {
+    let cpu = DeviceChoice {
+        kind: DeviceKind::Cpu,
+        ordinal: 0,
+        why: "requested".into(),
+    };
+    step_dump_on(&cpu, config, weights, batch)
+}
+
+/// [`step_dump`] on the engine of `device`.
+pub fn step_dump_on(
+    device: &DeviceChoice,
     config: &ArchConfig,
     weights: &Weights,
     batch: &Batch,
@@ -241,7 +281,7 @@ pub fn step_dump(
     config.validate_supported()?;
     let mut config = config.clone();
     config.halt_exploration_prob = 0.0;
-    let out = model_step(&config, weights, batch)?;
+    let out = model_step(device, &config, weights, batch)?;
     for name in expected_output_names(&config) {
         if !out.contains_key(&name) {
             return Err(StepDumpError::MissingOutput(name));
@@ -250,53 +290,101 @@ pub fn step_dump(
     Ok(out)
 }
 
-/// The one call into the model math (src/model/trm.rs): one ACT step in
-/// training mode from a fresh carry, backward of the summed loss.
+/// The one call into the model: one ACT step in training mode from a fresh
+/// carry on the engine of `device` (every slot halted, so every slot
+/// restarts from H_init / L_init at its first step; exploration off),
+/// backward of the summed loss, then the engine's trace of the step.
 fn model_step(
+    device: &DeviceChoice,
     config: &ArchConfig,
     weights: &Weights,
     batch: &Batch,
 ) -> Result<BTreeMap<String, Tensor>, StepDumpError> {
-    let r = trm::act_step_train(
-        config,
-        weights,
-        &batch.inputs,
-        &batch.labels,
-        &batch.puzzle_identifiers,
-        batch.batch_size,
-    )
-    .map_err(|e| StepDumpError::Model(e.to_string()))?;
+    let model = |e: &dyn std::fmt::Display| StepDumpError::Model(e.to_string());
     let b = batch.batch_size;
-    let mut out = r.grads;
+    if b == 0 {
+        return Err(model(&trm::TrmError::EmptyBatch));
+    }
+    let params = Params::<f32>::from_weights(config, weights).map_err(|e| model(&e))?;
+    // No optimiser step is taken: the optimiser settings do not matter.
+    let engine_cfg = EngineConfig {
+        adam: Default::default(),
+        ema_rate: None,
+        puzzle_emb_weight_decay: 0.0,
+    };
+    let mut engine = build_engine(
+        device.kind,
+        device.ordinal,
+        config.clone(),
+        params,
+        b,
+        engine_cfg,
+    )
+    .map_err(|source| StepDumpError::Engine {
+        device: device.kind,
+        source,
+    })?;
+    engine
+        .reset_halted(&vec![true; b])
+        .map_err(|source| StepDumpError::Engine {
+            device: device.kind,
+            source,
+        })?;
+    let steps = vec![1i32; b];
+    let slots = trm::Batch {
+        inputs: &batch.inputs,
+        labels: &batch.labels,
+        puzzle_ids: &batch.puzzle_identifiers,
+        b,
+    };
+    let r = act::act_step(&mut *engine, config, &slots, &steps, None).map_err(|e| model(&e))?;
+    let trace = engine.step_trace().map_err(|e| model(&e))?;
+    let dm = Dims::new(config, b);
+    let mut out = trace.grads.to_map(config, b);
     // Losses are f64 in the model (the reference's stablemax runs in f64);
     // the dump is f32 like the golden files.
-    out.insert("loss".into(), Tensor::scalar(r.loss as f32));
-    out.insert("lm_loss".into(), Tensor::scalar(r.lm_loss as f32));
-    out.insert("q_halt_loss".into(), Tensor::scalar(r.q_halt_loss as f32));
-    out.insert("logits".into(), r.logits);
-    out.insert("q_halt_logits".into(), r.q_halt_logits);
-    out.insert("q_continue_logits".into(), r.q_continue_logits);
-    out.insert("z_H".into(), r.z_h);
-    out.insert("z_L".into(), r.z_l);
+    out.insert("loss".into(), Tensor::scalar(r.loss.loss as f32));
+    out.insert("lm_loss".into(), Tensor::scalar(r.loss.lm_loss as f32));
+    out.insert(
+        "q_halt_loss".into(),
+        Tensor::scalar(r.loss.q_halt_loss as f32),
+    );
+    out.insert(
+        "logits".into(),
+        Tensor::new(&[b, dm.seq, dm.v], trace.logits),
+    );
+    let q = |i: usize| (0..b).map(|s| r.q[s * 2 + i]).collect::<Vec<f32>>();
+    out.insert("q_halt_logits".into(), Tensor::new(&[b], q(0)));
+    out.insert("q_continue_logits".into(), Tensor::new(&[b], q(1)));
+    out.insert("z_H".into(), Tensor::new(&[b, dm.s, dm.d], trace.z_h));
+    out.insert("z_L".into(), Tensor::new(&[b, dm.s, dm.d], trace.z_l));
     let halted = r
         .halted
         .iter()
         .map(|&h| if h { 1.0 } else { 0.0 })
         .collect();
     out.insert("halted".into(), Tensor::new(&[b], halted));
-    let steps = r.steps.iter().map(|&s| s as f32).collect();
+    let steps = steps.iter().map(|&s| s as f32).collect();
     out.insert("steps".into(), Tensor::new(&[b], steps));
     Ok(out)
 }
 
-/// `trm step-dump`: load config, weights (or init) and batch, run
-/// [`step_dump`], write the dump as f32.
+/// `trm step-dump` on the CPU engine (the golden files' reference): load
+/// config, weights (or init) and batch, run [`step_dump`], write the dump as
+/// f32.
 pub fn run(args: &StepDumpArgs) -> anyhow::Result<()> {
+    run_on(args, Some(DeviceKind::Cpu))
+}
+
+/// [`run`] on the engine of `device` (`None`: a usable GPU, else the CPU).
+pub fn run_on(args: &StepDumpArgs, device: Option<DeviceKind>) -> anyhow::Result<()> {
     crate::out_guard::check_replaceable(
         &args.out,
         crate::out_guard::OutputKind::StepDump,
         args.force,
     )?;
+    // Ordinal 0: `trm step-dump` is one process.
+    let device = crate::model::device_choice::resolve(device, 0)?;
     let config = ArchConfig::from_json_file(&args.arch)?;
     config.validate_supported()?;
     let weights = match (&args.weights, args.init_seed) {
@@ -305,7 +393,7 @@ pub fn run(args: &StepDumpArgs) -> anyhow::Result<()> {
         (None, None) => anyhow::bail!("step-dump needs --weights or --init-seed"),
     };
     let batch = load_batch(&args.batch, &config)?;
-    let out = step_dump(&config, &weights, &batch)?;
+    let out = step_dump_on(&device, &config, &weights, &batch)?;
     safetensors_io::save_tensors(&args.out, &out, FloatDtype::F32)
         .with_context(|| format!("writing step dump {}", args.out.display()))?;
     let scalar = |n: &str| {
@@ -314,7 +402,8 @@ pub fn run(args: &StepDumpArgs) -> anyhow::Result<()> {
             .unwrap_or(f32::NAN)
     };
     eprintln!(
-        "step-dump: batch {} -> {} tensors in {} (loss {:.6}, lm_loss {:.6}, q_halt_loss {:.6})",
+        "step-dump on {}: batch {} -> {} tensors in {} (loss {:.6}, lm_loss {:.6}, q_halt_loss {:.6})",
+        device.kind,
         batch.batch_size,
         out.len(),
         args.out.display(),

@@ -419,9 +419,10 @@ fn embedding_launchers(dev: &Dev) {
     let dxb = dev.upload(&to_bf16(&dx));
     let de = dev.zeros::<f32>(s.v * s.d);
     let dp = dev.zeros::<f32>(s.b * s.ndim);
+    let scratch = dev.zeros::<f32>(ops::input_embedding_backward_scratch_len(&s));
     dev.ok(
         "input_embedding_backward",
-        ops::input_embedding_backward(d, &de, Some(&dp), &dxb, &tokb, scale, s),
+        ops::input_embedding_backward(d, &de, Some(&dp), &dxb, &tokb, &scratch, scale, s),
     );
     assert_close(
         "embedding dembed",
@@ -1252,9 +1253,10 @@ fn shared_memory_opt_in(dev: &Dev) {
         );
     }
     let (dxb, tokb) = (dev.upload(&to_bf16(&dx)), dev.upload(&tokens));
-    let dembed = dev.zeros::<f32>(v * w);
+    // Stage 1 alone, two slices: their partial sums add up to dembed.
+    let partial = dev.zeros::<f32>(2 * v * w);
     let args = InputEmbeddingBackwardArgs {
-        dembed: dembed.ptr(),
+        partial: partial.ptr(),
         dpuzzle: std::ptr::null_mut(),
         dx: dxb.cptr(),
         tokens: tokb.cptr(),
@@ -1265,6 +1267,7 @@ fn shared_memory_opt_in(dev: &Dev) {
         D: w as i32,
         V: v as i32,
         ndim: 0,
+        nblocks: 2,
         shared_accumulate: 1,
     };
     let shared = (v * w * 4) as u32;
@@ -1274,9 +1277,12 @@ fn shared_memory_opt_in(dev: &Dev) {
         LaunchConfig::linear(2, 256, shared),
         &args,
     );
+    let slices = dev.download(&partial);
+    let (first, second) = slices.split_at(v * w);
+    let dembed: Vec<f32> = first.iter().zip(second).map(|(a, b)| a + b).collect();
     assert_close(
         "dembed, 100 KiB of shared memory",
-        &dev.download(&dembed),
+        &dembed,
         &want,
         1e-5,
         1e-6,

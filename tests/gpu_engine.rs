@@ -22,13 +22,50 @@ use trm::dist::SingleProcess;
 use trm::model::act;
 use trm::model::config::{ArchConfig, PosEncodings};
 use trm::model::cpu::CpuEngine;
+use trm::model::device_choice::{self, DeviceKind};
 use trm::model::engine::{Engine, EngineConfig, EvalNet, OptimStep};
 use trm::model::gpu::GpuEngine;
 use trm::model::safetensors_io;
-use trm::model::trm::{Batch, Dims, LayerParams, Params};
+use trm::model::trm::{check_supported, Batch, Dims, LayerParams, Params};
 use trm::optim::AdamAtan2Config;
 use trm::stepdump;
 use trm::tensor::Tensor;
+
+mod device;
+use device::Dev;
+
+/// Where a test body runs: the emulator of the kernels, or GPU 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Emu,
+    Gpu,
+}
+
+impl Target {
+    fn device(self) -> Device {
+        match self {
+            Target::Emu => Device::Emu,
+            Target::Gpu => Device::gpu(0).unwrap_or_else(|e| panic!("GPU 0: {e}")),
+        }
+    }
+}
+
+/// Each body as `<name>_emu` and `<name>_gpu` (the latter says it did not
+/// run and asserts nothing without a GPU, unless TRM_REQUIRE_GPU=1).
+macro_rules! on_both {
+    ($body:ident, $emu:ident, $gpu:ident) => {
+        #[test]
+        fn $emu() {
+            $body(Target::Emu);
+        }
+        #[test]
+        fn $gpu() {
+            if Dev::gpu().is_some() {
+                $body(Target::Gpu);
+            }
+        }
+    };
+}
 
 /// The smallest allowance of any tensor (see the module comment).
 const FLOOR: f64 = 1e-2;
@@ -49,9 +86,9 @@ fn engine_config(ema: bool) -> EngineConfig {
     }
 }
 
-fn emu_engine(arch: &ArchConfig, p: Params<f32>, b: usize, ema: bool) -> GpuEngine {
-    GpuEngine::new(Device::Emu, arch.clone(), p, b, engine_config(ema))
-        .unwrap_or_else(|e| panic!("GpuEngine on the emulator: {e}"))
+fn gpu_engine(t: Target, arch: &ArchConfig, p: Params<f32>, b: usize, ema: bool) -> GpuEngine {
+    GpuEngine::new(t.device(), arch.clone(), p, b, engine_config(ema))
+        .unwrap_or_else(|e| panic!("GpuEngine on {t:?}: {e}"))
 }
 
 /// One ACT step from a fresh carry, exploration off, as `trm step-dump`
@@ -65,7 +102,7 @@ fn step_outputs(
 ) -> BTreeMap<String, Tensor> {
     let b = ids.len();
     let dm = Dims::new(arch, b);
-    engine.reset_halted(&vec![true; b]);
+    engine.reset_halted(&vec![true; b]).expect("reset");
     let batch = Batch {
         inputs,
         labels,
@@ -78,7 +115,10 @@ fn step_outputs(
     let mut out = trace.grads.to_map(arch, b);
     out.insert("loss".into(), Tensor::scalar(r.loss.loss as f32));
     out.insert("lm_loss".into(), Tensor::scalar(r.loss.lm_loss as f32));
-    out.insert("q_halt_loss".into(), Tensor::scalar(r.loss.q_halt_loss as f32));
+    out.insert(
+        "q_halt_loss".into(),
+        Tensor::scalar(r.loss.q_halt_loss as f32),
+    );
     out.insert(
         "logits".into(),
         Tensor::new(&[b, dm.seq, dm.v], trace.logits),
@@ -147,28 +187,24 @@ fn load(path: &Path) -> BTreeMap<String, Tensor> {
     safetensors_io::load_tensors_as_f32(path).expect("safetensors")
 }
 
-/// The golden steps on the emulator: every tensor of `expected.safetensors`
-/// within twice the reference's own bf16 error (floor [`FLOOR`]).
-#[test]
-fn golden_steps_on_the_emulator_match_the_reference() {
+/// `trm step-dump --device emu` on every golden case: every tensor of
+/// `expected.safetensors` within twice the reference's own bf16 error
+/// (floor [`FLOOR`]).
+fn golden_steps_match_the_reference(t: Target) {
     let mut failures = Vec::new();
+    let kind = match t {
+        Target::Emu => DeviceKind::Emu,
+        Target::Gpu => DeviceKind::Cuda,
+    };
+    let emu = device_choice::resolve(Some(kind), 0).expect("the device");
     for case in golden_cases() {
         let label = case.file_name().unwrap().to_string_lossy().to_string();
         let arch = ArchConfig::from_json_file(&case.join("config.json")).expect("config");
         let weights =
             stepdump::load_weights(&arch, &case.join("weights.safetensors")).expect("weights");
         let batch = stepdump::load_batch(&case.join("batch.safetensors"), &arch).expect("batch");
-        let mut arch = arch;
-        arch.halt_exploration_prob = 0.0;
-        let params = Params::<f32>::from_weights(&arch, &weights).expect("params");
-        let mut engine = emu_engine(&arch, params, batch.batch_size, false);
-        let out = step_outputs(
-            &mut engine,
-            &arch,
-            &batch.inputs,
-            &batch.labels,
-            &batch.puzzle_identifiers,
-        );
+        let out = stepdump::step_dump_on(&emu, &arch, &weights, &batch)
+            .unwrap_or_else(|e| panic!("{label}: step-dump on the emulator: {e}"));
         let f32_ref = load(&case.join("expected.safetensors"));
         let bf16_ref = load(&case.join("expected-bf16.safetensors"));
         for (name, want) in &f32_ref {
@@ -191,8 +227,18 @@ fn golden_steps_on_the_emulator_match_the_reference() {
             }
         }
     }
-    assert!(failures.is_empty(), "off the reference:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "off the reference:\n{}",
+        failures.join("\n")
+    );
 }
+
+on_both!(
+    golden_steps_match_the_reference,
+    golden_steps_match_the_reference_emu,
+    golden_steps_match_the_reference_gpu
+);
 
 /// The tabulated allowances cover what the golden files show.
 #[test]
@@ -312,24 +358,25 @@ fn config_plain() -> ArchConfig {
     c
 }
 
-#[test]
-fn one_step_matches_the_cpu_engine_at_three_more_configs() {
+fn one_step_matches_the_cpu_engine_at_three_more_configs(t: Target) {
     let mut failures = Vec::new();
     for (label, arch) in [
         ("H1 L1 odd S", config_h1_l1_odd()),
         ("3 heads d64 P3", config_three_heads()),
         ("d64 no puzzle no RoPE", config_plain()),
     ] {
-        arch.validate_supported().expect("config");
+        check_supported(&arch).expect("config");
         let b = 3;
         let params = rand_params(&arch, 7);
         let (inputs, labels, ids) = rand_batch(&arch, b, 11);
         let mut cpu = CpuEngine::new(arch.clone(), params.clone(), b, engine_config(false));
         let want = step_outputs(&mut cpu, &arch, &inputs, &labels, &ids);
-        let mut gpu = emu_engine(&arch, params, b, false);
+        let mut gpu = gpu_engine(t, &arch, params, b, false);
         let got = step_outputs(&mut gpu, &arch, &inputs, &labels, &ids);
         for (name, w) in &want {
-            let g = got.get(name).unwrap_or_else(|| panic!("{label}: `{name}` missing"));
+            let g = got
+                .get(name)
+                .unwrap_or_else(|| panic!("{label}: `{name}` missing"));
             let err = rel(g, w);
             let allowed = kind_tolerance(kind(name));
             let line = format!("{label}: {name:<55} rel {err:.3e}  allowed {allowed:.3e}");
@@ -339,8 +386,18 @@ fn one_step_matches_the_cpu_engine_at_three_more_configs() {
             }
         }
     }
-    assert!(failures.is_empty(), "off the CPU engine:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "off the CPU engine:\n{}",
+        failures.join("\n")
+    );
 }
+
+on_both!(
+    one_step_matches_the_cpu_engine_at_three_more_configs,
+    one_step_matches_the_cpu_engine_at_three_more_configs_emu,
+    one_step_matches_the_cpu_engine_at_three_more_configs_gpu
+);
 
 // ---------------------------------------------------------------------------
 // training: both engines, checkpoints across engines, resume
@@ -357,7 +414,7 @@ fn train_steps(
     for (i, (inputs, labels, ids)) in batches.iter().enumerate() {
         let step = first + i;
         let b = ids.len();
-        engine.reset_halted(&vec![true; b]);
+        engine.reset_halted(&vec![true; b]).expect("reset");
         let batch = Batch {
             inputs,
             labels,
@@ -394,14 +451,13 @@ fn small_training_config() -> ArchConfig {
 
 /// 20 steps from the same weights and data: the loss of every step agrees
 /// within 5 % between the engines (bf16 against f32).
-#[test]
-fn twenty_training_steps_agree_with_the_cpu_engine() {
+fn twenty_training_steps_agree_with_the_cpu_engine(t: Target) {
     let arch = small_training_config();
     let b = 4;
     let params = rand_params(&arch, 3);
     let batches: Vec<_> = (0..20).map(|i| rand_batch(&arch, b, 100 + i)).collect();
     let mut cpu = CpuEngine::new(arch.clone(), params.clone(), b, engine_config(true));
-    let mut gpu = emu_engine(&arch, params, b, true);
+    let mut gpu = gpu_engine(t, &arch, params, b, true);
     let lc = train_steps(&mut cpu, &arch, &batches, 0);
     let lg = train_steps(&mut gpu, &arch, &batches, 0);
     for (i, (c, g)) in lc.iter().zip(&lg).enumerate() {
@@ -414,27 +470,34 @@ fn twenty_training_steps_agree_with_the_cpu_engine() {
     assert!(lc[19] < lc[0], "the CPU engine did not learn: {lc:?}");
 }
 
+on_both!(
+    twenty_training_steps_agree_with_the_cpu_engine,
+    twenty_training_steps_agree_with_the_cpu_engine_emu,
+    twenty_training_steps_agree_with_the_cpu_engine_gpu
+);
+
 /// A CUDA-engine state loads into the CPU engine and the other way round:
 /// the next step's loss agrees as in the training test, and the state
 /// round-trips through each engine exactly (bf16 carries are exact in f32).
-#[test]
-fn checkpoints_cross_between_engines() {
+fn checkpoints_cross_between_engines(t: Target) {
     let arch = small_training_config();
     let b = 4;
     let batches: Vec<_> = (0..3).map(|i| rand_batch(&arch, b, 200 + i)).collect();
-    let mut gpu = emu_engine(&arch, rand_params(&arch, 5), b, true);
+    let mut gpu = gpu_engine(t, &arch, rand_params(&arch, 5), b, true);
     train_steps(&mut gpu, &arch, &batches[..2], 0);
-    let st = gpu.export_state();
+    let st = gpu.export_state().expect("export");
     let mut cpu = CpuEngine::new(arch.clone(), rand_params(&arch, 6), b, engine_config(true));
-    cpu.import_state(st.clone()).expect("CPU engine imports the CUDA engine's state");
-    let back = cpu.export_state();
+    cpu.import_state(st.clone())
+        .expect("CPU engine imports the CUDA engine's state");
+    let back = cpu.export_state().expect("export");
     assert_eq!(back.adam_m, st.adam_m);
     assert_eq!(back.ema, st.ema);
     assert_eq!(back.z_h, st.z_h);
     assert_eq!(back.params, st.params);
-    let mut gpu2 = emu_engine(&arch, rand_params(&arch, 8), b, true);
-    gpu2.import_state(back).expect("CUDA engine imports the CPU engine's state");
-    let again = gpu2.export_state();
+    let mut gpu2 = gpu_engine(t, &arch, rand_params(&arch, 8), b, true);
+    gpu2.import_state(back)
+        .expect("CUDA engine imports the CPU engine's state");
+    let again = gpu2.export_state().expect("export");
     assert_eq!(again.params, st.params);
     assert_eq!(again.adam_v, st.adam_v);
     assert_eq!(again.z_l, st.z_l);
@@ -448,24 +511,32 @@ fn checkpoints_cross_between_engines() {
     );
 }
 
+on_both!(
+    checkpoints_cross_between_engines,
+    checkpoints_cross_between_engines_emu,
+    checkpoints_cross_between_engines_gpu
+);
+
 /// Stopping after 2 of 4 steps and resuming from the exported state gives
 /// the uninterrupted run's state bit for bit.
-#[test]
-fn resume_on_the_cuda_engine_is_bit_identical() {
+fn resume_on_the_cuda_engine_is_bit_identical(t: Target) {
     let arch = small_training_config();
     let b = 4;
     let params = rand_params(&arch, 9);
     let batches: Vec<_> = (0..4).map(|i| rand_batch(&arch, b, 300 + i)).collect();
-    let mut whole = emu_engine(&arch, params.clone(), b, true);
+    let mut whole = gpu_engine(t, &arch, params.clone(), b, true);
     let l_whole = train_steps(&mut whole, &arch, &batches, 0);
-    let mut first = emu_engine(&arch, params.clone(), b, true);
+    let mut first = gpu_engine(t, &arch, params.clone(), b, true);
     train_steps(&mut first, &arch, &batches[..2], 0);
-    let st = first.export_state();
-    let mut resumed = emu_engine(&arch, rand_params(&arch, 10), b, true);
+    let st = first.export_state().expect("export");
+    let mut resumed = gpu_engine(t, &arch, rand_params(&arch, 10), b, true);
     resumed.import_state(st).expect("import");
     let l_rest = train_steps(&mut resumed, &arch, &batches[2..], 2);
     assert_eq!(&l_whole[2..], &l_rest[..], "losses after the resume");
-    let (a, c) = (whole.export_state(), resumed.export_state());
+    let (a, c) = (
+        whole.export_state().expect("export"),
+        resumed.export_state().expect("export"),
+    );
     assert_eq!(a.params, c.params);
     assert_eq!(a.adam_m, c.adam_m);
     assert_eq!(a.adam_v, c.adam_v);
@@ -474,10 +545,85 @@ fn resume_on_the_cuda_engine_is_bit_identical() {
     assert_eq!(a.z_l, c.z_l);
 }
 
+on_both!(
+    resume_on_the_cuda_engine_is_bit_identical,
+    resume_on_the_cuda_engine_is_bit_identical_emu,
+    resume_on_the_cuda_engine_is_bit_identical_gpu
+);
+
+/// The same steps with the regions replayed from CUDA graphs and with plain
+/// launches give the same bits (on a GPU the first has graphs to replay).
+fn graphs_match_plain_launches(t: Target) {
+    let arch = small_training_config();
+    let b = 4;
+    let params = rand_params(&arch, 14);
+    let batches: Vec<_> = (0..4).map(|i| rand_batch(&arch, b, 400 + i)).collect();
+    let mut graphed = gpu_engine(t, &arch, params.clone(), b, true);
+    let mut plain = gpu_engine(t, &arch, params, b, true);
+    plain.set_graphs(false);
+    let lg = train_steps(&mut graphed, &arch, &batches, 0);
+    let lp = train_steps(&mut plain, &arch, &batches, 0);
+    if t == Target::Gpu {
+        let captured = graphed.captured_regions();
+        assert!(
+            captured.contains(&"no-grad cycles") && captured.contains(&"backward"),
+            "regions from graphs: {captured:?}"
+        );
+    }
+    assert!(plain.captured_regions().is_empty());
+    assert_eq!(lg, lp, "losses with and without graphs");
+    let (a, c) = (
+        graphed.export_state().expect("export"),
+        plain.export_state().expect("export"),
+    );
+    assert_eq!(a.params, c.params);
+    assert_eq!(a.adam_v, c.adam_v);
+    assert_eq!(a.z_h, c.z_h);
+}
+
+on_both!(
+    graphs_match_plain_launches,
+    graphs_match_plain_launches_emu,
+    graphs_match_plain_launches_gpu
+);
+
+/// The memory plan counts what it allocates, the embedding backward's
+/// scratch included, whose slice count grows with the batch (one slice per
+/// 64 token rows here), so the plan's bytes are not linear in B; and the
+/// largest batch it names for a budget is exact.
+#[test]
+fn the_plan_counts_what_it_allocates() {
+    use trm::model::gpu::plan::{Activations, PlanShape};
+    let arch = config_plain();
+    // (B, slices): 15 token rows a sample.
+    for (b, slices) in [(1usize, 1usize), (9, 3), (40, 10)] {
+        let dm = Dims::new(&arch, b);
+        let shape = PlanShape {
+            dm,
+            tape_calls: arch.l_cycles + 1,
+            layers: arch.l_layers,
+        };
+        let n = dm.s * dm.hd;
+        let acts = Activations::allocate(&Device::Emu, &shape, &vec![1.0; n], &vec![0.0; n])
+            .expect("allocate on the emulator");
+        assert_eq!(
+            acts.dembed_scratch.len(),
+            slices * 11 * 128,
+            "B {b}: scratch"
+        );
+        assert_eq!(acts.bytes(), shape.bytes(), "B {b}: allocated vs planned");
+        assert_eq!(shape.largest_batch(shape.bytes()), b, "B {b}: exact budget");
+        assert_eq!(
+            shape.largest_batch(shape.bytes() - 1),
+            b - 1,
+            "B {b}: a byte short"
+        );
+    }
+}
+
 /// Evaluation on the CUDA engine leaves the training carry alone and
 /// agrees with the CPU engine's.
-#[test]
-fn evaluation_matches_the_cpu_engine_and_keeps_the_training_carry() {
+fn evaluation_matches_the_cpu_engine_and_keeps_the_training_carry(t: Target) {
     let arch = small_training_config();
     let b = 3;
     let params = rand_params(&arch, 12);
@@ -489,17 +635,29 @@ fn evaluation_matches_the_cpu_engine_and_keeps_the_training_carry() {
         b,
     };
     let mut cpu = CpuEngine::new(arch.clone(), params.clone(), b, engine_config(false));
-    let mut gpu = emu_engine(&arch, params, b, false);
-    let before = gpu.export_state();
+    let mut gpu = gpu_engine(t, &arch, params, b, false);
+    let before = gpu.export_state().expect("export");
     let (lc, qc) = cpu.eval_steps(&batch, 3).expect("cpu eval");
     let (lg, qg) = gpu.eval_steps(&batch, 3).expect("emu eval");
     let t = |v: Vec<f32>| Tensor::new(&[v.len()], v);
     let (e_logits, e_q) = (rel(&t(lg), &t(lc)), rel(&t(qg), &t(qc)));
-    assert!(e_logits < kind_tolerance("outputs"), "logits off by {e_logits:.3e}");
+    assert!(
+        e_logits < kind_tolerance("outputs"),
+        "logits off by {e_logits:.3e}"
+    );
     assert!(e_q < kind_tolerance("outputs"), "Q logits off by {e_q:.3e}");
-    let after = gpu.export_state();
-    assert_eq!(before.z_h, after.z_h, "evaluation changed the training carry");
+    let after = gpu.export_state().expect("export");
+    assert_eq!(
+        before.z_h, after.z_h,
+        "evaluation changed the training carry"
+    );
 }
+
+on_both!(
+    evaluation_matches_the_cpu_engine_and_keeps_the_training_carry,
+    evaluation_matches_the_cpu_engine_and_keeps_the_training_carry_emu,
+    evaluation_matches_the_cpu_engine_and_keeps_the_training_carry_gpu
+);
 
 /// Configs the kernels cannot run are refused at construction with the
 /// reason, and a wrong batch is a model error, not a device fault.
@@ -519,7 +677,7 @@ fn unsupported_configs_and_bad_batches_are_clear_errors() {
     .expect("head dim 24 has no attention kernel");
     assert!(err.to_string().contains("head dim 24"), "{err}");
     let arch = small_training_config();
-    let mut gpu = emu_engine(&arch, rand_params(&arch, 2), 2, false);
+    let mut gpu = gpu_engine(Target::Emu, &arch, rand_params(&arch, 2), 2, false);
     let (inputs, labels, mut ids) = rand_batch(&arch, 2, 3);
     ids[1] = 99;
     let batch = Batch {
@@ -528,7 +686,7 @@ fn unsupported_configs_and_bad_batches_are_clear_errors() {
         puzzle_ids: &ids,
         b: 2,
     };
-    let err = trm::model::engine::ActNet::inner_step(&mut gpu, &batch)
-        .expect_err("puzzle id 99 of 5");
+    let err =
+        trm::model::engine::ActNet::inner_step(&mut gpu, &batch).expect_err("puzzle id 99 of 5");
     assert!(err.to_string().contains("puzzle identifier 99"), "{err}");
 }

@@ -687,3 +687,71 @@ fn infer_out_refuses_a_file_it_did_not_write() {
     );
     assert_eq!(read_json(&path), read_json(&sub));
 }
+
+/// Without --device, `trm infer` runs on the device the model's run config
+/// names (the fixture trained `cpu-tiny`, `device: cpu`), on any machine.
+#[test]
+fn infer_defaults_to_the_device_of_the_models_run_config() {
+    let f = fixture();
+    let out = Command::new(env!("CARGO_BIN_EXE_trm"))
+        .args(["infer", "--model"])
+        .arg(&f.model)
+        .arg("--challenges")
+        .arg(&f.challenges)
+        .arg("--out")
+        .arg(f.root.join("device-sub").join("submission.json"))
+        .args(["--num-aug", &NUM_AUG.to_string()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("device: cpu (requested)"), "{stderr}");
+}
+
+/// The submission pipeline on the CUDA engine (here its emulator): it runs
+/// end to end, and its bf16 votes agree with the CPU engine's f32 ones up to
+/// voting noise: pass@K within one puzzle in four, most first attempts equal.
+#[test]
+fn infer_on_the_cuda_engine_emulator_matches_the_cpu_engine() {
+    let f = fixture();
+    let sub = f.root.join("emu-sub").join("submission.json");
+    let run = cli_infer(f, &sub, &["--device", "emu", "--quiet"]);
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    for (k, v) in &f.logged {
+        let got = stdout
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(&format!("{k} ")))
+            .and_then(|x| x.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no `{k}` in {stdout}"));
+        println!("{k}: emulator {got:.4}, CPU {v:.4}");
+        assert!(
+            (got - v).abs() <= 0.25 + 1e-9,
+            "{k}: {got} on the emulator, {v} on the CPU"
+        );
+    }
+    let (emu, cpu) = (
+        read_json(&sub),
+        read_json(&f.evaluator.join("submission.json")),
+    );
+    let (mut same, mut total) = (0, 0);
+    for (task, outs) in cpu.as_object().expect("a submission object") {
+        for (i, o) in outs
+            .as_array()
+            .expect("attempts per test input")
+            .iter()
+            .enumerate()
+        {
+            total += 1;
+            if emu[task][i]["attempt_1"] == o["attempt_1"] {
+                same += 1;
+            }
+        }
+    }
+    println!("first attempts equal: {same} of {total}");
+    assert!(
+        total > 0 && 2 * same >= total,
+        "{same} of {total} first attempts agree"
+    );
+}

@@ -721,33 +721,36 @@ fn embedding_matches_cpu(dev: &Dev) {
             }
         }
         let dxb = dev.upload(&to_bf16(&dx));
-        for (shared, blocks) in [(true, 1u32), (true, 3), (false, 2), (true, 64)] {
+        // (shared, slices, grid): a grid below the slice count makes blocks
+        // run several slices in turn.
+        for (shared, slices, grid) in [
+            (true, 1usize, 1u32),
+            (true, 3, 3),
+            (false, 2, 2),
+            (true, 64, 64),
+            (true, 5, 2),
+            (false, 4, 1),
+        ] {
             let dembed = dev.upload(&vec![1.0f32; v * d]);
             let dpuzzle = dev.zeros::<f32>(b * ndim);
-            let smem = if shared { (v * d * 4) as u32 } else { 0 };
-            dev.run(
-                INPUT_EMBEDDING_BACKWARD_BF16,
-                LaunchConfig::linear(blocks, 64, smem),
-                &InputEmbeddingBackwardArgs {
-                    dembed: dev.ptr(&dembed, 0),
-                    dpuzzle: if ndim > 0 {
-                        dev.ptr(&dpuzzle, 0)
-                    } else {
-                        std::ptr::null_mut()
-                    },
-                    dx: dev.cptr(&dxb, 0),
-                    tokens: dev.cptr(&tb, 0),
+            // NaN scratch: stage 1 must write every element it owns.
+            let partial = dev.upload(&vec![f32::NAN; slices * v * d]);
+            embedding_backward_raw(
+                dev,
+                &EmbeddingRaw {
+                    dembed: &dembed,
+                    dpuzzle: (ndim > 0).then_some(&dpuzzle),
+                    partial: &partial,
+                    dx: &dxb,
+                    tokens: &tb,
                     scale,
-                    B: b as i32,
-                    T: t as i32,
-                    P: p as i32,
-                    D: d as i32,
-                    V: v as i32,
-                    ndim: ndim as i32,
-                    shared_accumulate: shared as i32,
+                    shape: [b, t, p, d, v, ndim],
                 },
+                slices,
+                grid,
+                shared,
             );
-            let w = format!("{what}: shared {shared} blocks {blocks}");
+            let w = format!("{what}: shared {shared} slices {slices} grid {grid}");
             assert_close(
                 &format!("{w}: dembed"),
                 &dev.download(&dembed),
@@ -766,7 +769,286 @@ fn embedding_matches_cpu(dev: &Dev) {
     }
 }
 
+/// The buffers and shapes `[B, T, P, D, V, ndim]` of one raw launch of the
+/// embedding backward's two kernels.
+struct EmbeddingRaw<'a> {
+    dembed: &'a trm::backend::cuda::Buffer<f32>,
+    dpuzzle: Option<&'a trm::backend::cuda::Buffer<f32>>,
+    partial: &'a trm::backend::cuda::Buffer<f32>,
+    dx: &'a trm::backend::cuda::Buffer<bf16>,
+    tokens: &'a trm::backend::cuda::Buffer<i32>,
+    scale: f32,
+    shape: [usize; 6],
+}
+
+/// Both stages of the embedding backward with the slice count, stage 1's
+/// grid and its accumulator chosen here (the launcher picks them from the
+/// shapes); stage 2 runs on a grid of its own (at most 3 blocks of 64).
+fn embedding_backward_raw(dev: &Dev, a: &EmbeddingRaw, slices: usize, grid: u32, shared: bool) {
+    let [b, t, p, d, v, ndim] = a.shape;
+    let smem = if shared { (v * d * 4) as u32 } else { 0 };
+    dev.run(
+        INPUT_EMBEDDING_BACKWARD_BF16,
+        LaunchConfig::linear(grid, 64, smem),
+        &InputEmbeddingBackwardArgs {
+            partial: dev.ptr(a.partial, 0),
+            dpuzzle: a
+                .dpuzzle
+                .map_or(std::ptr::null_mut(), |buf| dev.ptr(buf, 0)),
+            dx: dev.cptr(a.dx, 0),
+            tokens: dev.cptr(a.tokens, 0),
+            scale: a.scale,
+            B: b as i32,
+            T: t as i32,
+            P: p as i32,
+            D: d as i32,
+            V: v as i32,
+            ndim: ndim as i32,
+            nblocks: slices as i32,
+            shared_accumulate: shared as i32,
+        },
+    );
+    dev.run(
+        INPUT_EMBEDDING_BACKWARD_REDUCE,
+        grid_for(v * d, 64, 3),
+        &InputEmbeddingReduceArgs {
+            dembed: dev.ptr(a.dembed, 0),
+            partial: dev.cptr(a.partial, 0),
+            n: (v * d) as i64,
+            nblocks: slices as i32,
+        },
+    );
+}
+
 on_both!(embedding_emu, embedding_gpu, embedding_matches_cpu);
+
+/// The backward's bits depend on the shapes alone: most tokens on one id,
+/// gradients spanning 2^16 in magnitude (so the f32 sums round differently
+/// in another order: checked below), and the same dembed bits from the
+/// launcher, from the emulator running blocks and threads last to first (on
+/// a GPU: another run), from stage 1 on other grids and with the other
+/// accumulator, and from stage 2 on another grid. A table under 48 KiB
+/// (summed in shared memory) and one over it (summed in the scratch).
+fn embedding_backward_is_deterministic(dev: &Dev) {
+    use trm::backend::cuda::emu::{self, EmuOptions};
+    use trm::backend::cuda::ops;
+    let mut r = rng(8);
+    for (b, t, p, d, v) in [
+        (4usize, 200usize, 2usize, 64usize, 12usize),
+        (2, 300, 1, 2048, 12),
+    ] {
+        let what = format!("embedding backward B {b} T {t} D {d} V {v}");
+        let s = ops::EmbeddingShape {
+            b,
+            t,
+            p,
+            d,
+            v,
+            ndim: 0,
+            num_puzzle_ids: 0,
+        };
+        let scale = (d as f32).sqrt();
+        let mut tokens: Vec<i32> = (0..b * t)
+            .map(|_| {
+                if r.gen_bool(0.9) {
+                    3
+                } else {
+                    r.gen_range(0..v as i32)
+                }
+            })
+            .collect();
+        tokens[7] = -1; // out of range: skipped
+        let dx: Vec<f32> = (0..b * (p + t) * d)
+            .map(|_| r.gen_range(-1.0f32..1.0) * 2f32.powi(r.gen_range(-8..8)))
+            .collect();
+        let dx = to_f32(&to_bf16(&dx));
+        let (dxb, tb) = (dev.upload(&to_bf16(&dx)), dev.upload(&tokens));
+        let len = ops::input_embedding_backward_scratch_len(&s);
+        let slices = len / (v * d);
+        assert!(slices > 1, "{what}: {slices} slice(s) test no order");
+        let scratch = dev.zeros::<f32>(len);
+        // dembed accumulates onto 0.5 in every run.
+        let bits = |f: &dyn Fn(&trm::backend::cuda::Buffer<f32>)| -> Vec<u32> {
+            let dembed = dev.upload(&vec![0.5f32; v * d]);
+            f(&dembed);
+            dev.download(&dembed).iter().map(|x| x.to_bits()).collect()
+        };
+        let launcher = |de: &trm::backend::cuda::Buffer<f32>| {
+            let d0 = dev.device();
+            dev.ok(
+                "input_embedding_backward",
+                ops::input_embedding_backward(d0, de, None, &dxb, &tb, &scratch, scale, s),
+            );
+        };
+        let (scratch_r, dx_r, tokens_r) = (&scratch, &dxb, &tb);
+        let raw = |slices: usize, grid: u32, shared: bool| {
+            move |de: &trm::backend::cuda::Buffer<f32>| {
+                embedding_backward_raw(
+                    dev,
+                    &EmbeddingRaw {
+                        dembed: de,
+                        dpuzzle: None,
+                        partial: scratch_r,
+                        dx: dx_r,
+                        tokens: tokens_r,
+                        scale,
+                        shape: [b, t, p, d, v, 0],
+                    },
+                    slices,
+                    grid,
+                    shared,
+                )
+            }
+        };
+        let want = bits(&launcher);
+
+        // Sanity against an f64 sum (parity proper is embedding_matches_cpu):
+        // f32 sums of up to ~700 terms of mixed magnitude, so 1e-4.
+        let mut exact = vec![0.5f64; v * d];
+        for (row, &tok) in tokens.iter().enumerate() {
+            if (0..v as i32).contains(&tok) {
+                let (bi, ti) = (row / t, row % t);
+                let src = &dx[(bi * (p + t) + p + ti) * d..][..d];
+                for (c, &g) in src.iter().enumerate() {
+                    exact[tok as usize * d + c] += scale as f64 * g as f64;
+                }
+            }
+        }
+        let got: Vec<f32> = want.iter().map(|&x| f32::from_bits(x)).collect();
+        assert_close(&what, &got, &exact, 1e-4, 1e-4);
+
+        let reversed = EmuOptions {
+            reverse_order: true,
+            ..EmuOptions::default()
+        };
+        let runs: Vec<(String, Vec<u32>)> = vec![
+            (
+                "reverse order".into(),
+                emu::with_options(reversed, || bits(&launcher)),
+            ),
+            ("again".into(), bits(&launcher)),
+            ("grid 1".into(), bits(&raw(slices, 1, false))),
+            ("grid 3, shared".into(), bits(&raw(slices, 3, true))),
+            (
+                format!("grid {slices}, scratch"),
+                bits(&raw(slices, slices as u32, false)),
+            ),
+            (
+                format!("grid {slices}, shared"),
+                bits(&raw(slices, slices as u32, true)),
+            ),
+        ];
+        for (how, got) in runs {
+            let diff = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+            assert_eq!(
+                diff, 0,
+                "{what}: {how}: {diff} elements differ in their bits"
+            );
+        }
+        // Another slice count is another summation order: other bits, so the
+        // equalities above are not luck of the data.
+        let other = bits(&raw(slices - 1, slices as u32, false));
+        assert_ne!(
+            other, want,
+            "{what}: the data do not tell summation orders apart"
+        );
+    }
+}
+
+on_both!(
+    embedding_backward_deterministic_emu,
+    embedding_backward_deterministic_gpu,
+    embedding_backward_is_deterministic
+);
+
+/// The slice rule of the backward's scratch (ops/embedding.rs): at least
+/// max(64, V) rows a slice, at most 256 slices and 64 MiB, at least one.
+#[test]
+fn embedding_scratch_len_follows_the_rule() {
+    use trm::backend::cuda::ops::{input_embedding_backward_scratch_len, EmbeddingShape};
+    let len = |b, t, d, v| {
+        input_embedding_backward_scratch_len(&EmbeddingShape {
+            b,
+            t,
+            p: 1,
+            d,
+            v,
+            ndim: 0,
+            num_puzzle_ids: 0,
+        })
+    };
+    assert_eq!(len(2, 5, 8, 12), 12 * 8, "10 rows: one slice");
+    assert_eq!(len(0, 5, 8, 12), 12 * 8, "no rows: still one slice");
+    assert_eq!(len(1, 81, 512, 12), 2 * 12 * 512, "81 rows: 2 slices of 64");
+    assert_eq!(
+        len(768, 81, 512, 12),
+        256 * 12 * 512,
+        "972 slices of 64 capped at 256"
+    );
+    assert_eq!(len(10, 100, 8, 100), 10 * 100 * 8, "slices of V = 100 rows");
+    assert_eq!(
+        len(1000, 100, 8192, 32),
+        64 * 32 * 8192,
+        "1 MiB tables: 64 slices fill the 64 MiB"
+    );
+    assert_eq!(
+        len(4, 100, 1 << 20, 32),
+        32 << 20,
+        "a table over 64 MiB: one slice"
+    );
+}
+
+/// A scratch shorter than the rule's is a shape error naming it, and
+/// nothing runs; the exact length works.
+fn embedding_scratch_too_short(dev: &Dev) {
+    use trm::backend::cuda::{ops, CudaError};
+    let s = ops::EmbeddingShape {
+        b: 2,
+        t: 100,
+        p: 1,
+        d: 16,
+        v: 12,
+        ndim: 0,
+        num_puzzle_ids: 0,
+    };
+    let len = ops::input_embedding_backward_scratch_len(&s);
+    assert_eq!(len, 4 * 12 * 16, "200 rows: 4 slices of 64");
+    let tokens = dev.upload(&vec![5i32; s.b * s.t]);
+    let dx = dev.upload(&vec![bf16::ONE; s.b * (s.p + s.t) * s.d]);
+    let dembed = dev.zeros::<f32>(s.v * s.d);
+    let short = dev.zeros::<f32>(len - 1);
+    let e =
+        ops::input_embedding_backward(dev.device(), &dembed, None, &dx, &tokens, &short, 2.0, s)
+            .unwrap_err();
+    match &e {
+        CudaError::Shape(m) => assert!(
+            m.contains("scratch") && m.contains(&format!("needs {len}")),
+            "{m}"
+        ),
+        other => panic!("expected a shape error, got {other:?}"),
+    }
+    assert!(
+        dev.download(&dembed).iter().all(|&x| x == 0.0),
+        "ran anyway"
+    );
+    let scratch = dev.zeros::<f32>(len);
+    dev.ok(
+        "input_embedding_backward",
+        ops::input_embedding_backward(dev.device(), &dembed, None, &dx, &tokens, &scratch, 2.0, s),
+    );
+    // Id 5 gets 200 rows of 2 * 1 in every column, the other ids nothing.
+    let got = dev.download(&dembed);
+    for (i, &x) in got.iter().enumerate() {
+        let want = if i / s.d == 5 { 400.0 } else { 0.0 };
+        assert_eq!(x, want, "dembed[{i}]");
+    }
+}
+
+on_both!(
+    embedding_scratch_too_short_emu,
+    embedding_scratch_too_short_gpu,
+    embedding_scratch_too_short
+);
 
 // ---------------------------------------------------------------------------
 // optim

@@ -325,6 +325,9 @@ impl trm::dist::Collective for FailingCollective {
     ) -> Result<(Vec<i32>, Vec<f32>), trm::dist::CollectiveError> {
         Ok((ids.to_vec(), rows.to_vec()))
     }
+    fn all_gather_bytes(&self, mine: &[u8]) -> Result<Vec<Vec<u8>>, trm::dist::CollectiveError> {
+        Ok(vec![mine.to_vec()])
+    }
 }
 
 /// A failed collective stops training with a typed error (no panic, no

@@ -12,9 +12,13 @@
 #      rather than skips (in local mode only when nvidia-smi lists a GPU);
 #   5. runs MEMCHECK_SUITES' `_gpu` tests under compute-sanitizer memcheck
 #      (when found; at most MEMCHECK_LIMIT_S);
-#   6. runs the kernel microbenchmarks (benches/kernels.rs) and, when a python3
+#   6. runs the kernel microbenchmarks (benches/kernels.rs), the training-step
+#      benchmark of the CUDA engine (benches/train_step.rs: ARC config, L_cycles
+#      4 and 6, local batches 96/192/384, per-phase times) and, when a python3
 #      with torch is found, the PyTorch attention baseline
-#      (tools/bench_attention_torch.py);
+#      (tools/bench_attention_torch.py) and the PyTorch ACT step
+#      (tools/bench_torch_gpu.py, eager and compiled), with our samples/s over
+#      theirs;
 #   7. runs the other tests of EMU_SUITES on the CPU emulator (and, locally,
 #      BUILD_SUITES);
 #   8. writes bench/results/gpu-check-<date>.md (-no-gpu.md, git-ignored, where
@@ -45,14 +49,15 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # order; MEMCHECK_SUITES' `_gpu` tests also run under compute-sanitizer.
 EMU_SUITES=(emu_harness kernel_ops cuda_runtime attention) # kernels on the CPU emulator (not in --prebuilt: CI runs them)
 BUILD_SUITES=(kernels_build)                     # cubins and ptxas report (reads kernels/, so not in --prebuilt)
-GPU_SUITES=(emu_harness kernel_ops attention cuda_runtime) # arch.cuh self-tests first, then kernels, launchers, GEMMs
+GPU_SUITES=(emu_harness kernel_ops attention cuda_runtime gpu_engine) # arch.cuh self-tests first, then kernels, launchers, GEMMs, the engine
 MEMCHECK_SUITES=(kernel_ops attention)           # compute-sanitizer memcheck
-BENCHES=(kernels)                                # benches/<name>.rs, harness = false
+BENCHES=(kernels train_step)                     # benches/<name>.rs, harness = false
 
 LIMIT_S=${GPU_CHECK_LIMIT_S:-470} # 8 minutes, less a margin for the report (the variable: to test skipping)
 SUITE_LIMIT_S=180    # one GPU suite: a hung kernel must not take the whole run
 MEMCHECK_LIMIT_S=90  # memcheck slows kernels 10-100x: a sample, not the budget
 TORCH_LIMIT_S=90     # the PyTorch baseline (about 30 s on an H200)
+TORCH_STEP_LIMIT_S=150 # the PyTorch ACT step, eager and compiled, L_cycles 4 (about 2 min)
 START=$(date +%s)
 DATE=$(date -u +%Y-%m-%d)
 RESULTS="bench/results/gpu-check-$DATE.md"
@@ -91,6 +96,8 @@ SPILLS=
 BENCH_OUT=()
 TORCH_TABLE=
 COMPARE_TABLE=
+TORCH_STEP_TABLE=
+STEP_COMPARE_TABLE=
 SASS_TABLE=
 NVCC_VERSION=
 
@@ -187,6 +194,16 @@ write_results() {
     echo "## Fused attention against the best SDPA backend (speed-up > 1: ours faster)"
     echo
     echo "${COMPARE_TABLE:-(not run)}"
+    echo
+    echo "## PyTorch ACT step baseline (tools/bench_torch_gpu.py)"
+    echo
+    echo '```'
+    echo "${TORCH_STEP_TABLE:-(not run)}"
+    echo '```'
+    echo
+    echo "## Training step: the CUDA engine against PyTorch (ratio > 1: ours faster)"
+    echo
+    echo "${STEP_COMPARE_TABLE:-(not run)}"
     echo
     echo "## SASS of the attention kernels"
     echo
@@ -641,14 +658,15 @@ for b in "${BENCHES[@]}"; do
   log "running bench $b"
   t0=$SECONDS
   status=0
-  TRM_BENCH_ATTENTION_JSON="$LOGS/attention.json" timeout -k 5 "$(left)" "$exe" >"$LOGS/bench-$b.log" 2>&1 || status=$?
+  TRM_BENCH_ATTENTION_JSON="$LOGS/attention.json" TRM_BENCH_TRAIN_JSON="$LOGS/train-step.json" \
+    timeout -k 5 "$(left)" "$exe" >"$LOGS/bench-$b.log" 2>&1 || status=$?
   cat "$LOGS/bench-$b.log"
   BENCH_OUT+=("### $b" "" '```' "$(cat "$LOGS/bench-$b.log")" '```' "")
   if ((status != 0)); then
     DETAILS+=("[bench $b] (log bench-$b.log, exit $status)")
     mapfile -t -O "${#DETAILS[@]}" DETAILS < <(tail -n 6 "$LOGS/bench-$b.log" | cut -c1-220)
     row "bench $b" "$where" "exit $status" $((SECONDS - t0)) FAIL
-  elif ((REQUIRE_GPU)) && grep -q 'GPU kernel benchmarks not run' "$LOGS/bench-$b.log"; then
+  elif ((REQUIRE_GPU)) && grep -q -E 'GPU (kernel|train-step) benchmarks? not run' "$LOGS/bench-$b.log"; then
     DETAILS+=("[bench $b] $(head -n 1 "$LOGS/bench-$b.log" | cut -c1-220)")
     row "bench $b" "$where" "no GPU: only the emulator pass ran" $((SECONDS - t0)) FAIL
   else
@@ -710,6 +728,67 @@ run_torch_baseline() {
 
 run_torch_baseline
 
+# --- the PyTorch ACT step ------------------------------------------------------------
+
+run_torch_step() {
+  local py
+  if ((REQUIRE_GPU == 0)); then
+    row "torch ACT step" "GPU (none)" "not run: no GPU" "" info
+    return
+  fi
+  py=$(torch_python)
+  if [[ -z "$py" ]]; then
+    row "torch ACT step" "GPU" "not run: no python3 with torch" "" info
+    return
+  fi
+  have_time "torch ACT step" "GPU" || return 0
+  local limit t0=$SECONDS status=0
+  limit=$(min "$(left)" "$TORCH_STEP_LIMIT_S")
+  log "running the PyTorch ACT-step baseline ($py, at most $limit s)"
+  LD_LIBRARY_PATH=$ORIG_LD_LIBRARY_PATH timeout -k 5 "$limit" "$py" tools/bench_torch_gpu.py \
+    --l-cycles 4 --batches 96,192,384 --json "$LOGS/torch-step.json" >"$LOGS/torch-step.log" 2>&1 || status=$?
+  TORCH_STEP_TABLE=$(grep -v -E '^(Traceback|  File|    )' "$LOGS/torch-step.log" | tail -n 30)
+  echo "$TORCH_STEP_TABLE"
+  if ((status != 0)); then
+    ((status == 124 || status == 137)) && TORCH_STEP_TABLE="timed out after $limit s"$'\n'"$TORCH_STEP_TABLE"
+    DETAILS+=("[torch ACT step] (log torch-step.log, exit $status)")
+    mapfile -t -O "${#DETAILS[@]}" DETAILS < <(tail -n 6 "$LOGS/torch-step.log" | cut -c1-220)
+    row "torch ACT step" "GPU" "FAILED: exit $status (log torch-step.log)" $((SECONDS - t0)) warn
+  else
+    row "torch ACT step" "GPU" "done (results)" $((SECONDS - t0)) ok
+  fi
+}
+
+# Our train-step rows against PyTorch's eager and compiled rows of the same
+# (L_cycles, batch); > 1 means ours is faster.
+compare_step() {
+  [[ -f "$LOGS/train-step.json" && -f "$LOGS/torch-step.json" ]] || return 0
+  STEP_COMPARE_TABLE=$(python3 - "$LOGS/train-step.json" "$LOGS/torch-step.json" <<'PY' 2>&1 || true
+import json, sys
+ours = json.load(open(sys.argv[1]))
+theirs = json.load(open(sys.argv[2]))
+rows = theirs.get("results", []) if isinstance(theirs, dict) else theirs
+by = {}
+for r in rows:
+    if isinstance(r, dict) and r.get("status") == "ok":
+        by[(r["l_cycles"], r["batch"], r["mode"])] = r["sample_steps_per_s"]
+print("| L_cycles | batch | ours (sample-steps/s) | MFU | torch eager | torch compiled | ours / eager | ours / compiled |")
+print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+for o in ours:
+    if "error" in o:
+        print(f"| {o['l_cycles']} | {o['batch']} | {o['error'][:60]} | | | | | |")
+        continue
+    e = by.get((o["l_cycles"], o["batch"], "eager"))
+    c = by.get((o["l_cycles"], o["batch"], "compile"))
+    f = lambda v: f"{v:.1f}" if v else "-"
+    r = lambda v: f"{o['samples_per_s'] / v:.2f}x" if v else "-"
+    print(f"| {o['l_cycles']} | {o['batch']} | {o['samples_per_s']:.1f} | {100 * o['mfu']:.1f} % | {f(e)} | {f(c)} | {r(e)} | {r(c)} |")
+PY
+  )
+  echo "$STEP_COMPARE_TABLE"
+  row "train step vs torch" "GPU" "$(echo "$STEP_COMPARE_TABLE" | grep -c 'x |$' || true) comparisons (results)" "" info
+}
+
 # --- our attention over PyTorch's --------------------------------------------------
 
 # Our fused kernels (bench rows) against the best SDPA backend at each shape and
@@ -745,6 +824,8 @@ PY
   row "attention vs SDPA" "GPU" "$(echo "$COMPARE_TABLE" | grep -c 'x |$' || true) comparisons (results)" "" info
 }
 compare_attention
+run_torch_step
+compare_step
 
 for s in "${MEMCHECK_SUITES[@]}"; do run_memcheck "$s"; done
 

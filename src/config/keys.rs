@@ -38,6 +38,7 @@ pub(crate) const TOP_KEYS: &[&str] = &[
     "checkpoint_keep_last",
     "threads",
     "backend",
+    "device",
     "checkpoint_on_signal",
 ];
 

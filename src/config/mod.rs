@@ -22,6 +22,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_norway::{Mapping, Value};
 
 use crate::model::config::{ArchConfig, ConfigError as ArchError};
+use crate::model::device_choice::DeviceKind;
 
 pub use schedule::Schedule;
 pub use source::{ConfigSource, BUILTIN_CONFIGS};
@@ -68,7 +69,8 @@ pub struct EvaluatorConfig {
     pub options: Mapping,
 }
 
-/// Where the model runs.
+/// The old name of the device choice; only `cpu` is accepted, so an old
+/// `backend: cpu` config still loads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
@@ -149,8 +151,14 @@ pub struct RunConfig {
     /// CPU worker threads; 0 uses every core.
     #[serde(default)]
     pub threads: usize,
+    /// Refused unless `cpu`: [`RunConfig::device`] chooses the engine.
     #[serde(default)]
     pub backend: Backend,
+    /// Where the network runs (`cpu`, `cuda`, `emu`); `None` (null) picks
+    /// `cuda` when this build has the kernels and a GPU is usable, else the
+    /// CPU. `trm train --device` wins over it.
+    #[serde(default)]
+    pub device: Option<DeviceKind>,
     /// On SIGTERM/SIGINT: finish the step, checkpoint, exit 75 (`false`:
     /// the signal ends the process at once).
     #[serde(default = "default_true")]
@@ -391,8 +399,8 @@ impl RunConfig {
         if self.backend != Backend::Cpu {
             return Err(invalid(
                 "backend",
-                "only `cpu` is used for now: `trm train` runs on the CPU engine \
-                 (a `--device` flag comes with the GPU engine); set backend=cpu or drop the key",
+                "is not used to choose the engine: set `device` (device=cpu|cuda|emu, \
+                 or `trm train --device cuda`) and leave backend=cpu or drop the key",
             ));
         }
         if !self.eval_save_outputs.is_empty() {

@@ -5,9 +5,16 @@
 //! all-reduce per step), puzzle-embedding rows as (ids, rows) pairs to
 //! all-gather, metrics as a few f64 sums. [`SingleProcess`] is the world of
 //! one rank (CPU runs, tests); NCCL ranks implement the same trait
-//! ([`nccl::NcclCollective`]).
+//! ([`nccl::NcclCollective`]). Where a rank sits in the run comes from the
+//! launcher's environment ([`world::World`]).
 
 pub mod nccl;
+pub mod rendezvous;
+mod slurm;
+pub mod tcp;
+pub mod world;
+
+pub use world::{gpu_ordinal, Launcher, World, WorldError};
 
 /// A collective that did not complete (a rank died, the network failed):
 /// training stops with this error instead of continuing on partial sums.
@@ -37,6 +44,9 @@ pub trait Collective {
         ids: &[i32],
         rows: &[f32],
     ) -> Result<(Vec<i32>, Vec<f32>), CollectiveError>;
+    /// Every rank's `mine`, in rank order; lengths may differ between ranks
+    /// (carry rows for a checkpoint, evaluation predictions for voting).
+    fn all_gather_bytes(&self, mine: &[u8]) -> Result<Vec<Vec<u8>>, CollectiveError>;
 }
 
 /// The world of one rank: every collective is the identity.
@@ -62,5 +72,8 @@ impl Collective for SingleProcess {
         rows: &[f32],
     ) -> Result<(Vec<i32>, Vec<f32>), CollectiveError> {
         Ok((ids.to_vec(), rows.to_vec()))
+    }
+    fn all_gather_bytes(&self, mine: &[u8]) -> Result<Vec<Vec<u8>>, CollectiveError> {
+        Ok(vec![mine.to_vec()])
     }
 }

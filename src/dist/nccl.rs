@@ -277,6 +277,22 @@ impl super::Collective for NcclCollective {
         })();
         result.map_err(|e| self.fail("NCCL all-gather", format!("{} rows: {e}", ids.len())))
     }
+    fn all_gather_bytes(&self, mine: &[u8]) -> Result<Vec<Vec<u8>>, super::CollectiveError> {
+        let result = (|| -> Result<Vec<Vec<u8>>, String> {
+            // Lengths first, then every part padded to the longest.
+            let lens = self.all_gather(&[mine.len() as u64])?;
+            let most = lens.iter().copied().max().unwrap_or(0) as usize;
+            let mut part = vec![0u8; most];
+            part[..mine.len()].copy_from_slice(mine);
+            let all = self.all_gather(&part)?;
+            Ok(lens
+                .iter()
+                .enumerate()
+                .map(|(r, &n)| all[r * most..r * most + n as usize].to_vec())
+                .collect())
+        })();
+        result.map_err(|e| self.fail("NCCL all-gather", format!("{} bytes: {e}", mine.len())))
+    }
 }
 
 #[cfg(test)]

@@ -113,6 +113,9 @@ pub enum EngineError {
     Collective(#[from] CollectiveError),
     #[error(transparent)]
     Cuda(#[from] crate::backend::cuda::CudaError),
+    /// The device asked for is not in this build.
+    #[error(transparent)]
+    Device(#[from] crate::model::device_choice::DeviceError),
     /// A state to import that does not fit this engine.
     #[error("{0}")]
     State(String),
@@ -126,12 +129,17 @@ pub trait Engine: ActNet<f32> + EvalNet {
     /// Where it runs, for the start-up line (e.g. `cpu`, `cuda:0 (NVIDIA H200)`).
     fn device_name(&self) -> String;
 
+    /// Device memory in use, for the progress line (`None` on the CPU).
+    fn device_memory_used(&self) -> Option<usize> {
+        None
+    }
+
     /// The last backward's outputs on the host (see [`StepTrace`]).
     fn step_trace(&self) -> Result<StepTrace, EngineError>;
 
     /// Restarts the hidden state of every slot whose `halted` flag is set
     /// from `H_init` / `L_init` (before the host loads new samples there).
-    fn reset_halted(&mut self, halted: &[bool]);
+    fn reset_halted(&mut self, halted: &[bool]) -> Result<(), EngineError>;
 
     /// One optimiser update from the last backward: dense gradients summed
     /// over ranks through `coll`, AdamATan2 and EMA, then sign-SGD on the
@@ -144,14 +152,14 @@ pub trait Engine: ActNet<f32> + EvalNet {
     ) -> Result<(), EngineError>;
 
     /// The live weights, on the host.
-    fn params(&self) -> Params<f32>;
+    fn params(&self) -> Result<Params<f32>, EngineError>;
 
     /// The weights evaluation uses: the EMA shadow when EMA is on (with the
     /// live puzzle-embedding table), else the live weights.
-    fn eval_params(&self) -> Params<f32>;
+    fn eval_params(&self) -> Result<Params<f32>, EngineError>;
 
     /// The full state for a checkpoint.
-    fn export_state(&self) -> EngineState;
+    fn export_state(&self) -> Result<EngineState, EngineError>;
 
     /// Replaces the full state (a resume); fails when it does not fit.
     fn import_state(&mut self, state: EngineState) -> Result<(), EngineError>;

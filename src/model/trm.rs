@@ -39,7 +39,7 @@ use crate::tensor::Tensor;
 /// Everything that can be wrong with a model call's inputs.
 #[derive(Debug, thiserror::Error)]
 pub enum TrmError {
-    #[error("trm: {0} is not supported by the CPU engine yet")]
+    #[error("trm: {0} is not supported")]
     Unsupported(String),
     #[error("trm: missing weight `{0}`")]
     MissingWeight(String),

@@ -44,6 +44,10 @@ pub struct Progress {
     total: u64,
     start_step: u64,
     started: Instant,
+    /// Samples per step, for a samples/s figure (0: none shown).
+    samples_per_step: u64,
+    /// Device memory in use, shown when known (a GPU engine).
+    device_memory: Option<u64>,
 }
 
 impl Progress {
@@ -71,7 +75,20 @@ impl Progress {
             total,
             start_step,
             started: Instant::now(),
+            samples_per_step: 0,
+            device_memory: None,
         }
+    }
+
+    /// Shows samples/s too, at `n` samples per step (the global batch).
+    pub fn with_samples_per_step(mut self, n: u64) -> Progress {
+        self.samples_per_step = n;
+        self
+    }
+
+    /// Shows `bytes` of device memory in use from the next update on.
+    pub fn set_device_memory(&mut self, bytes: Option<u64>) {
+        self.device_memory = bytes;
     }
 
     /// Records that `step` is done, with the current loss if known.
@@ -81,7 +98,11 @@ impl Progress {
 
     fn update_at(&mut self, step: u64, loss: Option<f64>, now: Instant) {
         let elapsed = now.saturating_duration_since(self.started);
-        let stats = Stats::new(step, self.total, self.start_step, elapsed, loss);
+        let mut stats = Stats::new(step, self.total, self.start_step, elapsed, loss);
+        if self.samples_per_step > 0 {
+            stats.samples_per_s = Some(stats.rate * self.samples_per_step as f64);
+        }
+        stats.device_memory = self.device_memory;
         match &mut self.out {
             Out::Bar(b) => {
                 b.set_position(step);
@@ -146,6 +167,10 @@ pub struct Stats {
     /// Time left at that rate (`None` until a step is done).
     pub eta: Option<Duration>,
     pub loss: Option<f64>,
+    /// Samples per second at that rate, when the samples per step are known.
+    pub samples_per_s: Option<f64>,
+    /// Device memory in use (bytes), when the engine runs on a GPU.
+    pub device_memory: Option<u64>,
 }
 
 impl Stats {
@@ -171,13 +196,25 @@ impl Stats {
             rate,
             eta,
             loss,
+            samples_per_s: None,
+            device_memory: None,
         }
     }
 
     /// The bar's message: rate, ETA and loss.
     pub fn message(&self) -> String {
         let eta = self.eta.map_or_else(|| "?".to_string(), format_duration);
-        let mut s = format!("{:.2} it/s eta {eta}", self.rate);
+        let mut s = format!("{:.2} it/s", self.rate);
+        if let Some(sps) = self.samples_per_s {
+            s.push_str(&format!(" {sps:.1} samples/s"));
+        }
+        if let Some(bytes) = self.device_memory {
+            s.push_str(&format!(
+                " gpu mem {:.1} GiB",
+                bytes as f64 / (1u64 << 30) as f64
+            ));
+        }
+        s.push_str(&format!(" eta {eta}"));
         if let Some(l) = self.loss {
             s.push_str(&format!(" loss {l:.4}"));
         }
@@ -277,6 +314,40 @@ mod tests {
         assert!(String::from_utf8(sink.0.lock().unwrap().clone())
             .unwrap()
             .ends_with("eval done\n"));
+    }
+
+    #[test]
+    fn samples_per_second_when_the_batch_is_known() {
+        let s = Stats {
+            samples_per_s: Some(5.0 * 768.0),
+            ..Stats::new(150, 1000, 100, Duration::from_secs(10), Some(1.23456))
+        };
+        assert_eq!(
+            s.line(),
+            "step 150/1000 (15.0%) 5.00 it/s 3840.0 samples/s eta 2m50s loss 1.2346"
+        );
+        let sink = Shared::default();
+        let mut p = Progress::new(
+            4,
+            0,
+            ProgressMode::Plain {
+                interval: Duration::from_secs(60),
+                sink: Box::new(sink.clone()),
+            },
+        )
+        .with_samples_per_step(8);
+        let t0 = p.started;
+        p.update_at(1, None, t0 + Duration::from_secs(2));
+        let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text, "step 1/4 (25.0%) 0.50 it/s 4.0 samples/s eta 6s\n");
+        // A GPU engine's memory joins the line once known.
+        p.set_device_memory(Some(3 << 29));
+        p.update_at(4, None, t0 + Duration::from_secs(8));
+        let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        assert!(
+            text.ends_with("step 4/4 (100.0%) 0.50 it/s 4.0 samples/s gpu mem 1.5 GiB eta 0s\n"),
+            "{text}"
+        );
     }
 
     #[test]

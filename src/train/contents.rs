@@ -11,7 +11,7 @@ use crate::checkpoint::{self, CheckpointContents, TrainState};
 use crate::config::RunConfig;
 use crate::data::loader::LoaderState;
 use crate::model::act::{exploration_rng, Carry};
-use crate::model::engine::{Engine, EngineError, EngineState};
+use crate::model::engine::{EngineError, EngineState};
 use crate::model::trm::Params;
 use crate::model::weights::{Weights, PUZZLE_EMB};
 
@@ -32,7 +32,7 @@ impl TrainerState {
         loader: &LoaderState,
     ) -> Result<CheckpointContents> {
         let dm = self.dm;
-        let e = self.engine.export_state();
+        let e = self.engine.export_state().map_err(engine_error)?;
         let mut model = e.params.to_map(&self.arch);
         let mut puzzle_emb = BTreeMap::new();
         if let Some(t) = model.remove(PUZZLE_EMB) {

@@ -12,22 +12,22 @@ use crate::data::loader::PuzzleDataset;
 use crate::dist::Collective;
 use crate::eval::ArcEvaluator;
 use crate::loss::StepMetrics;
-use crate::model::act::{evaluate_batches, EvalOutputs};
-use crate::model::trm::Params;
+use crate::model::act::{evaluate_with, EvalOutputs};
 
 impl TrainerState {
     /// Runs every test batch for `halt_max_steps` steps (spec section 5,
-    /// evaluation) and returns per-set metric sums and the outputs.
+    /// evaluation) on the engine's own evaluation network (its device, its
+    /// evaluation weights: the EMA shadow when EMA is on) and returns
+    /// per-set metric sums and the outputs. The training carry is kept.
     pub fn evaluate(
-        &self,
-        params: &Params<f32>,
+        &mut self,
         test: &PuzzleDataset,
         coll: &dyn Collective,
     ) -> Result<(BTreeMap<String, StepMetrics>, EvalOutputs)> {
-        evaluate_batches(
-            self.engine.ctx(),
+        evaluate_with(
+            &mut *self.engine,
+            &self.dm,
             &self.arch,
-            params,
             test.test_batches(),
             test.metadata().blank_identifier_id,
             coll,
@@ -71,14 +71,13 @@ pub(super) fn arc_evaluators(
 /// then (rank 0) each ARC evaluator, whose results are written under
 /// `dir/evaluator_ARC_step_<step>`. Returns the log of the evaluation.
 pub(super) fn evaluate_run(
-    st: &TrainerState,
+    st: &mut TrainerState,
     test: &PuzzleDataset,
     arc_evals: &mut [ArcEvaluator],
     dir: &Path,
     coll: &dyn Collective,
 ) -> Result<Vec<(String, f64)>> {
-    let params = st.eval_params();
-    let (per_set, outs) = st.evaluate(&params, test, coll)?;
+    let (per_set, outs) = st.evaluate(test, coll)?;
     let mut log = Vec::new();
     for (set, m) in &per_set {
         log.extend(m.eval_view(set));

@@ -16,9 +16,11 @@
 //!
 //! By job: `state` (the trainer's state and one step), `contents` (what a
 //! checkpoint holds and the resume), `eval` (evaluation during a run),
-//! `telemetry` (where a step's numbers go), `run` (the run loop).
+//! `telemetry` (where a step's numbers go), `estimate` (the run's expected
+//! duration), `run` (the run loop).
 
 mod contents;
+mod estimate;
 mod eval;
 mod run;
 mod state;
@@ -32,6 +34,7 @@ use std::path::PathBuf;
 use crate::checkpoint::CheckpointError;
 use crate::data::loader::LoaderError;
 use crate::model::act::ActError;
+use crate::model::device_choice::DeviceKind;
 use crate::model::trm::TrmError;
 use crate::optim::OptimError;
 use crate::telemetry::TelemetryError;
@@ -77,6 +80,8 @@ pub enum TrainError {
     #[error(transparent)]
     Cuda(#[from] crate::backend::cuda::CudaError),
     #[error(transparent)]
+    Device(#[from] crate::model::device_choice::DeviceError),
+    #[error(transparent)]
     Folder(#[from] crate::run_folder::FolderError),
     #[error(
         "this run would train 0 steps: the dataset gives {batches} full batches of \
@@ -117,6 +122,9 @@ pub struct TrainOptions {
     pub start_over: bool,
     /// Catch SIGTERM/SIGINT (with `checkpoint_on_signal`): checkpoint and stop.
     pub handle_signals: bool,
+    /// `--device`: wins over the config's `device`; with neither, a usable
+    /// GPU else the CPU.
+    pub device: Option<DeviceKind>,
 }
 
 impl Default for TrainOptions {
@@ -127,6 +135,7 @@ impl Default for TrainOptions {
             verbose: true,
             start_over: false,
             handle_signals: false,
+            device: None,
         }
     }
 }

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use super::estimate::RunEstimate;
 use super::eval;
 use super::state::TrainerState;
 use super::telemetry::{self, Sinks};
@@ -15,6 +16,7 @@ use crate::config::{RunConfig, Schedule};
 use crate::data::loader::{PuzzleDataset, PuzzleDatasetConfig, Split};
 use crate::dist::{Collective, SingleProcess};
 use crate::model::config::ArchConfig;
+use crate::model::device_choice;
 use crate::model::weights::{Weights, PUZZLE_EMB};
 use crate::telemetry::progress::{Progress, ProgressMode};
 use crate::tensor::Tensor;
@@ -50,6 +52,9 @@ pub fn train_with(
 ) -> Result<TrainReport> {
     let t0 = Instant::now();
     cfg.validate()?;
+    // The flag wins over the config; checked before any data is read.
+    // Ordinal 0: one GPU per process until ranks pick their local GPU.
+    let device = device_choice::resolve(opts.device.or(cfg.device), 0)?;
     let world = coll.world_size();
     if cfg.global_batch_size % world != 0 {
         return Err(TrainError::BatchSplit {
@@ -98,7 +103,7 @@ pub fn train_with(
         Some(p) => load_initial_weights(&arch, p)?,
         None => Weights::init(&arch, cfg.seed),
     };
-    let mut st = TrainerState::new(cfg, arch, weights, local_batch, coll.rank())?;
+    let mut st = TrainerState::new(cfg, arch, weights, local_batch, coll.rank(), &device)?;
     let mut resumed_from = None;
     if let Some(spec) = &opts.resume {
         let path = ckpt.resolve(spec)?;
@@ -119,6 +124,7 @@ pub fn train_with(
     let mut sinks = Sinks::open(&dir, rank0, resumed_from.is_some(), st.step, opts.verbose)?;
     let say = |msg: &str| sinks.say(msg);
     say(&format!("run folder: {}", dir.display()));
+    say(&device.describe(&st.engine.device_name()));
     if let Some(p) = &moved_aside {
         say(&format!(
             "--start-over: the previous run was moved to {}",
@@ -141,6 +147,18 @@ pub fn train_with(
     }
     if test_ds.is_none() {
         say("no test split found: evaluation is skipped");
+    }
+    let mut estimate = RunEstimate::new(
+        &st.arch,
+        local_batch,
+        device.kind,
+        schedule.total_steps,
+        st.step,
+    );
+    if rank0 {
+        for line in estimate.before_first_step(&st.arch) {
+            sinks.tell(line);
+        }
     }
 
     let mut report = TrainReport {
@@ -167,6 +185,7 @@ pub fn train_with(
                 ProgressMode::Hidden
             },
         )
+        .with_samples_per_step(cfg.global_batch_size as u64)
     });
     for it in st.iters_done..schedule.total_iters {
         let mut batches = train_ds.train_batches();
@@ -180,8 +199,14 @@ pub fn train_with(
             report.steps_run += 1;
             let log = telemetry::step_log(&m, cfg, &schedule, st.step, secs);
             sinks.log(st.step, &log)?;
-            sinks.progress(st.step, &m, cfg.global_batch_size);
+            let mem = st.engine.device_memory_used().map(|b| b as u64);
+            sinks.progress(st.step, &m, cfg.global_batch_size, mem);
             report.train_log.push((st.step, log));
+            if rank0 {
+                for line in estimate.after_step(secs) {
+                    sinks.tell(line);
+                }
+            }
             if let Some(d) = pause {
                 std::thread::sleep(d);
             }
@@ -203,7 +228,7 @@ pub fn train_with(
         }
         let loader_state = train_ds.state().clone();
         if let Some(test) = &test_ds {
-            let log = eval::evaluate_run(&st, test, &mut arc_evals, &dir, coll)?;
+            let log = eval::evaluate_run(&mut st, test, &mut arc_evals, &dir, coll)?;
             sinks.log(st.step, &log)?;
             sinks.note(&eval::summary_line(st.step, &log));
             report.eval_log.push((st.step, log));

@@ -11,7 +11,7 @@ use crate::dist::Collective;
 use crate::loss::StepMetrics;
 use crate::model::act::{self, check_batch_shape, exploration_rng, reduce_metrics, Carry};
 use crate::model::config::ArchConfig;
-use crate::model::cpu::CpuEngine;
+use crate::model::device_choice::{build_engine, DeviceChoice};
 use crate::model::engine::{Engine, EngineConfig, EngineError, OptimStep};
 use crate::model::layout::FlatLayout;
 use crate::model::trm::{Dims, Params};
@@ -24,7 +24,8 @@ use crate::optim::AdamAtan2Config;
 pub struct TrainerState {
     pub arch: ArchConfig,
     pub layout: FlatLayout,
-    pub engine: CpuEngine,
+    /// The CPU or the CUDA engine, as the device choice opened it.
+    pub engine: Box<dyn Engine>,
     pub carry: Carry,
     pub(super) rng: ChaCha8Rng,
     pub(super) rng_seed: u64,
@@ -35,33 +36,45 @@ pub struct TrainerState {
     pub(super) local_batch: usize,
 }
 
+/// The optimiser settings an engine takes from the run config.
+fn engine_config(cfg: &RunConfig) -> EngineConfig {
+    EngineConfig {
+        adam: AdamAtan2Config {
+            beta1: cfg.beta1,
+            beta2: cfg.beta2,
+            weight_decay: cfg.weight_decay,
+        },
+        ema_rate: cfg.ema.then_some(cfg.ema_rate),
+        puzzle_emb_weight_decay: cfg.puzzle_emb_weight_decay,
+    }
+}
+
 impl TrainerState {
-    /// A fresh state: weights from `init` (seeded), or `weights` when given.
+    /// A fresh state on the engine of `device`: weights from `init`
+    /// (seeded), or `weights` when given.
     pub fn new(
         cfg: &RunConfig,
         arch: ArchConfig,
         weights: Weights,
         local_batch: usize,
         rank: usize,
+        device: &DeviceChoice,
     ) -> Result<TrainerState> {
         let params = Params::<f32>::from_weights(&arch, &weights)?;
-        let engine = CpuEngine::new(
+        // The weights now live in `params` only (the puzzle table can be GBs).
+        drop(weights);
+        let engine = build_engine(
+            device.kind,
+            device.ordinal,
             arch.clone(),
             params,
             local_batch,
-            EngineConfig {
-                adam: AdamAtan2Config {
-                    beta1: cfg.beta1,
-                    beta2: cfg.beta2,
-                    weight_decay: cfg.weight_decay,
-                },
-                ema_rate: cfg.ema.then_some(cfg.ema_rate),
-                puzzle_emb_weight_decay: cfg.puzzle_emb_weight_decay,
-            },
-        );
-        let dm = engine.ctx().dm;
+            engine_config(cfg),
+        )
+        .map_err(engine_error)?;
+        let dm = Dims::new(&arch, local_batch);
         Ok(TrainerState {
-            layout: engine.layout().clone(),
+            layout: FlatLayout::new(&arch),
             engine,
             carry: Carry::new(local_batch, dm.seq),
             rng: exploration_rng(cfg.seed, rank),
@@ -90,7 +103,9 @@ impl TrainerState {
         let dm = self.dm;
         check_batch_shape(&dm, batch, "inputs")?;
         // Halted slots take new samples and restart from H_init / L_init.
-        self.engine.reset_halted(&self.carry.halted);
+        self.engine
+            .reset_halted(&self.carry.halted)
+            .map_err(engine_error)?;
         self.carry.load_halted(batch);
         for s in self.carry.steps.iter_mut() {
             *s += 1;
@@ -103,7 +118,7 @@ impl TrainerState {
             b: dm.b,
         };
         let r = act::act_step(
-            &mut self.engine,
+            &mut *self.engine,
             &self.arch,
             &slots,
             &c.steps,
@@ -142,14 +157,14 @@ impl TrainerState {
     }
 
     /// The live weights (a host copy).
-    pub fn params(&self) -> Params<f32> {
-        self.engine.params()
+    pub fn params(&self) -> Result<Params<f32>> {
+        self.engine.params().map_err(engine_error)
     }
 
     /// The weights evaluation uses: the EMA shadow when EMA is on (with the
     /// live puzzle-embedding table), else the live weights.
-    pub fn eval_params(&self) -> Params<f32> {
-        self.engine.eval_params()
+    pub fn eval_params(&self) -> Result<Params<f32>> {
+        self.engine.eval_params().map_err(engine_error)
     }
 
     pub fn local_batch(&self) -> usize {
@@ -164,6 +179,7 @@ pub(super) fn engine_error(e: EngineError) -> TrainError {
         EngineError::Optim(e) => TrainError::Optim(e),
         EngineError::Collective(e) => TrainError::Collective(e),
         EngineError::Cuda(e) => TrainError::Cuda(e),
+        EngineError::Device(e) => TrainError::Device(e),
         EngineError::State(reason) => TrainError::Resume {
             path: PathBuf::new(),
             reason,

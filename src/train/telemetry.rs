@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use super::estimate::Say;
 use super::Result;
 use crate::config::{RunConfig, Schedule};
 use crate::loss::StepMetrics;
@@ -66,6 +67,19 @@ impl Sinks {
         }
     }
 
+    /// An estimate line: notes as [`Sinks::note`], warnings on rank 0 even
+    /// in quiet runs (above the progress bar when there is one).
+    pub(super) fn tell(&mut self, line: Say) {
+        match line {
+            Say::Note(l) => self.note(&l),
+            Say::Warning(w) if self.rank0 => match &mut self.progress {
+                Some(p) if self.verbose => p.println(&w),
+                _ => eprintln!("{w}"),
+            },
+            Say::Warning(_) => {}
+        }
+    }
+
     /// Writes `log` at `step` to `metrics.jsonl` and the event log.
     pub(super) fn log(&mut self, step: u64, log: &[(String, f64)]) -> Result<()> {
         if let Some(w) = &mut self.metrics {
@@ -79,8 +93,15 @@ impl Sinks {
     }
 
     /// Moves the progress bar to `step`, showing the step's mean loss.
-    pub(super) fn progress(&mut self, step: u64, m: &StepMetrics, global_batch: usize) {
+    pub(super) fn progress(
+        &mut self,
+        step: u64,
+        m: &StepMetrics,
+        global_batch: usize,
+        device_memory: Option<u64>,
+    ) {
         if let Some(p) = &mut self.progress {
+            p.set_device_memory(device_memory);
             let loss =
                 (m.lm_loss + 0.5 * (m.q_halt_loss + m.q_continue_loss)) / global_batch as f64;
             p.update(step, Some(loss));

@@ -38,7 +38,7 @@ pub use kernels::{
 };
 pub use memory::{Buffer, Elem, OnDevice, Owner};
 pub use ptxas::KernelResources;
-pub use runtime::{probe, DeviceInfo, Event, Gpu, Stream};
+pub use runtime::{probe, DeviceInfo, Event, Gpu, Graph, Stream};
 
 /// Errors of the CUDA backend.
 #[derive(Debug, thiserror::Error)]

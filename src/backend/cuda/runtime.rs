@@ -180,6 +180,24 @@ impl Event {
     }
 }
 
+/// A CUDA graph: the launches one capture recorded, replayed as one.
+pub struct Graph(cudarc::driver::CudaGraph);
+
+impl std::fmt::Debug for Graph {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Graph")
+    }
+}
+
+impl Graph {
+    /// Replays the recorded work on the stream it was captured from.
+    pub fn launch(&self) -> Result<(), CudaError> {
+        self.0
+            .launch()
+            .map_err(|e| CudaError::driver("launching a CUDA graph", e))
+    }
+}
+
 /// A kernel function and what launches need to know about it.
 struct Function {
     raw: CUfunction,
@@ -375,6 +393,38 @@ impl Gpu {
                 self.state.info.ordinal
             )))
         }
+    }
+
+    /// Records what `body` launches on this handle's stream into a graph
+    /// instead of running it. Fails (and leaves the stream as it was) when
+    /// `body` fails or does something a capture cannot hold, such as waiting
+    /// for the device; nothing `body` launched has then run.
+    pub fn capture(
+        &self,
+        body: impl FnOnce() -> Result<(), CudaError>,
+    ) -> Result<Graph, CudaError> {
+        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+        self.state.bind()?;
+        self.stream
+            .0
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(|e| CudaError::driver("beginning a stream capture", e))?;
+        let ran = body();
+        // End the capture whatever happened, so the stream runs work again.
+        let ended = self
+            .stream
+            .0
+            .end_capture(CUgraphInstantiate_flags(0))
+            .map_err(|e| CudaError::driver("ending a stream capture", e));
+        ran?;
+        ended?.map(Graph).ok_or_else(|| {
+            CudaError::driver(
+                "ending a stream capture",
+                cudarc::driver::DriverError(
+                    cudarc::driver::sys::CUresult::CUDA_ERROR_STREAM_CAPTURE_INVALIDATED,
+                ),
+            )
+        })
     }
 
     /// A timing event recorded now on `stream` (this handle's when `None`).

@@ -10,6 +10,7 @@
 //! computed on the host (B values) with the CPU engine's own function, and
 //! its gradient goes back as a `[B, 2]` GEMM operand.
 
+pub mod graphs;
 pub mod net;
 pub mod plan;
 pub mod weights;
@@ -17,23 +18,26 @@ pub mod weights;
 use half::bf16;
 
 use crate::backend::cpu::rope::rope_tables;
+use crate::backend::cpu::stablemax_ce::IGNORE_LABEL;
 use crate::backend::cuda::ops::{
-    adam_atan2, cast_f32_to_bf16, carry_reset, ema, puzzle_sign_sgd, scale_f32,
+    adam_atan2, carry_reset, cast_f32_to_bf16, ema, puzzle_sign_sgd, scale_f32,
     stablemax_ce_backward, stablemax_ce_forward, AdamAtan2Step, CeOutputs,
 };
 use crate::backend::cuda::{Buffer, CudaError, Device};
-use crate::backend::cpu::stablemax_ce::IGNORE_LABEL;
 use crate::dist::Collective;
 use crate::model::config::{ArchConfig, PosEncodings};
 use crate::model::engine::{
     ActNet, Engine, EngineConfig, EngineError, EngineState, EvalNet, OptimStep, StepTrace,
 };
 use crate::model::layout::FlatLayout;
-use crate::model::trm::{check_supported, q_head_loss, Batch, Dims, Grads, LossOut, Params, TrmError};
+use crate::model::trm::{
+    check_supported, q_head_loss, Batch, Dims, Grads, LossOut, Params, TrmError,
+};
 
+use graphs::{Graphs, PhaseTimes, Profiler, Region};
 use net::{GradSink, Net};
 use plan::{Activations, PlanShape};
-use weights::{DeviceWeights, Offsets};
+use weights::{DeviceLayout, DeviceWeights, Offsets};
 
 /// Head dims the attention kernels are built for.
 const HEAD_DIMS: [usize; 3] = [32, 64, 128];
@@ -60,7 +64,7 @@ pub struct GpuEngine {
     arch: ArchConfig,
     dm: Dims,
     cfg: EngineConfig,
-    layout: FlatLayout,
+    layout: DeviceLayout,
     off: Offsets,
     w: DeviceWeights,
     acts: Activations,
@@ -75,6 +79,8 @@ pub struct GpuEngine {
     /// The inner step's Q logits (with the bias), for the loss.
     last_q: Vec<f32>,
     phase: Phase,
+    graphs: Graphs,
+    profiler: Profiler,
 }
 
 /// `n` bytes in GiB, for messages.
@@ -113,7 +119,7 @@ impl GpuEngine {
             ))
             .into());
         }
-        let layout = FlatLayout::new(&arch);
+        let layout = DeviceLayout::new(FlatLayout::new(&arch));
         let off = Offsets::new(&layout, arch.l_layers)?;
         let shape = PlanShape {
             dm,
@@ -150,6 +156,8 @@ impl GpuEngine {
             pending_reset: None,
             last_q: Vec::new(),
             phase: Phase::Idle,
+            graphs: Graphs::new(true),
+            profiler: Profiler::default(),
             arch,
         })
     }
@@ -163,13 +171,61 @@ impl GpuEngine {
         )
     }
 
+    /// Waits for the device's queued work (and reports its errors).
+    pub fn synchronize(&self) -> Result<(), EngineError> {
+        Ok(self.dev.synchronize()?)
+    }
+
+    /// Starts (or stops) timing the phases of each step; see
+    /// [`GpuEngine::take_phase_times`].
+    pub fn set_profiling(&mut self, on: bool) {
+        self.profiler.set(on);
+    }
+
+    /// Time per phase of the steps since profiling started or this was last
+    /// called (waits for the device).
+    pub fn take_phase_times(&mut self) -> Result<PhaseTimes, EngineError> {
+        Ok(self.profiler.take()?)
+    }
+
+    /// Turns CUDA graphs on (the default on a GPU) or off; regions start
+    /// over from plain launches.
+    pub fn set_graphs(&mut self, on: bool) {
+        self.graphs = Graphs::new(on);
+    }
+
+    /// The regions now replayed from CUDA graphs.
+    pub fn captured_regions(&self) -> Vec<&'static str> {
+        self.graphs.captured()
+    }
+
+    /// Runs `body` as `region` (plain launches or its CUDA graph), timed
+    /// as one phase when profiling.
+    fn region(
+        &mut self,
+        region: Region,
+        body: impl Fn(&GpuEngine) -> Result<(), CudaError>,
+    ) -> Result<(), CudaError> {
+        let start = self.profiler.mark(&self.dev)?;
+        let mut graphs = std::mem::replace(&mut self.graphs, Graphs::off());
+        let this: &GpuEngine = self;
+        let ran = graphs.run(&this.dev, region, || body(this));
+        self.graphs = graphs;
+        ran?;
+        self.profiler.span(&self.dev, region.name(), start)
+    }
+
     /// The network over the live weights (`eval`: the evaluation weights).
     fn net(&self, eval: bool) -> Net<'_> {
         Net {
             dev: &self.dev,
             dm: self.dm,
             eps: self.arch.rms_norm_eps as f32,
-            w: if eval { self.w.eval_bf16() } else { &self.w.bf16 },
+            w: if eval {
+                self.w.eval_bf16()
+            } else {
+                &self.w.bf16
+            },
             off: &self.off,
             num_puzzle_ids: self.arch.num_puzzle_identifiers,
             cos: &self.acts.cos,
@@ -197,7 +253,11 @@ impl GpuEngine {
     /// The input embeddings of the uploaded batch into `acts.x`, with the
     /// token table of the live or the evaluation weights.
     fn embed_inputs(&self, eval: bool) -> Result<(), CudaError> {
-        let table = if eval { self.w.eval_bf16() } else { &self.w.bf16 };
+        let table = if eval {
+            self.w.eval_bf16()
+        } else {
+            &self.w.bf16
+        };
         let n = self.dm.v * self.dm.d;
         self.dev
             .copy((&self.w.embed, 0), (table, self.off.embed), n)?;
@@ -234,7 +294,11 @@ impl GpuEngine {
                 return Ok(b);
             }
         }
-        let src = if eval { self.w.eval_master() } else { &self.w.master };
+        let src = if eval {
+            self.w.eval_master()
+        } else {
+            &self.w.master
+        };
         let v = self.dev.download_range(src, self.off.q_b, 2)?;
         let b = [v[0], v[1]];
         if !eval || self.w.ema.is_none() {
@@ -280,13 +344,24 @@ impl GpuEngine {
     fn inner_step_impl(&mut self, batch: &Batch<'_>) -> Result<Vec<f32>, EngineError> {
         self.upload_batch(batch)?;
         self.apply_pending_reset()?;
-        self.embed_inputs(false)?;
         let (h, l) = (self.arch.h_cycles, self.arch.l_cycles);
-        let net = self.net(false);
-        let acts = &self.acts;
-        net::nograd_cycles(&net, &acts.z_h, &acts.z_l, h.saturating_sub(1), l, acts)?;
-        net::grad_cycle(&net, l, acts)?;
-        net::heads_forward(&net, net::grad_cycle_z_h(acts, l), acts)?;
+        self.region(Region::Nograd, |e| {
+            e.embed_inputs(false)?;
+            let acts = &e.acts;
+            net::nograd_cycles(
+                &e.net(false),
+                &acts.z_h,
+                &acts.z_l,
+                h.saturating_sub(1),
+                l,
+                acts,
+            )
+        })?;
+        self.region(Region::GradForward, |e| {
+            let (net, acts) = (e.net(false), &e.acts);
+            net::grad_cycle(&net, l, acts)?;
+            net::heads_forward(&net, net::grad_cycle_z_h(acts, l), acts)
+        })?;
         let q = self.read_q(false)?;
         self.last_q = q.clone();
         self.phase = Phase::Forward;
@@ -298,13 +373,14 @@ impl GpuEngine {
             return Err(TrmError::StepOrder.into());
         }
         let md = self.dm.m() * self.dm.d;
-        let acts = &self.acts;
-        self.dev.copy((&acts.side_h, 0), (&acts.z_h, 0), md)?;
-        self.dev.copy((&acts.side_l, 0), (&acts.z_l, 0), md)?;
-        let net = self.net(false);
         let (h, l) = (self.arch.h_cycles, self.arch.l_cycles);
-        net::nograd_cycles(&net, &acts.side_h, &acts.side_l, h, l, acts)?;
-        net::q_head_forward(&net, &acts.side_h, &acts.q)?;
+        self.region(Region::Bootstrap, |e| {
+            let (net, acts) = (e.net(false), &e.acts);
+            e.dev.copy((&acts.side_h, 0), (&acts.z_h, 0), md)?;
+            e.dev.copy((&acts.side_l, 0), (&acts.z_l, 0), md)?;
+            net::nograd_cycles(&net, &acts.side_h, &acts.side_l, h, l, acts)?;
+            net::q_head_forward(&net, &acts.side_h, &acts.q)
+        })?;
         Ok(self.read_q(false)?)
     }
 
@@ -317,8 +393,10 @@ impl GpuEngine {
             return Err(TrmError::StepOrder.into());
         }
         let dm = self.dm;
+        let start = self.profiler.mark(&self.dev)?;
         let acts = &self.acts;
-        self.dev.write(&acts.labels, &self.full_labels(batch.labels))?;
+        self.dev
+            .write(&acts.labels, &self.full_labels(batch.labels))?;
         let outs = CeOutputs {
             sample_loss: Some(&acts.sample_loss),
             count: Some(&acts.count),
@@ -339,26 +417,32 @@ impl GpuEngine {
             .collect();
         let lm_loss: f64 = sample_loss.iter().map(|&x| x as f64).sum();
         let (q_halt_loss, q_continue_loss, dq) = q_head_loss(&self.last_q, &seq_correct, target);
-        // backward: dlogits of the summed per-sample means, dq as a GEMM operand
-        stablemax_ce_backward(
-            &self.dev,
-            &acts.dlogits,
-            &acts.logits,
-            &acts.labels,
-            &acts.count,
-            1.0,
-            b,
-            s,
-            v,
-        )?;
         let dq16: Vec<bf16> = dq.iter().map(|&x| bf16::from_f32(x)).collect();
         self.dev.write(&acts.dq, &dq16)?;
-        self.dev.zero(&self.w.grad)?;
-        let gs = GradSink {
-            grad: &self.w.grad,
-            off: &self.off,
-        };
-        net::inner_backward(&self.net(false), self.arch.l_cycles, acts, &gs)?;
+        self.profiler.span(&self.dev, "loss", start)?;
+        let l = self.arch.l_cycles;
+        self.region(Region::Backward, |e| {
+            let acts = &e.acts;
+            // dlogits of the summed per-sample means; dq is a GEMM operand
+            stablemax_ce_backward(
+                &e.dev,
+                &acts.dlogits,
+                &acts.logits,
+                &acts.labels,
+                &acts.count,
+                1.0,
+                b,
+                s,
+                v,
+            )?;
+            e.dev.zero(&e.w.grad)?;
+            let gs = GradSink {
+                grad: &e.w.grad,
+                off: &e.off,
+            };
+            net::inner_backward(&e.net(false), l, acts, &gs)
+        })?;
+        let acts = &self.acts;
         // The two gradients that are not GEMM outputs: the Q bias (summed
         // here) and the token table (from the embedding kernel).
         let db = [
@@ -392,14 +476,16 @@ impl GpuEngine {
         self.w.refresh_eval(&self.dev)?;
         self.embed_inputs(true)?;
         self.reset_slots(&vec![1; self.dm.b], true)?;
-        let net = self.net(true);
-        let acts = &self.acts;
         let (h, l) = (self.arch.h_cycles, self.arch.l_cycles);
         // Every step is a full inner forward without gradient: H cycles.
         for _ in 0..n.max(1) {
-            net::nograd_cycles(&net, &acts.side_h, &acts.side_l, h, l, acts)?;
+            self.region(Region::EvalStep, |e| {
+                let acts = &e.acts;
+                net::nograd_cycles(&e.net(true), &acts.side_h, &acts.side_l, h, l, acts)
+            })?;
         }
-        net::heads_forward(&net, &acts.side_h, acts)?;
+        let acts = &self.acts;
+        net::heads_forward(&self.net(true), &acts.side_h, acts)?;
         let q = self.read_q(true)?;
         Ok((self.read_logits()?, q))
     }
@@ -414,6 +500,18 @@ impl GpuEngine {
             return Err(TrmError::StepOrder.into());
         }
         self.phase = Phase::Idle;
+        let start = self.profiler.mark(&self.dev)?;
+        self.optimizer_updates(up, puzzle_ids, coll)?;
+        Ok(self.profiler.span(&self.dev, "optimizer", start)?)
+    }
+
+    /// AdamATan2 and EMA on the dense weights, sign-SGD on the puzzle rows.
+    fn optimizer_updates(
+        &mut self,
+        up: &OptimStep,
+        puzzle_ids: &[i32],
+        coll: &dyn Collective,
+    ) -> Result<(), EngineError> {
         let dev = &self.dev;
         let n = self.layout.len;
         if up.update_dense {
@@ -425,9 +523,8 @@ impl GpuEngine {
                 dev.write(&self.w.grad, &flat)?;
             }
             self.adam_steps += 1;
-            let step = u32::try_from(self.adam_steps).map_err(|_| {
-                EngineError::State("more than 2^32 optimiser steps".into())
-            })?;
+            let step = u32::try_from(self.adam_steps)
+                .map_err(|_| EngineError::State("more than 2^32 optimiser steps".into()))?;
             let a = &self.cfg.adam;
             let h = AdamAtan2Step {
                 lr: up.lr,
@@ -437,7 +534,15 @@ impl GpuEngine {
                 step,
             };
             let w = &self.w;
-            adam_atan2(dev, &w.master, &w.adam_m, &w.adam_v, &w.grad, Some(&w.bf16), h)?;
+            adam_atan2(
+                dev,
+                &w.master,
+                &w.adam_m,
+                &w.adam_v,
+                &w.grad,
+                Some(&w.bf16),
+                h,
+            )?;
             if let (Some(shadow), Some(rate)) = (&w.ema, self.cfg.ema_rate) {
                 ema(dev, shadow, &w.master, rate)?;
             }
@@ -456,12 +561,32 @@ impl GpuEngine {
                 let (ids, all) = coll.all_gather_rows(puzzle_ids, &local)?;
                 let (ids_d, rows_d) = (dev.upload(&ids)?, dev.upload(&all)?);
                 let table = &self.w.puzzle;
-                puzzle_sign_sgd(dev, table, &rows_d, &ids_d, ids.len(), ndim, num_ids, lr, wd)?;
+                puzzle_sign_sgd(
+                    dev,
+                    table,
+                    &rows_d,
+                    &ids_d,
+                    ids.len(),
+                    ndim,
+                    num_ids,
+                    lr,
+                    wd,
+                )?;
             } else {
                 dev.write(&self.acts.puzzle_ids, puzzle_ids)?;
                 let (table, ids) = (&self.w.puzzle, &self.acts.puzzle_ids);
                 let b = self.dm.b;
-                puzzle_sign_sgd(dev, table, &self.acts.dpuzzle, ids, b, ndim, num_ids, lr, wd)?;
+                puzzle_sign_sgd(
+                    dev,
+                    table,
+                    &self.acts.dpuzzle,
+                    ids,
+                    b,
+                    ndim,
+                    num_ids,
+                    lr,
+                    wd,
+                )?;
             }
         }
         Ok(())
@@ -474,7 +599,11 @@ impl GpuEngine {
         let mut z_l = widen(self.dev.download(&self.acts.z_l)?);
         if let Some(halted) = &self.pending_reset {
             let (s, d) = (self.dm.s, self.dm.d);
-            let round = |v: &[f32]| v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect::<Vec<_>>();
+            let round = |v: &[f32]| {
+                v.iter()
+                    .map(|&x| bf16::from_f32(x).to_f32())
+                    .collect::<Vec<_>>()
+            };
             let (hi, li) = (round(&self.template.h_init), round(&self.template.l_init));
             for (b, _) in halted.iter().enumerate().filter(|(_, &h)| h) {
                 for t in 0..s {
@@ -491,33 +620,23 @@ impl GpuEngine {
     /// puzzle table.
     fn params_from(&self, flat: &Buffer<f32>) -> Result<Params<f32>, CudaError> {
         let mut p = self.template.clone();
-        self.layout.unflatten(&self.dev.download(flat)?, &mut p);
+        let compact = self.layout.unpad(&self.dev.download(flat)?);
+        self.layout.compact.unflatten(&compact, &mut p);
         if self.dm.ndim > 0 {
             p.puzzle_emb = self.dev.download(&self.w.puzzle)?;
         }
         Ok(p)
     }
 
-    /// The live weights on the host.
-    pub fn try_params(&self) -> Result<Params<f32>, EngineError> {
-        Ok(self.params_from(&self.w.master)?)
-    }
-
-    /// The evaluation weights on the host (see [`Engine::eval_params`]).
-    pub fn try_eval_params(&self) -> Result<Params<f32>, EngineError> {
-        Ok(self.params_from(self.w.eval_master())?)
-    }
-
-    /// The full state for a checkpoint.
-    pub fn try_export_state(&self) -> Result<EngineState, EngineError> {
+    fn export_state_impl(&self) -> Result<EngineState, EngineError> {
         let (z_h, z_l) = self.carry_host()?;
         Ok(EngineState {
-            params: self.try_params()?,
-            adam_m: self.dev.download(&self.w.adam_m)?,
-            adam_v: self.dev.download(&self.w.adam_v)?,
+            params: self.params_from(&self.w.master)?,
+            adam_m: self.layout.unpad(&self.dev.download(&self.w.adam_m)?),
+            adam_v: self.layout.unpad(&self.dev.download(&self.w.adam_v)?),
             optimizer_steps: self.adam_steps,
             ema: match &self.w.ema {
-                Some(e) => Some(self.dev.download(e)?),
+                Some(e) => Some(self.layout.unpad(&self.dev.download(e)?)),
                 None => None,
             },
             z_h,
@@ -533,7 +652,7 @@ impl GpuEngine {
                 st.z_h.len()
             )));
         }
-        let len = self.layout.len;
+        let len = self.layout.compact.len;
         for (what, v) in [("Adam m", &st.adam_m), ("Adam v", &st.adam_v)] {
             if v.len() != len {
                 return Err(EngineError::State(format!(
@@ -544,19 +663,21 @@ impl GpuEngine {
         }
         let p = &st.params;
         let table = self.arch.num_puzzle_identifiers * self.dm.ndim;
-        if p.puzzle_emb.len() != table || p.h_init.len() != self.dm.d || p.l_init.len() != self.dm.d {
+        if p.puzzle_emb.len() != table || p.h_init.len() != self.dm.d || p.l_init.len() != self.dm.d
+        {
             return Err(EngineError::State(
                 "the checkpoint's weights do not fit this model's config".into(),
             ));
         }
         let dev = &self.dev;
         let w = &self.w;
-        dev.write(&w.master, &self.layout.flatten(p))?;
+        let layout = &self.layout;
+        dev.write(&w.master, &layout.pad(&layout.compact.flatten(p)))?;
         cast_f32_to_bf16(dev, &w.bf16, &w.master)?;
-        dev.write(&w.adam_m, &st.adam_m)?;
-        dev.write(&w.adam_v, &st.adam_v)?;
+        dev.write(&w.adam_m, &layout.pad(&st.adam_m))?;
+        dev.write(&w.adam_v, &layout.pad(&st.adam_v))?;
         match (&w.ema, &st.ema) {
-            (Some(e), Some(shadow)) if shadow.len() == len => dev.write(e, shadow)?,
+            (Some(e), Some(shadow)) if shadow.len() == len => dev.write(e, &layout.pad(shadow))?,
             (Some(_), Some(_)) => {
                 return Err(EngineError::State("the EMA shadow does not fit".into()))
             }
@@ -593,7 +714,7 @@ impl GpuEngine {
         }
         let flat = self.dev.download(&self.w.grad)?;
         let mut grads = Grads::zeros_like(&self.template, &self.dm);
-        for (name, &off) in self.layout.names.iter().zip(&self.layout.offsets) {
+        for (name, &off) in self.layout.compact.names.iter().zip(&self.layout.offsets) {
             if let Some(g) = grads.dense_mut(name) {
                 let len = g.len();
                 g.copy_from_slice(&flat[off..off + len]);
@@ -615,7 +736,7 @@ impl GpuEngine {
 }
 
 /// Bytes [`DeviceWeights::upload`] will allocate.
-fn weights_bytes(layout: &FlatLayout, params: &Params<f32>, ema: bool) -> usize {
+fn weights_bytes(layout: &DeviceLayout, params: &Params<f32>, ema: bool) -> usize {
     let n = layout.len;
     // master, grad, m, v in f32; the bf16 copy; with EMA the shadow and its bf16 copy
     let flat = n * (4 * 4 + 2) + if ema { n * 6 } else { 0 };
@@ -694,9 +815,23 @@ impl Engine for GpuEngine {
         self.step_trace_impl()
     }
 
-    fn reset_halted(&mut self, halted: &[bool]) {
+    fn device_memory_used(&self) -> Option<usize> {
+        // On a GPU: the whole device's use (ours and any other process's).
+        let (free, total) = self.dev.memory_info().ok()?;
+        (total != usize::MAX).then(|| total.saturating_sub(free))
+    }
+
+    fn reset_halted(&mut self, halted: &[bool]) -> Result<(), EngineError> {
+        if halted.len() != self.dm.b {
+            return Err(EngineError::State(format!(
+                "{} halted flags for a batch of {}",
+                halted.len(),
+                self.dm.b
+            )));
+        }
         // Applied on the device at the next inner step (the only reader).
         self.pending_reset = Some(halted.to_vec());
+        Ok(())
     }
 
     fn optimizer_step(
@@ -708,18 +843,16 @@ impl Engine for GpuEngine {
         self.optimizer_step_impl(update, puzzle_ids, coll)
     }
 
-    fn params(&self) -> Params<f32> {
-        self.try_params().expect("reading the weights back from the device")
+    fn params(&self) -> Result<Params<f32>, EngineError> {
+        Ok(self.params_from(&self.w.master)?)
     }
 
-    fn eval_params(&self) -> Params<f32> {
-        self.try_eval_params()
-            .expect("reading the weights back from the device")
+    fn eval_params(&self) -> Result<Params<f32>, EngineError> {
+        Ok(self.params_from(self.w.eval_master())?)
     }
 
-    fn export_state(&self) -> EngineState {
-        self.try_export_state()
-            .expect("reading the state back from the device")
+    fn export_state(&self) -> Result<EngineState, EngineError> {
+        self.export_state_impl()
     }
 
     fn import_state(&mut self, state: EngineState) -> Result<(), EngineError> {

@@ -130,6 +130,7 @@ pub fn input_embedding_backward(net: &Net<'_>, acts: &Activations) -> Result<(),
         dpuzzle,
         &acts.dx,
         &acts.tokens,
+        &acts.dembed_scratch,
         scale,
         embedding_shape(net),
     )
@@ -174,7 +175,16 @@ pub fn block_forward(
         net.weight(lw.o, d, d),
         false,
     )?;
-    rmsnorm_forward(dev, &slot.y1, &slot.rstd1, &slot.y1, Some(h_in), m, d, net.eps)?;
+    rmsnorm_forward(
+        dev,
+        &slot.y1,
+        &slot.rstd1,
+        &slot.y1,
+        Some(h_in),
+        m,
+        d,
+        net.eps,
+    )?;
     linear_forward(
         dev,
         out16(&slot.gu, m, 2 * f),
@@ -190,7 +200,16 @@ pub fn block_forward(
         net.weight(lw.down, d, f),
         false,
     )?;
-    rmsnorm_forward(dev, &slot.y2, &slot.rstd2, &slot.y2, Some(&slot.y1), m, d, net.eps)
+    rmsnorm_forward(
+        dev,
+        &slot.y2,
+        &slot.rstd2,
+        &slot.y2,
+        Some(&slot.y1),
+        m,
+        d,
+        net.eps,
+    )
 }
 
 /// Backward of [`block_forward`] in place: `g` holds `dy2` on entry and
@@ -410,11 +429,7 @@ pub fn heads_forward(
 
 /// `q [B, 2]` = position 0 of each sample (a view with row stride `S D`)
 /// times the Q head, without the bias (added on the host, which reads q).
-pub fn q_head_forward(
-    net: &Net<'_>,
-    z_h: &Buffer<bf16>,
-    q: &Buffer<f32>,
-) -> Result<(), CudaError> {
+pub fn q_head_forward(net: &Net<'_>, z_h: &Buffer<bf16>, q: &Buffer<f32>) -> Result<(), CudaError> {
     let dm = &net.dm;
     linear_forward(
         net.dev,

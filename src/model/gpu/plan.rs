@@ -12,6 +12,7 @@
 
 use half::bf16;
 
+use crate::backend::cuda::ops::{input_embedding_backward_scratch_len, EmbeddingShape};
 use crate::backend::cuda::{Buffer, CudaError, Device};
 use crate::model::trm::Dims;
 
@@ -101,6 +102,9 @@ pub struct Activations {
     /// `[V, D]` token-embedding gradient, `[B, ndim]` puzzle rows' gradient.
     pub dembed: Buffer<f32>,
     pub dpuzzle: Buffer<f32>,
+    /// The embedding backward's per-slice partial sums (its length from
+    /// [`input_embedding_backward_scratch_len`]).
+    pub dembed_scratch: Buffer<f32>,
     /// `[S, d]` RoPE tables (identity without RoPE).
     pub cos: Buffer<f32>,
     pub sin: Buffer<f32>,
@@ -113,6 +117,20 @@ pub struct PlanShape {
     pub dm: Dims,
     pub tape_calls: usize,
     pub layers: usize,
+}
+
+/// f32 elements of [`Activations::dembed_scratch`] for the sizes `dm`.
+fn dembed_scratch_len(dm: &Dims) -> usize {
+    input_embedding_backward_scratch_len(&EmbeddingShape {
+        b: dm.b,
+        t: dm.seq,
+        p: dm.p,
+        d: dm.d,
+        v: dm.v,
+        ndim: dm.ndim,
+        // The table's rows do not size the scratch.
+        num_puzzle_ids: 0,
+    })
 }
 
 /// Element counts of the plan's buffers by kind (bf16, f32, i32), in the
@@ -133,6 +151,7 @@ fn counts(p: &PlanShape) -> (usize, usize, usize) {
         + dm.b
         + dm.v * d
         + (dm.b * dm.ndim).max(1)
+        + dembed_scratch_len(dm)
         + 2 * dm.s * dm.hd;
     let i32s = dm.b * dm.seq + dm.b + m + dm.b + 3 * dm.b;
     (bf16s, f32s, i32s)
@@ -148,14 +167,35 @@ impl PlanShape {
     /// The largest local batch whose activations fit in `budget` bytes (0
     /// when not even one sample does).
     pub fn largest_batch(&self, budget: usize) -> usize {
-        let at = |b: usize| PlanShape {
-            dm: Dims { b, ..self.dm },
-            ..*self
+        let fits = |b: usize| {
+            PlanShape {
+                dm: Dims { b, ..self.dm },
+                ..*self
+            }
+            .bytes()
+                <= budget
         };
-        // Linear in B: one sample's cost, less the part that does not grow.
-        let fixed = at(0).bytes();
-        let per = at(1).bytes().saturating_sub(fixed).max(1);
-        budget.saturating_sub(fixed) / per
+        // The bytes grow with B but not linearly (the embedding scratch is
+        // capped), so search: double past the answer, then bisect. The
+        // doubling stops at 2^32 samples, far past any device and short of
+        // overflowing the counts.
+        if !fits(1) {
+            return 0;
+        }
+        let mut hi = 2;
+        while hi < 1 << 32 && fits(hi) {
+            hi *= 2;
+        }
+        let mut lo = hi / 2;
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if fits(mid) {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        lo
     }
 }
 
@@ -236,6 +276,7 @@ impl Activations {
             seq_correct: dev.zeros(dm.b)?,
             dembed: dev.zeros(dm.v * d)?,
             dpuzzle: dev.zeros((dm.b * dm.ndim).max(1))?,
+            dembed_scratch: dev.zeros(dembed_scratch_len(dm))?,
             cos: dev.upload(cos)?,
             sin: dev.upload(sin)?,
         })
@@ -270,6 +311,7 @@ impl Activations {
             &self.sample_loss,
             &self.dembed,
             &self.dpuzzle,
+            &self.dembed_scratch,
             &self.cos,
             &self.sin,
         ];
@@ -286,5 +328,80 @@ impl Activations {
             + bf16s.iter().map(|b| b.bytes()).sum::<usize>()
             + f32s.iter().map(|b| b.bytes()).sum::<usize>()
             + i32s.iter().map(|b| b.bytes()).sum::<usize>()
+    }
+}
+
+#[cfg(all(test, feature = "emu"))]
+mod tests {
+    use super::*;
+    use crate::model::config::ArchConfig;
+
+    fn shape(b: usize) -> PlanShape {
+        let mut c = ArchConfig::trm_default(9, 10, 6);
+        c.hidden_size = 64;
+        c.num_heads = 2;
+        c.l_layers = 2;
+        c.l_cycles = 3;
+        c.puzzle_emb_ndim = 64;
+        c.puzzle_emb_len = 2;
+        PlanShape {
+            dm: Dims::new(&c, b),
+            tape_calls: c.l_cycles + 1,
+            layers: c.l_layers,
+        }
+    }
+
+    /// The plan's arithmetic is what allocation makes, byte for byte.
+    #[test]
+    fn planned_bytes_are_the_allocated_bytes() {
+        for b in [1, 3] {
+            let p = shape(b);
+            let s = p.dm.s * p.dm.hd;
+            let acts = Activations::allocate(&Device::Emu, &p, &vec![1.0; s], &vec![0.0; s])
+                .expect("allocate");
+            assert_eq!(acts.bytes(), p.bytes(), "batch {b}");
+        }
+    }
+
+    /// The largest batch for a budget fits it, and one more does not.
+    #[test]
+    fn largest_batch_is_the_largest_that_fits() {
+        let p = shape(1);
+        for budget in [0, p.bytes() - 1, p.bytes(), 10 * p.bytes() + 12345] {
+            let n = p.largest_batch(budget);
+            let at = |b: usize| PlanShape {
+                dm: Dims { b, ..p.dm },
+                ..p
+            };
+            if n > 0 {
+                assert!(at(n).bytes() <= budget, "{n} for {budget}");
+            }
+            assert!(at(n + 1).bytes() > budget, "{} fits {budget}", n + 1);
+        }
+    }
+
+    /// The ARC config's activations per local batch (the README's table).
+    #[test]
+    fn arc_config_activation_sizes() {
+        let mut c = ArchConfig::trm_default(900, 12, 1);
+        c.hidden_size = 512;
+        c.num_heads = 8;
+        c.expansion = 4.0;
+        c.l_layers = 2;
+        c.puzzle_emb_ndim = 512;
+        c.puzzle_emb_len = 16;
+        for l_cycles in [4, 6] {
+            for b in [96, 192, 384] {
+                let p = PlanShape {
+                    dm: Dims::new(&c, b),
+                    tape_calls: l_cycles + 1,
+                    layers: 2,
+                };
+                let gib = p.bytes() as f64 / (1u64 << 30) as f64;
+                println!("L_cycles {l_cycles} batch {b}: {gib:.1} GiB");
+                // Linear in the batch: about 0.1 GiB per sample at L_cycles 4.
+                assert!(gib > 0.05 * b as f64 && gib < 0.2 * b as f64, "{gib}");
+            }
+        }
     }
 }

@@ -11,6 +11,65 @@ use crate::backend::cuda::{Buffer, CudaError, Device};
 use crate::model::layout::FlatLayout;
 use crate::model::trm::{layer_name, Params};
 
+/// Elements between tensor starts in the device's flat buffers: 128 bytes
+/// of bf16, 256 of f32, so every weight view a GEMM reads is as aligned as
+/// cuBLASLt's fastest kernels want (the compact layout puts the 2-element Q
+/// bias before the layers, which would leave them 4-byte aligned).
+const DEVICE_ALIGN: usize = 64;
+
+/// [`FlatLayout`] as the device holds it: the same tensors in the same
+/// order, each starting at a multiple of [`DEVICE_ALIGN`] elements, zeros
+/// between (they get zero gradients, so the optimisers keep them zero).
+/// Checkpoints and the CPU engine see the compact layout.
+#[derive(Debug, Clone)]
+pub struct DeviceLayout {
+    pub compact: FlatLayout,
+    /// Start of each tensor (in `compact.names` order).
+    pub offsets: Vec<usize>,
+    pub len: usize,
+}
+
+impl DeviceLayout {
+    pub fn new(compact: FlatLayout) -> DeviceLayout {
+        let mut offsets = Vec::with_capacity(compact.names.len());
+        let mut at = 0;
+        for i in 0..compact.names.len() {
+            offsets.push(at);
+            at = (at + compact.range(i).len()).div_ceil(DEVICE_ALIGN) * DEVICE_ALIGN;
+        }
+        DeviceLayout {
+            compact,
+            offsets,
+            len: at,
+        }
+    }
+
+    /// Where the tensor called `name` sits in the device's buffers.
+    pub fn range_of(&self, name: &str) -> Option<std::ops::Range<usize>> {
+        let i = self.compact.names.iter().position(|n| n == name)?;
+        Some(self.offsets[i]..self.offsets[i] + self.compact.range(i).len())
+    }
+
+    /// A compact flat vector spread out to the device layout.
+    pub fn pad(&self, compact: &[f32]) -> Vec<f32> {
+        let mut out = vec![0.0; self.len];
+        for (i, &at) in self.offsets.iter().enumerate() {
+            let r = self.compact.range(i);
+            out[at..at + r.len()].copy_from_slice(&compact[r]);
+        }
+        out
+    }
+
+    /// The inverse of [`DeviceLayout::pad`].
+    pub fn unpad(&self, padded: &[f32]) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.compact.len);
+        for (i, &at) in self.offsets.iter().enumerate() {
+            out.extend_from_slice(&padded[at..at + self.compact.range(i).len()]);
+        }
+        out
+    }
+}
+
 /// Where each tensor the network reads sits in the flat buffers.
 #[derive(Debug, Clone)]
 pub struct Offsets {
@@ -31,11 +90,12 @@ pub struct LayerOffsets {
 }
 
 impl Offsets {
-    pub fn new(layout: &FlatLayout, n_layers: usize) -> Result<Offsets, CudaError> {
+    pub fn new(layout: &DeviceLayout, n_layers: usize) -> Result<Offsets, CudaError> {
         let at = |name: &str| {
-            layout.range_of(name).map(|r| r.start).ok_or_else(|| {
-                CudaError::Shape(format!("the flat layout has no tensor `{name}`"))
-            })
+            layout
+                .range_of(name)
+                .map(|r| r.start)
+                .ok_or_else(|| CudaError::Shape(format!("the flat layout has no tensor `{name}`")))
         };
         let layers = (0..n_layers)
             .map(|i| {
@@ -86,11 +146,11 @@ impl DeviceWeights {
     /// Uploads `params` (its dense part flattened by `layout`).
     pub fn upload(
         dev: &Device,
-        layout: &FlatLayout,
+        layout: &DeviceLayout,
         params: &Params<f32>,
         ema: bool,
     ) -> Result<DeviceWeights, CudaError> {
-        let flat = layout.flatten(params);
+        let flat = layout.pad(&layout.compact.flatten(params));
         let master = dev.upload(&flat)?;
         let bf16_w = dev.zeros::<bf16>(flat.len())?;
         cast_f32_to_bf16(dev, &bf16_w, &master)?;
@@ -157,5 +217,41 @@ impl DeviceWeights {
     /// The f32 buffer evaluation's weights come from (for the Q bias).
     pub fn eval_master(&self) -> &Buffer<f32> {
         self.ema.as_ref().unwrap_or(&self.master)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::ArchConfig;
+
+    #[test]
+    fn device_layout_aligns_every_tensor_and_round_trips() {
+        let mut arch = ArchConfig::trm_default(36, 12, 10);
+        arch.hidden_size = 64;
+        let l = DeviceLayout::new(FlatLayout::new(&arch));
+        assert!(l.len >= l.compact.len);
+        for (i, &at) in l.offsets.iter().enumerate() {
+            assert_eq!(at % DEVICE_ALIGN, 0, "{}", l.compact.names[i]);
+        }
+        // The Q bias (2 values) sits before the layers in the compact order,
+        // so without padding the layers would start unaligned.
+        let qkv = l.range_of(&layer_name(0, "self_attn.qkv_proj")).unwrap();
+        assert_eq!(qkv.start % DEVICE_ALIGN, 0);
+        assert_ne!(
+            l.compact
+                .range_of(&layer_name(0, "self_attn.qkv_proj"))
+                .unwrap()
+                .start
+                % 8,
+            0
+        );
+        let compact: Vec<f32> = (0..l.compact.len).map(|i| i as f32 + 0.5).collect();
+        let padded = l.pad(&compact);
+        assert_eq!(padded.len(), l.len);
+        assert_eq!(l.unpad(&padded), compact);
+        // Only the gaps are zero.
+        let zeros = padded.iter().filter(|&&x| x == 0.0).count();
+        assert_eq!(zeros, l.len - l.compact.len);
     }
 }

@@ -78,10 +78,5 @@ pub fn carry_reset(
         S: dim("S", s)?,
         D: dim("D", d)?,
     };
-    launch(
-        dev,
-        CARRY_RESET_BF16,
-        grid_stride(dev, n, BLOCK),
-        &args,
-    )
+    launch(dev, CARRY_RESET_BF16, grid_stride(dev, n, BLOCK), &args)
 }

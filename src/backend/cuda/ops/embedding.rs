@@ -11,8 +11,10 @@ const BLOCK: u32 = 256;
 const PACK: usize = 8;
 /// The backward sums rows in shared memory when the table fits this.
 const SHARED_LIMIT: usize = 48 * 1024;
-/// Token rows each backward block sums before flushing to global memory.
-const ROWS_PER_BLOCK: usize = 64;
+/// Bounds of the backward's slice count (see [`backward_slices`]).
+const MIN_ROWS_PER_SLICE: usize = 64;
+const MAX_SLICES: usize = 256;
+const MAX_SCRATCH_BYTES: usize = 64 << 20;
 
 /// Shapes of the input embedding: `B` samples of `P` puzzle positions and
 /// `T` tokens, width `D`, vocabulary `V`; `ndim` puzzle-embedding values
@@ -96,26 +98,56 @@ pub fn input_embedding_forward(
     launch(dev, INPUT_EMBEDDING_FORWARD_BF16, cfg, &args)
 }
 
+/// How many slices the backward cuts the `B * T` token rows into -- a
+/// function of the shapes only, never of the device, since it fixes the
+/// summation order and so the bits of dembed. Each slice gets at least
+/// max(64, V) rows, so its V * D clear and flush cost no more than its rows;
+/// at most 256 slices, and at most 64 MiB of scratch (`slices * V * D` f32),
+/// but always one.
+fn backward_slices(s: &EmbeddingShape) -> usize {
+    let rows = s.b.saturating_mul(s.t);
+    let table_bytes = s.v.saturating_mul(s.d).saturating_mul(4).max(1);
+    let cap = MAX_SLICES.min(MAX_SCRATCH_BYTES / table_bytes).max(1);
+    rows.div_ceil(MIN_ROWS_PER_SLICE.max(s.v)).clamp(1, cap)
+}
+
+/// f32 elements of the scratch [`input_embedding_backward`] needs for
+/// shapes `s` (allocate it once per shape).
+pub fn input_embedding_backward_scratch_len(s: &EmbeddingShape) -> usize {
+    backward_slices(s).saturating_mul(s.v.saturating_mul(s.d))
+}
+
 /// `dembed [V, D] += scale * dx` at the token rows (accumulated: zero it
 /// first for a fresh gradient); `dpuzzle [B, ndim] = scale * dx` at the
-/// puzzle positions when given.
+/// puzzle positions when given. Deterministic: no float atomics, and the
+/// summation order depends on the shapes only (kernels/embedding.cu), so
+/// the same inputs give the same bits on every run. `scratch` holds at
+/// least [`input_embedding_backward_scratch_len`] elements; its contents
+/// are overwritten.
+#[allow(clippy::too_many_arguments)]
 pub fn input_embedding_backward(
     dev: &Device,
     dembed: &Buffer<f32>,
     dpuzzle: Option<&Buffer<f32>>,
     dx: &Buffer<bf16>,
     tokens: &Buffer<i32>,
+    scratch: &Buffer<f32>,
     scale: f32,
     s: EmbeddingShape,
 ) -> Result<(), CudaError> {
     let what = "input_embedding_backward";
-    dev.check_buffers(what, &[dembed, &dpuzzle, dx, tokens])?;
+    dev.check_buffers(what, &[dembed, &dpuzzle, dx, tokens, scratch])?;
     let n = s.check(what)?;
     dx.check_len("input_embedding_backward: dx", n)?;
     let table = mul(what, &[s.v, s.d])?;
     dembed.check_len("input_embedding_backward: dembed", table)?;
     let rows = mul(what, &[s.b, s.t])?;
     tokens.check_len("input_embedding_backward: tokens", rows)?;
+    let slices = backward_slices(&s);
+    scratch.check_len(
+        "input_embedding_backward: scratch",
+        mul(what, &[slices, table])?,
+    )?;
     let dp = match dpuzzle {
         Some(buf) => {
             buf.check_len(
@@ -126,16 +158,16 @@ pub fn input_embedding_backward(
         }
         None => std::ptr::null_mut(),
     };
-    // Summing a block's rows in shared memory turns most atomics into
-    // shared adds; worth it when the table fits.
+    // Summing a slice in shared memory keeps its scattered adds on chip;
+    // worth it when the table fits.
     let shared = table * 4 <= SHARED_LIMIT;
-    let blocks = grid_stride(dev, rows.div_ceil(ROWS_PER_BLOCK) * BLOCK as usize, BLOCK);
-    let cfg = LaunchConfig {
-        shared_bytes: if shared { (table * 4) as u32 } else { 0 },
-        ..blocks
-    };
+    let cfg = LaunchConfig::linear(
+        slices as u32,
+        BLOCK,
+        if shared { (table * 4) as u32 } else { 0 },
+    );
     let args = InputEmbeddingBackwardArgs {
-        dembed: dembed.ptr(),
+        partial: scratch.ptr(),
         dpuzzle: dp,
         dx: dx.cptr(),
         tokens: tokens.cptr(),
@@ -146,7 +178,20 @@ pub fn input_embedding_backward(
         D: dim("D", s.d)?,
         V: dim("V", s.v)?,
         ndim: dim("ndim", s.ndim)?,
+        nblocks: dim("nblocks", slices)?,
         shared_accumulate: shared as i32,
     };
-    launch(dev, INPUT_EMBEDDING_BACKWARD_BF16, cfg, &args)
+    launch(dev, INPUT_EMBEDDING_BACKWARD_BF16, cfg, &args)?;
+    let reduce = InputEmbeddingReduceArgs {
+        dembed: dembed.ptr(),
+        partial: scratch.cptr(),
+        n: table as i64,
+        nblocks: args.nblocks,
+    };
+    launch(
+        dev,
+        INPUT_EMBEDDING_BACKWARD_REDUCE,
+        grid_stride(dev, table, BLOCK),
+        &reduce,
+    )
 }

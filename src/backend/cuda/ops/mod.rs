@@ -21,9 +21,12 @@ use super::device::Device;
 use super::CudaError;
 
 pub use attention::{attention_backward, attention_forward, AttentionShape};
-pub use elementwise::{add_bf16, carry_reset, scale_f32};
 pub use cast::{cast_bf16_to_f32, cast_f32_to_bf16, fill_bf16, fill_f32};
-pub use embedding::{input_embedding_backward, input_embedding_forward, EmbeddingShape};
+pub use elementwise::{add_bf16, carry_reset, scale_f32};
+pub use embedding::{
+    input_embedding_backward, input_embedding_backward_scratch_len, input_embedding_forward,
+    EmbeddingShape,
+};
 pub use optim::{adam_atan2, ema, puzzle_sign_sgd, AdamAtan2Step};
 pub use rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 pub use rope::{rope_backward, rope_forward, RopeShape};
