@@ -3,15 +3,16 @@
 // `emu`: g++ -x c++ -DTRM_EMU -include kernels/emu/cuda_emu.h) and run on the
 // CPU at small sizes in tests. Never seen by nvcc.
 //
-// How it runs (kernels/emu/runtime.cpp): every CUDA thread is a fiber
-// (ucontext, 64 KiB stack). Blocks run one after another; a block runs its
-// threads round-robin, each until it blocks in a barrier or warp collective or
-// returns. `__syncthreads` waits until every thread of the block is there (at
-// the same call site); a warp collective waits until every lane named in its
-// mask has called the same collective with the same mask, then all lanes get
-// their results. A barrier or collective that can never complete (threads that
-// returned early, mismatched masks, divergent barriers) fails the launch with
-// an error instead of hanging. Shared memory (static and dynamic) is filled
+// How it runs (kernels/emu/runtime.cpp): every CUDA thread is a fiber (64 KiB
+// stack; a hand-written context switch on x86-64, ucontext elsewhere). Blocks
+// run one after another; a block runs its threads round-robin, each until it
+// blocks in a barrier or warp collective or returns. `__syncthreads` waits
+// until every thread of the block is there (at the same call site); a warp
+// collective waits until every lane named in its mask has called the same
+// collective with the same mask, then all lanes get their results. A barrier
+// or collective that can never complete (threads that returned early,
+// mismatched masks, divergent barriers) fails the launch with an error
+// instead of hanging. Shared memory (static and dynamic) is filled
 // with 0xff bytes (f32/bf16 NaN, int -1) before every block, so reads of
 // never-written shared memory, as in a missing barrier, show up as NaN.
 //

@@ -10,14 +10,23 @@
 // matrix instructions are collectives of the whole warp from one call site,
 // and their shared-memory operands must be shared memory, aligned as on the GPU.
 #include <sys/mman.h>
-#include <ucontext.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <mutex>
 #include <string>
 #include <vector>
+
+// x86-64 switches fibers with its own few instructions; elsewhere, or with
+// TRM_EMU_UCONTEXT defined (to test that path on x86-64), with ucontext.
+#if defined(__x86_64__) && !defined(TRM_EMU_UCONTEXT)
+#define TRM_EMU_OWN_SWITCH 1
+#else
+#define TRM_EMU_OWN_SWITCH 0
+#include <ucontext.h>
+#endif
 
 // Bounds of the section holding every static __shared__ variable (the linker
 // defines them; weak, so a build whose kernels declare none still links).
@@ -41,6 +50,134 @@ constexpr unsigned char kPoison = 0xff;  // NaN as f32 and bf16, -1 as integers
 
 enum class State : uint8_t { Ready, Barrier, Warp, Done };
 
+#if TRM_EMU_OWN_SWITCH
+
+// A fiber's saved state is its stack pointer: trm_emu_switch (below) keeps
+// the rest on the fiber's own stack. glibc's swapcontext would also save and
+// restore the signal mask, a system call at every barrier and warp
+// collective, which made emulated kernels spend as much time in the kernel as
+// in their own code.
+struct Context {
+    void* sp;
+};
+
+}  // namespace
+}  // namespace trm_emu
+
+extern "C" {
+// Saves the callee-saved state of the System V ABI on the current stack,
+// stores the stack pointer in *save, and resumes the fiber whose stack
+// pointer is `load`.
+__attribute__((visibility("hidden"))) void trm_emu_switch(void** save, void* load) noexcept;
+// Where a new fiber's first switch returns to: calls the fiber body in r12.
+__attribute__((visibility("hidden"))) void trm_emu_fiber_start() noexcept;
+}
+
+// The frame trm_emu_switch pushes, from the saved stack pointer up (64 bytes;
+// the stack pointer it saves is 16-byte aligned, as the call left it 8 bytes
+// past a 16-byte boundary):
+//   0: MXCSR (4 bytes), 4: x87 control word (2 bytes)
+//   8: r15, 16: r14, 24: r13, 32: r12, 40: rbx, 48: rbp, 56: return address
+asm(R"(
+    .pushsection .text
+    .p2align 4
+    .globl trm_emu_switch
+    .hidden trm_emu_switch
+    .type trm_emu_switch, @function
+trm_emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size trm_emu_switch, .-trm_emu_switch
+
+    .p2align 4
+    .globl trm_emu_fiber_start
+    .hidden trm_emu_fiber_start
+    .type trm_emu_fiber_start, @function
+trm_emu_fiber_start:
+    .cfi_startproc
+    .cfi_undefined rip
+    call *%r12
+    ud2
+    .cfi_endproc
+    .size trm_emu_fiber_start, .-trm_emu_fiber_start
+    .popsection
+)");
+
+namespace trm_emu {
+namespace {
+
+void switch_context(Context& save, const Context& load) { trm_emu_switch(&save.sp, load.sp); }
+
+// The floating-point controls of the scheduler, which new fibers inherit (as
+// getcontext would give them).
+struct FpControls {
+    uint32_t mxcsr;
+    uint16_t fpu_cw;
+};
+FpControls fp_controls() {
+    FpControls fp;
+    asm volatile("stmxcsr %0\n\tfnstcw %1" : "=m"(fp.mxcsr), "=m"(fp.fpu_cw));
+    return fp;
+}
+
+// Lays out at the top of the stack [stack, stack + bytes) the frame
+// trm_emu_switch would have saved, so that the first switch to `c` returns
+// into trm_emu_fiber_start with r12 = entry and rbp = 0 (ends frame-pointer
+// backtraces). Its stack pointer is then 16 bytes below the top, so `entry`
+// is called with the alignment the ABI requires. No system call: blocks set
+// up every thread anew.
+void init_context(Context& c, unsigned char* stack, size_t bytes, void (*entry)(), FpControls fp) {
+    uint64_t* const top = reinterpret_cast<uint64_t*>(stack + bytes);  // page-aligned
+    uint64_t* const f = top - 10;
+    f[0] = fp.mxcsr | (uint64_t)fp.fpu_cw << 32;
+    f[1] = f[2] = f[3] = 0;                                // r15, r14, r13
+    f[4] = (uint64_t)(uintptr_t)entry;                     // r12
+    f[5] = f[6] = 0;                                       // rbx, rbp
+    f[7] = (uint64_t)(uintptr_t)&trm_emu_fiber_start;      // return address
+    f[8] = f[9] = 0;                                       // the trampoline's stack
+    c.sp = f;
+}
+
+#else  // ucontext: portable, but a system call per switch
+
+struct Context {
+    ucontext_t uc;
+};
+
+void switch_context(Context& save, const Context& load) { swapcontext(&save.uc, &load.uc); }
+
+struct FpControls {};
+FpControls fp_controls() { return FpControls{}; }
+
+void init_context(Context& c, unsigned char* stack, size_t bytes, void (*entry)(), FpControls) {
+    getcontext(&c.uc);
+    c.uc.uc_stack.ss_sp = stack;
+    c.uc.uc_stack.ss_size = bytes;
+    c.uc.uc_link = nullptr;
+    makecontext(&c.uc, entry, 0);
+}
+
+#endif
+
 // One cp.async not yet completed: its group is 0 until cp_async_commit.
 struct PendingCopy {
     void* dst;
@@ -50,7 +187,7 @@ struct PendingCopy {
 };
 
 struct Thread {
-    ucontext_t ctx;
+    Context ctx;
     State state;
     uint3 idx;
     // The warp collective this thread waits in.
@@ -89,7 +226,11 @@ struct Launch {
     bool reverse;
     uint32_t skip_barrier_line;
     std::vector<Thread> threads;
-    ucontext_t scheduler;
+    // Per warp of the block: the lanes in State::Warp and in State::Done, so
+    // that a collective need not look at every lane (bit l: lane l).
+    std::vector<uint32_t> warp_waiting;
+    std::vector<uint32_t> warp_done;
+    Context scheduler;
     uint32_t current;
     unsigned char* dynamic_shared;
     size_t dynamic_bytes;
@@ -134,20 +275,21 @@ std::string thread_name(const Launch& L, uint32_t linear) {
         va_end(ap);
         L.error_code = code;
     }
-    swapcontext(&L.threads[L.current].ctx, &L.scheduler);
+    switch_context(L.threads[L.current].ctx, L.scheduler);
     abort();  // a failed thread is never resumed
 }
 
 void yield() {
     Launch& L = *g_launch;
-    swapcontext(&L.threads[L.current].ctx, &L.scheduler);
+    switch_context(L.threads[L.current].ctx, L.scheduler);
 }
 
 void fiber_main() {
     Launch& L = *g_launch;
     L.body(L.args);
     L.threads[L.current].state = State::Done;
-    swapcontext(&L.threads[L.current].ctx, &L.scheduler);
+    L.warp_done[L.current / 32] |= 1u << L.current % 32;
+    switch_context(L.threads[L.current].ctx, L.scheduler);
     abort();  // a finished thread is never resumed
 }
 
@@ -254,14 +396,14 @@ void complete_mma(Launch& L, uint32_t base) {
             c[g + 8 * (i / 2)][2 * t + i % 2] = rec[l]->c[i];
         }
     }
+    // c += a b, columns innermost: eight independent sums instead of one
+    // chain of dependent adds, each still summed in the order of k.
+    for (int row = 0; row < 16; row++)
+        for (int k = 0; k < 16; k++)
+            for (int col = 0; col < 8; col++) c[row][col] += a[row][k] * b[k][col];
     for (int l = 0; l < 32; l++) {
         const int g = l / 4, t = l % 4;
-        for (int i = 0; i < 4; i++) {
-            const int row = g + 8 * (i / 2), col = 2 * t + i % 2;
-            double sum = c[row][col];
-            for (int k = 0; k < 16; k++) sum += a[row][k] * b[k][col];
-            rec[l]->d[i] = (float)sum;
-        }
+        for (int i = 0; i < 4; i++) rec[l]->d[i] = (float)c[g + 8 * (i / 2)][2 * t + i % 2];
     }
 }
 
@@ -359,6 +501,7 @@ void complete_collective(Launch& L, uint32_t base, unsigned mask, int op) {
         }
         t.state = State::Ready;
     }
+    L.warp_waiting[base / 32] &= ~mask;
 }
 
 // Explains why no thread of the block can run.
@@ -397,13 +540,20 @@ std::string describe_stall(const Launch& L) {
     return s;
 }
 
+// Whether two __FILE__ strings name the same file: lanes at one call site
+// pass the same pointer, so the strcmp is rarely needed.
+bool same_file(const char* a, const char* b) { return a == b || strcmp(a, b) == 0; }
+
 // Runs every thread of the current block to completion.
 void run_block(Launch& L) {
     if (+__start_trm_emu_shared != nullptr && +__stop_trm_emu_shared > +__start_trm_emu_shared)
         memset(__start_trm_emu_shared, kPoison, (size_t)(__stop_trm_emu_shared - __start_trm_emu_shared));
     if (L.dynamic_bytes > 0) memset(L.dynamic_shared, kPoison, L.dynamic_bytes);
     L.at_barrier = 0;
+    std::fill(L.warp_waiting.begin(), L.warp_waiting.end(), 0u);
+    std::fill(L.warp_done.begin(), L.warp_done.end(), 0u);
     const uint32_t bx = g_block_dim.x, by = g_block_dim.y;
+    const FpControls fp = fp_controls();
     for (uint32_t i = 0; i < L.nthreads; i++) {
         Thread& t = L.threads[i];
         t.state = State::Ready;
@@ -413,11 +563,7 @@ void run_block(Launch& L) {
         t.site_file = nullptr;
         t.copies.clear();
         t.committed = 0;
-        getcontext(&t.ctx);
-        t.ctx.uc_stack.ss_sp = (unsigned char*)g_stacks[i] + g_page;
-        t.ctx.uc_stack.ss_size = kStackBytes;
-        t.ctx.uc_link = nullptr;
-        makecontext(&t.ctx, fiber_main, 0);
+        init_context(t.ctx, (unsigned char*)g_stacks[i] + g_page, kStackBytes, fiber_main, fp);
     }
     for (;;) {
         bool ran = false;
@@ -429,7 +575,7 @@ void run_block(Launch& L) {
             if (t.state != State::Ready) continue;
             L.current = i;
             g_thread_idx = t.idx;
-            swapcontext(&L.scheduler, &t.ctx);
+            switch_context(L.scheduler, t.ctx);
             ran = true;
             if (L.error_code != TRM_EMU_OK) return;
         }
@@ -456,7 +602,7 @@ int barrier(int op, int predicate, const char* file, int line) {
         L.barrier_line = line;
         L.barrier_op = op;
         L.barrier_true = 0;
-    } else if (L.barrier_line != line || strcmp(L.barrier_file, file) != 0 || L.barrier_op != op) {
+    } else if (L.barrier_line != line || !same_file(L.barrier_file, file) || L.barrier_op != op) {
         fail(TRM_EMU_ERR_DEADLOCK,
              "divergent barriers: %s reaches %s at %s:%d while %u threads wait at %s at %s:%d",
              thread_name(L, L.current).c_str(), barrier_name(op), file, line, L.at_barrier,
@@ -485,11 +631,57 @@ namespace {
 
 bool same_site(const Thread& t, const char* file, int line) {
     if (t.site_file == nullptr || file == nullptr) return t.site_file == file;
-    return t.site_line == line && strcmp(t.site_file, file) == 0;
+    return t.site_line == line && same_file(t.site_file, file);
 }
 
 std::string site_text(const char* file, int line) {
     return file == nullptr ? std::string() : " at " + std::string(file) + ":" + std::to_string(line);
+}
+
+// Whether lane `lane`'s collective `t` passes full_check (below): the waiting
+// lanes of its mask are in the same collective, no waiting lane outside it
+// names it, and no lane of it has returned. Waiting lanes that name one
+// another were checked against each other as they arrived, so one waiting
+// lane of the mask stands for all of them, instead of every lane checking
+// every lane (most of an mma's cost). False sends the caller to full_check,
+// which then fails the launch with the message naming the lane.
+bool agrees_fast(const Launch& L, uint32_t base, int lane, const Thread& t) {
+    const uint32_t warp = base / 32;
+    const unsigned others = L.warp_waiting[warp] & ~(1u << lane);
+    if (L.warp_done[warp] & t.mask) return false;
+    for (unsigned rest = others & ~t.mask; rest != 0; rest &= rest - 1)
+        if (L.threads[base + (uint32_t)__builtin_ctz(rest)].mask >> lane & 1u) return false;
+    const unsigned named = others & t.mask;
+    if (named == 0) return true;
+    const Thread& o = L.threads[base + (uint32_t)__builtin_ctz(named)];
+    return o.op == t.op && o.mask == t.mask && o.width == t.width && same_site(o, t.site_file, t.site_line);
+}
+
+// The check agrees_fast stands for, lane by lane, failing the launch at the
+// first lane that disagrees.
+void full_check(const Launch& L, uint32_t me, uint32_t lanes) {
+    const Thread& t = L.threads[me];
+    const uint32_t base = me / 32 * 32;
+    const int lane = (int)(me % 32);
+    const int op = t.op, width = t.width, line = t.site_line;
+    const unsigned mask = t.mask;
+    const char *name = t.what, *file = t.site_file;
+    for (int l = 0; l < (int)lanes; l++) {
+        if (l == lane) continue;
+        const Thread& o = L.threads[base + l];
+        const bool mine = mask >> l & 1u;
+        // A waiting lane that names me, or that I name, must be in the same collective.
+        if (o.state == State::Warp && (mine || (o.mask >> lane & 1u)) &&
+            (o.op != op || o.mask != mask || o.width != width || !same_site(o, file, line)))
+            fail(TRM_EMU_ERR_WARP,
+                 "mismatched warp collectives: %s calls %s (mask 0x%08x, width %d)%s while lane %d waits in %s "
+                 "(mask 0x%08x, width %d)%s",
+                 thread_name(L, me).c_str(), name, mask, width, site_text(file, line).c_str(), l, o.what, o.mask,
+                 o.width, site_text(o.site_file, o.site_line).c_str());
+        if (mine && o.state == State::Done)
+            fail(TRM_EMU_ERR_DEADLOCK, "%s: %s uses mask 0x%08x but lane %d has returned", name,
+                 thread_name(L, me).c_str(), mask, l);
+    }
 }
 
 // A warp collective; `file`/`line` (null for shuffles and votes, which may
@@ -520,28 +712,10 @@ uint64_t collective(int op, unsigned mask, uint64_t value, int arg, int width, c
     t.site_file = file;
     t.site_line = line;
     t.state = State::Warp;
-    bool all = true;
-    for (int l = 0; l < (int)lanes; l++) {
-        if (l == lane) continue;
-        const Thread& o = L.threads[base + l];
-        const bool mine = mask >> l & 1u;
-        // A waiting lane that names me, or that I name, must be in the same collective.
-        if (o.state == State::Warp && (mine || (o.mask >> lane & 1u)) &&
-            (o.op != op || o.mask != mask || o.width != width || !same_site(o, file, line)))
-            fail(TRM_EMU_ERR_WARP,
-                 "mismatched warp collectives: %s calls %s (mask 0x%08x, width %d)%s while lane %d waits in %s "
-                 "(mask 0x%08x, width %d)%s",
-                 thread_name(L, me).c_str(), name, mask, width, site_text(file, line).c_str(), l, o.what, o.mask,
-                 o.width, site_text(o.site_file, o.site_line).c_str());
-        if (!mine) continue;
-        if (o.state != State::Warp) {
-            all = false;
-            if (o.state == State::Done)
-                fail(TRM_EMU_ERR_DEADLOCK, "%s: %s uses mask 0x%08x but lane %d has returned", name,
-                     thread_name(L, me).c_str(), mask, l);
-        }
-    }
-    if (all) {
+    if (!agrees_fast(L, base, lane, t)) full_check(L, me, lanes);
+    unsigned& waiting = L.warp_waiting[base / 32];
+    waiting |= 1u << lane;
+    if ((waiting & mask) == mask) {
         complete_collective(L, base, mask, op);
     } else {
         yield();
@@ -657,6 +831,8 @@ int launch(const char* kernel, KernelBody body, const void* args, const TrmEmuLa
     L.reverse = (cfg->flags & TRM_EMU_REVERSE_ORDER) != 0;
     L.skip_barrier_line = cfg->skip_barrier_line;
     L.threads.resize(nthreads);
+    L.warp_waiting.resize((nthreads + 31) / 32);
+    L.warp_done.resize((nthreads + 31) / 32);
     L.dynamic_bytes = cfg->shared_bytes;
     L.dynamic_shared = (unsigned char*)aligned_alloc(128, (L.dynamic_bytes + 127) / 128 * 128 + 128);
     if (L.dynamic_shared == nullptr) return report(TRM_EMU_ERR_HOST, "cannot allocate dynamic shared memory");
