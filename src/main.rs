@@ -56,7 +56,9 @@ enum Command {
             trm train data_paths='[data/arc2concept-aug-1000]' arch.L_cycles=4 global_batch_size=768 +run_name=x ema=True\n\n\
             The run folder (checkpoint_path, else checkpoints/<project>/<run_name>) gets all_config.yaml, \
             metrics.jsonl, TensorBoard event files and step_N/ checkpoints. `--resume latest` continues \
-            the newest checkpoint exactly (same step numbering, LR and data order)."
+            the newest checkpoint exactly (same step numbering, LR and data order); \
+            `--resume latest-if-any` does the same, or starts fresh when there is no checkpoint yet \
+            (for jobs a scheduler restarts). `--dry-run` checks everything without training."
     )]
     Train(TrainArgs),
     /// Draw PNG charts (losses, accuracies, lr) of a run folder's metrics.jsonl.
@@ -93,9 +95,16 @@ struct TrainArgs {
     /// Base config: a YAML file, or a built-in name (cfg_pretrain, cpu-tiny).
     #[arg(long, default_value = "cfg_pretrain")]
     config: String,
-    /// Resume from a checkpoint folder, or `latest` (the newest in the run folder).
+    /// Resume from a checkpoint folder, `latest` (the newest in the run
+    /// folder), or `latest-if-any` (the newest, else a fresh start: for
+    /// schedulers that restart a job with the same command).
     #[arg(long)]
     resume: Option<String>,
+    /// Check everything the run needs (config, datasets, device, the world
+    /// from the launcher's variables, batch split, run folder, resume point),
+    /// print what it would do, and exit without training or writing.
+    #[arg(long)]
+    dry_run: bool,
     /// Only errors and the final summary (no progress bar).
     #[arg(long)]
     quiet: bool,
@@ -420,8 +429,15 @@ fn init_threads(n: usize) -> anyhow::Result<()> {
 static PREEMPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 fn run_train(a: TrainArgs) -> anyhow::Result<()> {
-    let source = trm::config::ConfigSource::from_arg(&a.config)?;
-    let cfg = trm::config::RunConfig::load(source, &a.overrides)?;
+    let source = trm::config::ConfigSource::from_arg(&a.config);
+    let origin = source.as_ref().map(|s| s.origin()).unwrap_or_default();
+    let cfg = source.and_then(|s| trm::config::RunConfig::load(s, &a.overrides));
+    if a.dry_run {
+        // Config errors too are reported as the dry run's verdict.
+        return dry_run_train(a, &origin, cfg)
+            .map_err(|e| e.context("dry run: this launch would fail"));
+    }
+    let cfg = cfg?;
     init_threads(cfg.threads)?;
     let opts = trm::train::TrainOptions {
         resume: a.resume,
@@ -453,6 +469,25 @@ fn run_train(a: TrainArgs) -> anyhow::Result<()> {
     if let Some(p) = r.checkpoints.last() {
         println!("last checkpoint: {}", p.display());
     }
+    Ok(())
+}
+
+/// `trm train --dry-run`: the run's checks and a description of the run.
+fn dry_run_train(
+    a: TrainArgs,
+    origin: &str,
+    cfg: Result<trm::config::RunConfig, trm::config::ConfigError>,
+) -> anyhow::Result<()> {
+    let cfg = cfg?;
+    println!("config: {origin} + {} override(s)", a.overrides.len());
+    let opts = trm::train::TrainOptions {
+        resume: a.resume,
+        start_over: a.start_over,
+        device: a.device,
+        ..Default::default()
+    };
+    let report = trm::train::dry_run(&cfg, &opts, &|k| std::env::var(k).ok())?;
+    println!("{report}");
     Ok(())
 }
 
