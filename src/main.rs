@@ -56,7 +56,9 @@ enum Command {
             trm train data_paths='[data/arc2concept-aug-1000]' arch.L_cycles=4 global_batch_size=768 +run_name=x ema=True\n\n\
             The run folder (checkpoint_path, else checkpoints/<project>/<run_name>) gets all_config.yaml, \
             metrics.jsonl, TensorBoard event files and step_N/ checkpoints. `--resume latest` continues \
-            the newest checkpoint exactly (same step numbering, LR and data order).\n\n\
+            the newest checkpoint exactly (same step numbering, LR and data order); \
+            `--resume latest-if-any` does the same, or starts fresh when there is no checkpoint yet \
+            (for jobs a scheduler restarts). `--dry-run` checks everything without training.\n\n\
             Many processes (data parallel, one per GPU): started by \
             `torchrun --no-python --nproc-per-node N trm train ...` (RANK, WORLD_SIZE, LOCAL_RANK, \
             LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT; a Kubeflow PyTorchJob sets the same) or by \
@@ -102,9 +104,16 @@ struct TrainArgs {
     /// Base config: a YAML file, or a built-in name (cfg_pretrain, cpu-tiny).
     #[arg(long, default_value = "cfg_pretrain")]
     config: String,
-    /// Resume from a checkpoint folder, or `latest` (the newest in the run folder).
+    /// Resume from a checkpoint folder, `latest` (the newest in the run
+    /// folder), or `latest-if-any` (the newest, else a fresh start: for
+    /// schedulers that restart a job with the same command).
     #[arg(long)]
     resume: Option<String>,
+    /// Check everything the run needs (config, datasets, device, the world
+    /// from the launcher's variables, batch split, run folder, resume point),
+    /// print what it would do, and exit without training or writing.
+    #[arg(long)]
+    dry_run: bool,
     /// Only errors and the final summary (no progress bar).
     #[arg(long)]
     quiet: bool,
@@ -429,26 +438,35 @@ fn init_threads(n: usize) -> anyhow::Result<()> {
 static PREEMPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 fn run_train(a: TrainArgs) -> anyhow::Result<()> {
-    // The launcher's variables first: a broken launch fails before any work.
+    let source = trm::config::ConfigSource::from_arg(&a.config);
+    let origin = source.as_ref().map(|s| s.origin()).unwrap_or_default();
+    let cfg = source.and_then(|s| trm::config::RunConfig::load(s, &a.overrides));
+    if a.dry_run {
+        // Config errors too are reported as the dry run's verdict.
+        return dry_run_train(a, &origin, cfg)
+            .map_err(|e| e.context("dry run: this launch would fail"));
+    }
+    // The launcher's variables next: a broken launch fails before any work.
     let world = trm::dist::World::from_env()
         .map_err(|e| anyhow::anyhow!("this process's place in the run: {e}"))?;
     let timeout = trm::dist::rendezvous::timeout_from_env()?;
     let (rank, size) = (world.rank, world.world_size);
     // Every rank's error names the rank: torchrun and srun mix the ranks'
     // stderr into one stream.
-    train_as_rank(a, &world, timeout).map_err(|e| match size {
-        1 => e,
-        _ => e.context(format!("rank {rank} of {size}")),
-    })
+    let cfg = cfg.map_err(anyhow::Error::from);
+    cfg.and_then(|cfg| train_as_rank(a, cfg, &world, timeout))
+        .map_err(|e| match size {
+            1 => e,
+            _ => e.context(format!("rank {rank} of {size}")),
+        })
 }
 
 fn train_as_rank(
     a: TrainArgs,
+    cfg: trm::config::RunConfig,
     world: &trm::dist::World,
     timeout: std::time::Duration,
 ) -> anyhow::Result<()> {
-    let source = trm::config::ConfigSource::from_arg(&a.config)?;
-    let cfg = trm::config::RunConfig::load(source, &a.overrides)?;
     init_threads(cfg.threads)?;
     // One line for the whole run, from rank 0 (the others only speak when
     // they fail): with 8 GPUs x N nodes a line per rank would drown it.
@@ -496,6 +514,25 @@ fn train_as_rank(
     if let Some(p) = r.checkpoints.last() {
         println!("last checkpoint: {}", p.display());
     }
+    Ok(())
+}
+
+/// `trm train --dry-run`: the run's checks and a description of the run.
+fn dry_run_train(
+    a: TrainArgs,
+    origin: &str,
+    cfg: Result<trm::config::RunConfig, trm::config::ConfigError>,
+) -> anyhow::Result<()> {
+    let cfg = cfg?;
+    println!("config: {origin} + {} override(s)", a.overrides.len());
+    let opts = trm::train::TrainOptions {
+        resume: a.resume,
+        start_over: a.start_over,
+        device: a.device,
+        ..Default::default()
+    };
+    let report = trm::train::dry_run(&cfg, &opts, &|k| std::env::var(k).ok())?;
+    println!("{report}");
     Ok(())
 }
 

@@ -94,6 +94,7 @@ impl World {
         if let Some(id) = get("TRM_JOB_ID") {
             world.job_id = id.trim().to_string();
         }
+        world.master_port = rendezvous_port(&get, &world)?;
         Ok(world)
     }
 
@@ -161,6 +162,35 @@ fn port(
             _ => Err(WorldError::NotAPort { var, value: v }),
         })
         .transpose()
+}
+
+/// Where rank 0 serves trm's rendezvous: `TRM_RENDEZVOUS_PORT` when set;
+/// under torchrun with its store shared (`TORCHELASTIC_USE_AGENT_STORE=True`:
+/// the static rendezvous always, c10d unless sharing is turned off) the port
+/// after `MASTER_PORT`, where torchrun's own store already listens; else the
+/// launcher's port.
+fn rendezvous_port(
+    get: &impl Fn(&str) -> Option<String>,
+    world: &World,
+) -> Result<Option<u16>, WorldError> {
+    if let Some(p) = port(get, "TRM_RENDEZVOUS_PORT")? {
+        return Ok(Some(p));
+    }
+    let agent_store =
+        get("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
+    match (world.launcher, world.master_port) {
+        (Launcher::Torchrun, Some(p)) if agent_store => match p.checked_add(1) {
+            Some(next) => Ok(Some(next)),
+            None => Err(WorldError::NotAPort {
+                var: "MASTER_PORT",
+                value: format!(
+                    "{p}: torchrun's store holds it and the next port does not exist; \
+                     set TRM_RENDEZVOUS_PORT"
+                ),
+            }),
+        },
+        (_, p) => Ok(p),
+    }
 }
 
 fn below(
@@ -380,6 +410,39 @@ mod tests {
             w.describe(),
             "rank 5 of 8 (local 1 of 4) via torchrun, rendezvous at node01:29500, job run-42"
         );
+    }
+
+    #[test]
+    fn rendezvous_port_beside_torchruns_store() {
+        let port = |extra: &[(&str, &str)]| world(with(TORCHRUN, extra)).map(|w| w.master_port);
+        assert_eq!(port(&[]).unwrap(), Some(29500));
+        let shared = [("TORCHELASTIC_USE_AGENT_STORE", "True")];
+        assert_eq!(port(&shared).unwrap(), Some(29501));
+        assert_eq!(
+            port(&[("TORCHELASTIC_USE_AGENT_STORE", "False")]).unwrap(),
+            Some(29500)
+        );
+        let chosen = [
+            ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+            ("TRM_RENDEZVOUS_PORT", "40000"),
+        ];
+        assert_eq!(port(&chosen).unwrap(), Some(40000));
+        let top = [
+            ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+            ("MASTER_PORT", "65535"),
+        ];
+        assert!(port(&top)
+            .unwrap_err()
+            .to_string()
+            .contains("TRM_RENDEZVOUS_PORT"));
+        let bad = [("TRM_RENDEZVOUS_PORT", "x")];
+        assert!(port(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("TRM_RENDEZVOUS_PORT"));
+        // SLURM's derived port can be overridden too.
+        let w = world(with(SLURM, &[("TRM_RENDEZVOUS_PORT", "40001")])).unwrap();
+        assert_eq!(w.master_port, Some(40001));
     }
 
     #[test]

@@ -17,16 +17,22 @@
 //! By job: `state` (the trainer's state and one step), `contents` (what a
 //! checkpoint holds and the resume), `eval` (evaluation during a run),
 //! `telemetry` (where a step's numbers go), `estimate` (the run's expected
-//! duration), `run` (the run loop).
+//! duration), `run` (the run loop), `start_point` (what `--resume` means for
+//! the run folder), `dry_run` (`trm train --dry-run`: the start-up checks
+//! alone).
 
 mod contents;
+mod dry_run;
 mod estimate;
 mod eval;
 mod run;
+mod start_point;
 mod state;
 mod telemetry;
 
+pub use dry_run::{dry_run, DryRunError, DryRunReport};
 pub use run::{arc_pass_ks, mean_row, run_dir, train, train_in_world, train_with};
+pub use start_point::{start_point, StartPoint, LATEST_IF_ANY};
 pub use state::TrainerState;
 
 use std::path::PathBuf;
@@ -113,7 +119,8 @@ impl From<ActError> for TrainError {
 #[derive(Debug, Clone)]
 pub struct TrainOptions {
     /// `None` = start fresh; `"latest"` = the newest checkpoint of this run's
-    /// folder; else a checkpoint folder.
+    /// folder; `"latest-if-any"` = that, or a fresh start when there is none
+    /// yet (restarts by a scheduler); else a checkpoint folder.
     pub resume: Option<String>,
     /// A progress bar (plain lines when stderr is not a terminal).
     pub progress: bool,

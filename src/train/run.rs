@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::estimate::RunEstimate;
 use super::eval;
+use super::start_point::{start_point, StartPoint};
 use super::state::TrainerState;
 use super::telemetry::{self, Sinks};
 use super::{Result, TrainError, TrainOptions, TrainReport};
@@ -15,8 +16,9 @@ use crate::checkpoint::{self, CheckpointDir};
 use crate::config::{RunConfig, Schedule};
 use crate::data::loader::{PuzzleDataset, PuzzleDatasetConfig, Split};
 use crate::dist::{Collective, SingleProcess, World};
+use crate::eval::ArcEvaluator;
 use crate::model::config::ArchConfig;
-use crate::model::device_choice::{self, DeviceChoice};
+use crate::model::device_choice::{self, DeviceChoice, DeviceKind};
 use crate::model::weights::{Weights, PUZZLE_EMB};
 use crate::telemetry::progress::{Progress, ProgressMode};
 use crate::tensor::Tensor;
@@ -52,10 +54,7 @@ pub fn train_with(
     coll: &dyn Collective,
 ) -> Result<TrainReport> {
     let t0 = Instant::now();
-    cfg.validate()?;
-    // The flag wins over the config; checked before any data is read.
-    let device = device_choice::resolve(opts.device.or(cfg.device), 0)?;
-    train_on(cfg, opts, coll, device, t0)
+    train_on(cfg, opts, coll, 0, t0)
 }
 
 /// `trm train` as one rank of `world` (a process a launcher started): its
@@ -72,44 +71,33 @@ pub fn train_in_world(
     cfg.validate()?;
     let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
     let ordinal = crate::dist::gpu_ordinal(world, visible.as_deref());
-    let device = device_choice::resolve(opts.device.or(cfg.device), ordinal)?;
-    let coll = crate::dist::join(world, device.kind, timeout)?;
-    train_on(cfg, opts, &*coll, device, t0)
+    // The device picks the transport; joining comes before the data is
+    // opened, so a rank that fails there stops the others at once.
+    let kind = device_choice::resolve(opts.device.or(cfg.device), ordinal)?.kind;
+    let coll = crate::dist::join(world, kind, timeout)?;
+    train_on(cfg, opts, &*coll, ordinal, t0)
 }
 
+/// The run on GPU `ordinal` (when the device is a GPU) over `coll`.
 fn train_on(
     cfg: &RunConfig,
     opts: &TrainOptions,
     coll: &dyn Collective,
-    device: DeviceChoice,
+    ordinal: usize,
     t0: Instant,
 ) -> Result<TrainReport> {
+    let Prepared {
+        device,
+        mut train_ds,
+        test_ds,
+        mut arc_evals,
+        arch,
+        schedule,
+        local_batch,
+        warnings,
+    } = prepare(cfg, opts.device, ordinal, coll.rank(), coll.world_size())?;
     let world = coll.world_size();
-    if cfg.global_batch_size % world != 0 {
-        return Err(TrainError::BatchSplit {
-            global: cfg.global_batch_size,
-            world,
-        });
-    }
-    let (mut train_ds, test_ds) = open_datasets(cfg, coll)?;
-    let mut arc_evals = eval::arc_evaluators(cfg, test_ds.is_some(), coll.rank())?;
-    let meta = train_ds.metadata().clone();
-    let arch = cfg.arch_for_dataset(meta.seq_len, meta.vocab_size, meta.num_puzzle_identifiers)?;
-    crate::limits::check(
-        "training this model",
-        crate::limits::model_bytes(&arch, cfg.global_batch_size, true),
-        "lower global_batch_size or the model's size (arch.hidden_size, arch.expansion)",
-    )?;
-    // The loader holds one iteration's group order: groups x epochs per iteration.
-    crate::limits::check(
-        "the data order of one iteration",
-        crate::limits::product(&[meta.total_groups as u64, cfg.epochs_per_iter() as u64, 8]),
-        "lower eval_interval (epochs per evaluation)",
-    )?;
-    let schedule = Schedule::new(cfg, meta.total_groups, meta.mean_puzzle_examples);
-    let local_batch = train_ds.local_batch_size();
-
-    for w in crate::run_guard::schedule_warnings(cfg, &schedule)? {
+    for w in warnings {
         if coll.rank() == 0 {
             eprintln!("warning: {w}");
         }
@@ -121,8 +109,11 @@ fn train_on(
     } else {
         None
     };
-    let moved_aside = match (&_lock, &opts.resume) {
-        (Some(l), None) => crate::run_folder::claim_fresh(l, opts.start_over)?,
+    let start = start_point(opts.resume.as_deref(), &dir)?;
+    let moved_aside = match (&_lock, &start) {
+        (Some(l), StartPoint::Fresh { .. }) => {
+            crate::run_folder::claim_fresh(l, start.moves_old_run_aside(opts.start_over))?
+        }
         _ => None,
     };
     let ckpt = CheckpointDir::new(dir.clone()).with_keep_last(cfg.checkpoint_keep_last);
@@ -135,8 +126,7 @@ fn train_on(
     };
     let mut st = TrainerState::new(cfg, arch, weights, local_batch, coll.rank(), &device)?;
     let mut resumed_from = None;
-    if let Some(spec) = &opts.resume {
-        let path = ckpt.resolve(spec)?;
+    if let StartPoint::Checkpoint(path) = start {
         let c = checkpoint::load(&path)?;
         same_checkpoint_on_every_rank(&path, coll)?;
         let loader = st.restore(&path, c)?;
@@ -157,7 +147,12 @@ fn train_on(
     say(&device.describe(&st.engine.device_name()));
     if let Some(p) = &moved_aside {
         say(&format!(
-            "--start-over: the previous run was moved to {}",
+            "{}: the previous run was moved to {}",
+            if opts.start_over {
+                "--start-over"
+            } else {
+                "--resume latest-if-any found no checkpoint"
+            },
             p.display()
         ));
     }
@@ -313,10 +308,75 @@ fn same_checkpoint_on_every_rank(path: &Path, coll: &dyn Collective) -> Result<(
     }
 }
 
+/// Everything a run checks and opens before it touches its run folder.
+pub(super) struct Prepared {
+    pub device: DeviceChoice,
+    pub train_ds: PuzzleDataset,
+    pub test_ds: Option<PuzzleDataset>,
+    pub arc_evals: Vec<ArcEvaluator>,
+    pub arch: ArchConfig,
+    pub schedule: Schedule,
+    pub local_batch: usize,
+    /// Legal but surprising settings, for rank 0 to print.
+    pub warnings: Vec<String>,
+}
+
+/// The checks a run makes before its first write, in order: the config, the
+/// device (`requested` wins over the config's; `ordinal` is the GPU), the
+/// split of the global batch over `world` ranks, the datasets and
+/// evaluators, the arch they imply, the memory limits and the schedule.
+/// Shared by the run and `trm train --dry-run`.
+pub(super) fn prepare(
+    cfg: &RunConfig,
+    requested: Option<DeviceKind>,
+    ordinal: usize,
+    rank: usize,
+    world: usize,
+) -> Result<Prepared> {
+    cfg.validate()?;
+    // The flag wins over the config; checked before any data is read.
+    let device = device_choice::resolve(requested.or(cfg.device), ordinal)?;
+    if cfg.global_batch_size % world != 0 {
+        return Err(TrainError::BatchSplit {
+            global: cfg.global_batch_size,
+            world,
+        });
+    }
+    let (train_ds, test_ds) = open_datasets(cfg, rank, world)?;
+    let arc_evals = eval::arc_evaluators(cfg, test_ds.is_some(), rank)?;
+    let meta = train_ds.metadata().clone();
+    let arch = cfg.arch_for_dataset(meta.seq_len, meta.vocab_size, meta.num_puzzle_identifiers)?;
+    crate::limits::check(
+        "training this model",
+        crate::limits::model_bytes(&arch, cfg.global_batch_size, true),
+        "lower global_batch_size or the model's size (arch.hidden_size, arch.expansion)",
+    )?;
+    // The loader holds one iteration's group order: groups x epochs per iteration.
+    crate::limits::check(
+        "the data order of one iteration",
+        crate::limits::product(&[meta.total_groups as u64, cfg.epochs_per_iter() as u64, 8]),
+        "lower eval_interval (epochs per evaluation)",
+    )?;
+    let schedule = Schedule::new(cfg, meta.total_groups, meta.mean_puzzle_examples);
+    let local_batch = train_ds.local_batch_size();
+    let warnings = crate::run_guard::schedule_warnings(cfg, &schedule)?;
+    Ok(Prepared {
+        device,
+        train_ds,
+        test_ds,
+        arc_evals,
+        arch,
+        schedule,
+        local_batch,
+        warnings,
+    })
+}
+
 /// The train split and, when the data has one, the test split, both checked.
 fn open_datasets(
     cfg: &RunConfig,
-    coll: &dyn Collective,
+    rank: usize,
+    world: usize,
 ) -> Result<(PuzzleDataset, Option<PuzzleDataset>)> {
     let ds_cfg = |test: bool| PuzzleDatasetConfig {
         seed: cfg.seed,
@@ -328,8 +388,8 @@ fn open_datasets(
         global_batch_size: cfg.global_batch_size,
         test_set_mode: test,
         epochs_per_iter: if test { 1 } else { cfg.epochs_per_iter() },
-        rank: coll.rank(),
-        num_replicas: coll.world_size(),
+        rank,
+        num_replicas: world,
     };
     let train_ds = PuzzleDataset::open(ds_cfg(false), Split::Train)?;
     train_ds.validate()?;
