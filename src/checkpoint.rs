@@ -9,7 +9,7 @@
 //! | `ema.safetensors` | EMA shadow of the weights (only when EMA is on) |
 //! | `optim.safetensors` | optimiser state, by convention `m.<name>` / `v.<name>` (see [`pack_adam`]) |
 //! | `puzzle_emb.safetensors` | the puzzle embedding table (and its optimiser state if the caller adds it) |
-//! | `carry.safetensors` | the ACT carry of the training batch slots (optional; needed for a bit-exact resume) |
+//! | `carry.safetensors` | the ACT carry of the global batch's slots in global slot order, whatever the world size (optional; needed for a bit-exact resume) |
 //! | `state.json` | [`TrainState`] plus `format_version` |
 //! | `manifest.json` | byte size and SHA-256 of every file above |
 //!

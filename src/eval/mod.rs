@@ -2,6 +2,7 @@
 //! section 9).
 
 pub mod arc;
+pub mod gather;
 
 pub use arc::{
     write_results, ArcEvaluator, ArcReport, ArcResult, CandidateReport, EvalError, PuzzleReport,

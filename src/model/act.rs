@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use rand::{Rng, SeedableRng};
+use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::backend::cpu::Real;
@@ -135,12 +135,52 @@ impl Carry {
 // ---------------------------------------------------------------------------
 // halting and the Q-continue target
 
-/// The halting-exploration stream of rank `rank`: a stream of its own,
-/// apart from the data order's.
-pub fn exploration_rng(seed: u64, rank: usize) -> ChaCha8Rng {
-    ChaCha8Rng::seed_from_u64(
-        seed ^ 0x5452_4d5f_4558_504c ^ (rank as u64).wrapping_mul(0x9e37_79b9),
-    )
+/// Where the halting-exploration draws of one training step come from:
+/// counter-based, keyed by (seed, step, global sample slot), so a slot's
+/// draws do not depend on how many ranks share the batch, and nothing but
+/// the seed and the step needs saving for a resume.
+///
+/// Each global slot owns four 32-bit words of the ChaCha8 stream `step`
+/// under a key derived from the seed: slot `g` reads words `4g..4g + 4` (two
+/// u64, one per draw). Rank `r` with local batch `B` starts at slot `r * B`,
+/// so its draws are exactly its rows' share of the one-rank draws.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exploration {
+    pub seed: u64,
+    /// The training step being taken (1-based).
+    pub step: u64,
+    /// The global slot of this rank's first batch row (`rank * local_batch`).
+    pub first_slot: usize,
+}
+
+/// Key domain of the exploration draws, apart from the data order's stream
+/// (which is keyed by the bare seed).
+const EXPLORATION_DOMAIN: u64 = 0x5452_4d5f_4558_504c;
+/// 32-bit words each slot reads: two u64 draws.
+const WORDS_PER_SLOT: u128 = 4;
+
+impl Exploration {
+    /// The two raw draws of each of `n` consecutive slots from `first_slot`:
+    /// (the explore coin, the minimum-steps draw).
+    fn draws(&self, n: usize) -> Vec<(u64, u64)> {
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ EXPLORATION_DOMAIN);
+        rng.set_stream(self.step);
+        rng.set_word_pos(self.first_slot as u128 * WORDS_PER_SLOT);
+        (0..n).map(|_| (rng.next_u64(), rng.next_u64())).collect()
+    }
+}
+
+/// A uniform in [0, 1) from 53 random bits.
+fn unit_f64(x: u64) -> f64 {
+    (x >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+}
+
+/// A uniform integer in `lo..=hi` by multiply-shift: no rejection, so a
+/// slot reads a fixed number of words (the bias, under `span / 2^64`, is
+/// far below anything a run could see).
+fn int_in(x: u64, lo: i32, hi: i32) -> i32 {
+    let span = (hi - lo + 1) as u128;
+    lo + ((x as u128 * span) >> 64) as i32
 }
 
 /// Halting before exploration (spec section 5): a sample halts at its step
@@ -158,24 +198,28 @@ pub fn halts<T: Real>(cfg: &ArchConfig, at_limit: bool, q_halt: T, q_continue: T
 /// Training-mode halting of every slot from its step count (after this
 /// step's increment) and its Q logits `q` [B, 2]. With `explore`, a slot may
 /// be held back to a random minimum number of steps (probability
-/// `halt_exploration_prob`); without, exploration is off.
+/// `halt_exploration_prob`, the minimum uniform in `2..=halt_max_steps`);
+/// without, exploration is off.
 pub fn halt_decisions<T: Real>(
     cfg: &ArchConfig,
     steps: &[i32],
     q: &[T],
-    mut explore: Option<&mut ChaCha8Rng>,
+    explore: Option<&Exploration>,
 ) -> Vec<bool> {
     let max = cfg.halt_max_steps as i32;
-    let mut halted = vec![false; steps.len()];
-    for (b, h) in halted.iter_mut().enumerate() {
-        *h = halts(cfg, steps[b] >= max, q[b * 2], q[b * 2 + 1]);
-        if let (true, Some(rng)) = (cfg.halt_max_steps > 1, explore.as_deref_mut()) {
-            // Both draws happen for every slot, so the stream position
-            // does not depend on the outcomes.
-            let explore = rng.gen::<f64>() < cfg.halt_exploration_prob;
-            let span = rng.gen_range(2..=max.max(2));
-            let min_steps = if explore { span } else { 0 };
-            *h &= steps[b] >= min_steps;
+    let mut halted: Vec<bool> = (0..steps.len())
+        .map(|b| halts(cfg, steps[b] >= max, q[b * 2], q[b * 2 + 1]))
+        .collect();
+    if let (true, Some(ex)) = (cfg.halt_max_steps > 1, explore) {
+        // Both draws exist for every slot whatever the outcomes.
+        for ((h, &s), (coin, span)) in halted.iter_mut().zip(steps).zip(ex.draws(steps.len())) {
+            let explore = unit_f64(coin) < cfg.halt_exploration_prob;
+            let min_steps = if explore {
+                int_in(span, 2, max.max(2))
+            } else {
+                0
+            };
+            *h &= s >= min_steps;
         }
     }
     halted
@@ -224,7 +268,7 @@ pub fn act_step<T: Real>(
     cfg: &ArchConfig,
     batch: &Batch<'_>,
     steps: &[i32],
-    explore: Option<&mut ChaCha8Rng>,
+    explore: Option<&Exploration>,
 ) -> Result<ActStepOut<T>, TrmError> {
     let q = net.inner_step(batch)?;
     let halted = halt_decisions(cfg, steps, &q, explore);
@@ -437,4 +481,66 @@ fn argmax(row: &[f32]) -> usize {
         }
     }
     best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn explore_at(step: u64, first_slot: usize) -> Exploration {
+        Exploration {
+            seed: 42,
+            step,
+            first_slot,
+        }
+    }
+
+    /// A rank's draws are its slots' share of the one-rank draws, and
+    /// another step or seed draws afresh.
+    #[test]
+    fn draws_are_keyed_by_global_slot() {
+        let all = explore_at(7, 0).draws(6);
+        assert_eq!(explore_at(7, 4).draws(2), all[4..6]);
+        assert_eq!(explore_at(7, 3).draws(1), all[3..4]);
+        assert_ne!(explore_at(8, 0).draws(6), all);
+        let other_seed = Exploration {
+            seed: 43,
+            ..explore_at(7, 0)
+        };
+        assert_ne!(other_seed.draws(6), all);
+    }
+
+    /// With a Q head that always halts, a slot stays exactly when its coin
+    /// says explore (probability `halt_exploration_prob`) and it has taken
+    /// fewer steps than its minimum, uniform in `2..=halt_max_steps`.
+    #[test]
+    fn exploration_keeps_the_distribution() {
+        let mut cfg = ArchConfig::trm_default(4, 12, 3);
+        cfg.halt_max_steps = 4;
+        cfg.halt_exploration_prob = 0.3;
+        let n = 30_000;
+        let q: Vec<f32> = (0..n).flat_map(|_| [5.0f32, -5.0]).collect();
+        let ex = explore_at(3, 0);
+        // Held back at step s exactly when min_steps > s: P(explore) * P(min > s).
+        let held = |s: i32| {
+            let halted = halt_decisions(&cfg, &vec![s; n], &q, Some(&ex));
+            halted.iter().filter(|&&h| !h).count() as f64 / n as f64
+        };
+        let tol = 0.015;
+        // min in {2, 3, 4}: P(min > 1) = 1, P(min > 2) = 2/3, P(min > 3) = 1/3.
+        for (s, want) in [(1, 0.3), (2, 0.2), (3, 0.1), (4, 0.0)] {
+            let got = held(s);
+            assert!(
+                (got - want).abs() < tol,
+                "step {s}: held {got}, expected {want}"
+            );
+        }
+        // Without exploration nothing is held back.
+        let none = halt_decisions(&cfg, &vec![1; n], &q, None);
+        assert!(none.iter().all(|&h| h));
+        // int_in covers its whole range and nothing else.
+        assert_eq!(int_in(0, 2, 4), 2);
+        assert_eq!(int_in(u64::MAX, 2, 4), 4);
+        assert!(unit_f64(u64::MAX) < 1.0);
+    }
 }

@@ -230,6 +230,10 @@ impl Engine for CpuEngine {
         })
     }
 
+    fn export_carry(&self) -> Result<(Vec<f32>, Vec<f32>), EngineError> {
+        Ok((self.state.z_h.clone(), self.state.z_l.clone()))
+    }
+
     fn import_state(&mut self, st: EngineState) -> Result<(), EngineError> {
         let n = self.ctx.dm.m() * self.ctx.dm.d;
         if st.z_h.len() != n || st.z_l.len() != n {

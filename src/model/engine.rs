@@ -161,6 +161,14 @@ pub trait Engine: ActNet<f32> + EvalNet {
     /// The full state for a checkpoint.
     fn export_state(&self) -> Result<EngineState, EngineError>;
 
+    /// The carry's hidden states `(z_h, z_l)` `[B, S, D]` on the host: all
+    /// a checkpoint needs from ranks other than 0. The default goes through
+    /// [`Engine::export_state`]; an engine with large weights overrides it.
+    fn export_carry(&self) -> Result<(Vec<f32>, Vec<f32>), EngineError> {
+        let s = self.export_state()?;
+        Ok((s.z_h, s.z_l))
+    }
+
     /// Replaces the full state (a resume); fails when it does not fit.
     fn import_state(&mut self, state: EngineState) -> Result<(), EngineError>;
 }

@@ -16,8 +16,6 @@
 
 use std::collections::BTreeMap;
 
-use rand_chacha::ChaCha8Rng;
-
 use crate::backend::cpu::attention::{attention_backward, attention_forward};
 use crate::backend::cpu::embedding::{embedding_backward, embedding_forward};
 use crate::backend::cpu::linear::{linear_backward, linear_forward};
@@ -1224,7 +1222,7 @@ pub fn act_step_in<T: Real>(
     z_l0: Vec<T>,
     n_nograd: usize,
     steps: Vec<i32>,
-    explore: Option<&mut ChaCha8Rng>,
+    explore: Option<&act::Exploration>,
 ) -> Result<StepResult<T>, TrmError> {
     let mut net = CpuStep {
         ctx,

@@ -6,33 +6,47 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::state::{engine_error, TrainerState};
+use super::world_carry;
 use super::{Result, TrainError};
 use crate::checkpoint::{self, CheckpointContents, TrainState};
 use crate::config::RunConfig;
 use crate::data::loader::LoaderState;
-use crate::model::act::{exploration_rng, Carry};
+use crate::dist::Collective;
+use crate::model::act::Carry;
 use crate::model::engine::{EngineError, EngineState};
 use crate::model::trm::Params;
 use crate::model::weights::{Weights, PUZZLE_EMB};
 
-/// The halting-exploration stream: a seed and a position, saved with
-/// checkpoints.
+/// The halting-exploration draws: keyed by (seed, step, global slot), so
+/// the seed is all a checkpoint needs (the step is saved with it). Older
+/// checkpoints also hold a stream position (`word_pos`); it is ignored, so
+/// they resume with the slot-keyed draws.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct RngState {
     seed: u64,
-    /// ChaCha word position, as a decimal string (u128 does not fit JSON numbers).
-    word_pos: String,
 }
 
 impl TrainerState {
-    /// The checkpoint contents of this state.
+    /// The checkpoint contents of this state, for the whole world: a
+    /// collective that EVERY rank calls at the same point. The carry of
+    /// every rank is gathered into the global batch's carry (global slot
+    /// order); the weights, optimiser states and EMA are the same on every
+    /// rank, so rank 0's copy is the state. Returns `Some` on rank 0, the
+    /// one that writes the checkpoint, and `None` on the others.
     pub fn checkpoint_contents(
         &self,
         cfg: &RunConfig,
         loader: &LoaderState,
-    ) -> Result<CheckpointContents> {
+        coll: &dyn Collective,
+    ) -> Result<Option<CheckpointContents>> {
         let dm = self.dm;
+        if coll.rank() != 0 {
+            let (z_h, z_l) = self.engine.export_carry().map_err(engine_error)?;
+            world_carry::gather(&self.carry.to_map(&z_h, &z_l, dm.s, dm.d), coll)?;
+            return Ok(None);
+        }
         let e = self.engine.export_state().map_err(engine_error)?;
+        let carry = world_carry::gather(&self.carry.to_map(&e.z_h, &e.z_l, dm.s, dm.d), coll)?;
         let mut model = e.params.to_map(&self.arch);
         let mut puzzle_emb = BTreeMap::new();
         if let Some(t) = model.remove(PUZZLE_EMB) {
@@ -41,15 +55,14 @@ impl TrainerState {
         let m = self.layout.to_map(&e.adam_m, "");
         let v = self.layout.to_map(&e.adam_v, "");
         let rng = RngState {
-            seed: self.rng_seed,
-            word_pos: self.rng.get_word_pos().to_string(),
+            seed: self.exploration_seed,
         };
-        Ok(CheckpointContents {
+        Ok(Some(CheckpointContents {
             model,
             ema: e.ema.as_ref().map(|s| self.layout.to_map(s, "")),
             optim: checkpoint::pack_adam(&m, &v),
             puzzle_emb,
-            carry: Some(self.carry.to_map(&e.z_h, &e.z_l, dm.s, dm.d)),
+            carry: Some(carry),
             state: TrainState {
                 step: self.step,
                 optimizer_steps: e.optimizer_steps,
@@ -60,14 +73,17 @@ impl TrainerState {
                 // the datasets again from anywhere (the config has them as typed).
                 extra: serde_json::json!({
                     "iters_done": self.iters_done,
+                    // Informational: any world size with this global batch resumes it.
+                    "world_size": coll.world_size(),
                     crate::dataset_ref::EXTRA_KEY: crate::dataset_ref::record(&cfg.data_paths),
                 }),
             },
-        })
+        }))
     }
 
-    /// Restores a state saved by [`TrainerState::checkpoint_contents`];
-    /// returns the loader position to restore.
+    /// Restores a state saved by [`TrainerState::checkpoint_contents`] on
+    /// any world size with the same global batch: this rank takes its own
+    /// slots of the saved global carry. Returns the loader position to restore.
     pub fn restore(&mut self, path: &Path, c: CheckpointContents) -> Result<LoaderState> {
         let bad = |reason: String| TrainError::Resume {
             path: path.to_path_buf(),
@@ -88,6 +104,9 @@ impl TrainerState {
         let carry = c
             .carry
             .ok_or_else(|| bad("the checkpoint has no ACT carry".into()))?;
+        let carry =
+            world_carry::rows_of_rank(&carry, self.rank, self.local_batch, self.global_batch)
+                .map_err(&bad)?;
         let (carry, z_h, z_l) = Carry::from_map(&carry, dm.b, dm.s, dm.seq, dm.d).map_err(&bad)?;
         self.engine
             .import_state(EngineState {
@@ -106,13 +125,7 @@ impl TrainerState {
         self.carry = carry;
         let rng: RngState = serde_json::from_value(c.state.rng.clone())
             .map_err(|e| bad(format!("RNG state: {e}")))?;
-        let pos: u128 = rng
-            .word_pos
-            .parse()
-            .map_err(|e| bad(format!("RNG position: {e}")))?;
-        self.rng = exploration_rng(rng.seed, 0);
-        self.rng.set_word_pos(pos);
-        self.rng_seed = rng.seed;
+        self.exploration_seed = rng.seed;
         self.step = c.state.step;
         self.iters_done = c
             .state
@@ -124,5 +137,20 @@ impl TrainerState {
         let loader: LoaderState = serde_json::from_value(c.state.loader)
             .map_err(|e| bad(format!("loader state: {e}")))?;
         Ok(loader)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A checkpoint from before the slot-keyed draws (a stream position
+    /// beside the seed) still reads: the seed is kept, the position ignored.
+    #[test]
+    fn older_rng_states_read() {
+        let old = serde_json::json!({"seed": 7, "word_pos": "12345678901"});
+        let rng: RngState = serde_json::from_value(old).unwrap();
+        assert_eq!(rng, RngState { seed: 7 });
+        assert!(serde_json::from_value::<RngState>(serde_json::json!({})).is_err());
     }
 }

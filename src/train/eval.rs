@@ -6,34 +6,40 @@ use std::path::Path;
 
 use super::run::arc_pass_ks;
 use super::state::TrainerState;
-use super::{Result, TrainError};
+use super::Result;
 use crate::config::RunConfig;
 use crate::data::loader::PuzzleDataset;
 use crate::dist::Collective;
+use crate::eval::gather::gather_outputs;
 use crate::eval::ArcEvaluator;
 use crate::loss::StepMetrics;
 use crate::model::act::{evaluate_with, EvalOutputs};
 
 impl TrainerState {
-    /// Runs every test batch for `halt_max_steps` steps (spec section 5,
-    /// evaluation) on the engine's own evaluation network (its device, its
-    /// evaluation weights: the EMA shadow when EMA is on) and returns
-    /// per-set metric sums and the outputs. The training carry is kept.
+    /// Runs this rank's rows of every test batch for `halt_max_steps` steps
+    /// (spec section 5, evaluation) on the engine's own evaluation network
+    /// (its device, its evaluation weights: the EMA shadow when EMA is on)
+    /// and returns the per-set metric sums over every rank and the outputs
+    /// of every rank, in the order one rank would produce them (so voting
+    /// sees the same outputs whatever the world size). A collective: every
+    /// rank calls it. The training carry is kept.
     pub fn evaluate(
         &mut self,
         test: &PuzzleDataset,
         coll: &dyn Collective,
     ) -> Result<(BTreeMap<String, StepMetrics>, EvalOutputs)> {
-        evaluate_with(
+        let mut batch_rows = Vec::new();
+        let (metrics, outs) = evaluate_with(
             &mut *self.engine,
             &self.dm,
             &self.arch,
             test.test_batches(),
             test.metadata().blank_identifier_id,
             coll,
-            &mut |_| {},
-        )
-        .map_err(TrainError::from)
+            &mut |rows| batch_rows.push(rows),
+        )?;
+        let outs = gather_outputs(outs, &batch_rows, coll)?;
+        Ok((metrics, outs))
     }
 }
 

@@ -11,11 +11,17 @@
 //! [`crate::dist::Collective`]: the dense gradients as ONE flat buffer (the
 //! layout of [`crate::model::layout::FlatLayout`], the reference's parameter
 //! order), the puzzle-embedding rows as (ids, rows), metrics as sums.
-//! Everything random (exploration, data order) is seeded and its position
-//! saved, so a resumed run continues bit-identically.
+//! Everything random is seeded and keyed by global sample slot, never by
+//! rank: the data order (its position saved), and the halting-exploration
+//! draws, keyed by (seed, step, slot) with no state. So a resumed run
+//! continues bit-identically, N ranks follow the one-rank trajectory up to
+//! float summation order, and checkpoints (whose carry is the global
+//! batch's, `world_carry`) resume on any world size with the same global
+//! batch.
 //!
 //! By job: `state` (the trainer's state and one step), `contents` (what a
-//! checkpoint holds and the resume), `eval` (evaluation during a run),
+//! checkpoint holds and the resume), `world_carry` (the global batch's
+//! carry from every rank's slots), `eval` (evaluation during a run),
 //! `telemetry` (where a step's numbers go), `estimate` (the run's expected
 //! duration), `run` (the run loop), `start_point` (what `--resume` means for
 //! the run folder), `dry_run` (`trm train --dry-run`: the start-up checks
@@ -29,6 +35,7 @@ mod run;
 mod start_point;
 mod state;
 mod telemetry;
+mod world_carry;
 
 pub use dry_run::{dry_run, DryRunError, DryRunReport};
 pub use run::{arc_pass_ks, mean_row, run_dir, train, train_in_world, train_with};

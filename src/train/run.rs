@@ -241,10 +241,10 @@ fn train_on(
             if let (true, Some(sig)) = (stop, crate::signals::requested()) {
                 // Mid-iteration checkpoint: the loader saves its position in
                 // the walk, so a resume continues with the next batch.
-                let c = st.checkpoint_contents(cfg, batches.state())?;
-                let path = ckpt.save(&c)?;
+                if let Some(c) = st.checkpoint_contents(cfg, batches.state(), coll)? {
+                    report.checkpoints.push(ckpt.save(&c)?);
+                }
                 sinks.finish();
-                report.checkpoints.push(path);
                 report.stopped_by = Some(sig);
                 report.seconds = t0.elapsed().as_secs_f64();
                 return Ok(report);
@@ -261,11 +261,13 @@ fn train_on(
             sinks.note(&eval::summary_line(st.step, &log));
             report.eval_log.push((st.step, log));
         }
-        if rank0 && (cfg.checkpoint_every_eval || it + 1 == schedule.total_iters) {
-            let c = st.checkpoint_contents(cfg, &loader_state)?;
-            let path = ckpt.save(&c)?;
-            sinks.note(&format!("checkpoint: {}", path.display()));
-            report.checkpoints.push(path);
+        // Every rank takes part (the carry is gathered); rank 0 writes.
+        if cfg.checkpoint_every_eval || it + 1 == schedule.total_iters {
+            if let Some(c) = st.checkpoint_contents(cfg, &loader_state, coll)? {
+                let path = ckpt.save(&c)?;
+                sinks.note(&format!("checkpoint: {}", path.display()));
+                report.checkpoints.push(path);
+            }
         }
     }
     sinks.finish();

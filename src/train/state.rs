@@ -2,14 +2,12 @@
 
 use std::path::PathBuf;
 
-use rand_chacha::ChaCha8Rng;
-
 use super::{Result, TrainError};
 use crate::config::{RunConfig, Schedule};
 use crate::data::loader::Batch as LoaderBatch;
 use crate::dist::Collective;
 use crate::loss::StepMetrics;
-use crate::model::act::{self, check_batch_shape, exploration_rng, reduce_metrics, Carry};
+use crate::model::act::{self, check_batch_shape, reduce_metrics, Carry, Exploration};
 use crate::model::config::ArchConfig;
 use crate::model::device_choice::{build_engine, DeviceChoice};
 use crate::model::engine::{Engine, EngineConfig, EngineError, OptimStep};
@@ -20,15 +18,21 @@ use crate::optim::AdamAtan2Config;
 
 /// Model, optimisers, carry and counters: everything a checkpoint holds.
 /// The engine owns the weights, the optimiser states and the carry's hidden
-/// states; the host keeps the carry's slots and the exploration stream.
+/// states; the host keeps the carry's slots. The exploration draws are keyed
+/// by (seed, step, global slot), so they need no state of their own.
 pub struct TrainerState {
     pub arch: ArchConfig,
     pub layout: FlatLayout,
     /// The CPU or the CUDA engine, as the device choice opened it.
     pub engine: Box<dyn Engine>,
     pub carry: Carry,
-    pub(super) rng: ChaCha8Rng,
-    pub(super) rng_seed: u64,
+    /// The seed of the halting-exploration draws.
+    pub(super) exploration_seed: u64,
+    /// Which rank this process is: its batch rows are the global slots
+    /// `rank * local_batch..(rank + 1) * local_batch`.
+    pub(super) rank: usize,
+    /// `global_batch_size`: the slots a checkpoint's carry holds.
+    pub(super) global_batch: usize,
     pub step: u64,
     /// Train/eval iterations completed.
     pub iters_done: usize,
@@ -77,8 +81,9 @@ impl TrainerState {
             layout: FlatLayout::new(&arch),
             engine,
             carry: Carry::new(local_batch, dm.seq),
-            rng: exploration_rng(cfg.seed, rank),
-            rng_seed: cfg.seed,
+            exploration_seed: cfg.seed,
+            rank,
+            global_batch: cfg.global_batch_size,
             step: 0,
             iters_done: 0,
             dm,
@@ -110,6 +115,11 @@ impl TrainerState {
         for s in self.carry.steps.iter_mut() {
             *s += 1;
         }
+        let explore = Exploration {
+            seed: self.exploration_seed,
+            step: self.step,
+            first_slot: self.rank * self.local_batch,
+        };
         let c = &self.carry;
         let slots = crate::model::trm::Batch {
             inputs: &c.inputs,
@@ -122,7 +132,7 @@ impl TrainerState {
             &self.arch,
             &slots,
             &c.steps,
-            Some(&mut self.rng),
+            Some(&explore),
         )?;
         let lr = schedule.lr_at(self.step);
         if !r.loss.loss.is_finite() {
