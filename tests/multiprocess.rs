@@ -53,12 +53,9 @@ fn dataset(root: &Path) -> PathBuf {
     common::synthetic_dataset(root, "data", 6, 2, 3, (3, 5))
 }
 
-/// Until the checkpoint gathers every rank's ACT carry, ranks above 0
-/// resume with rank 0's (with 3 steps the resumed weights differ); with one
-/// ACT step per sample every slot has halted at a checkpoint and nothing in
-/// flight is lost. Raise it to `arch.halt_max_steps=3` once the carry is
-/// gathered.
-const RESUME_HALT_MAX_STEPS: &str = "arch.halt_max_steps=1";
+/// Three ACT steps per sample: a checkpoint holds samples in flight, whose
+/// carry rows every rank must get back on resume.
+const RESUME_HALT_MAX_STEPS: &str = "arch.halt_max_steps=3";
 
 /// The run's config as overrides: a tiny model, 12 examples per step (so 1,
 /// 2 and 3 ranks split it evenly), an evaluation and a checkpoint every 2
@@ -77,10 +74,10 @@ fn run_args(data: &Path, run: &Path, extra: &[&str]) -> Vec<String> {
         "arch.H_cycles=2",
         "arch.L_cycles=1",
         "arch.halt_max_steps=3",
-        // Exploration off: until every random draw is keyed by the global
-        // sample slot, each rank draws its exploration from its own stream
-        // and N ranks explore differently from 1 rank.
-        "arch.halt_exploration_prob=0",
+        // Exploration on: its draws are keyed by the global sample slot, so
+        // N ranks explore like 1 rank (tests/world_size.rs makes samples
+        // halt early, where the draws matter).
+        "arch.halt_exploration_prob=0.5",
         "global_batch_size=12",
         "epochs=4",
         "eval_interval=2",
