@@ -492,13 +492,17 @@ fn train_as_rank(
     let r = trm::train::train_in_world(&cfg, &opts, world, timeout)?;
     if let Some(sig) = r.stopped_by {
         let ckpt = r.checkpoints.last().map(|p| p.display().to_string());
+        // Every rank stopped after the same step; rank 0 wrote the checkpoint.
+        PREEMPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+        if !lead {
+            return Ok(());
+        }
         eprintln!(
             "stopped by {} after step {}: checkpoint {}; continue with the same command and `--resume latest`",
             trm::signals::name(sig),
             r.total_steps.min(r.train_log.last().map(|(s, _)| *s).unwrap_or(0)),
             ckpt.unwrap_or_default()
         );
-        PREEMPTED.store(true, std::sync::atomic::Ordering::SeqCst);
         return Ok(());
     }
     if !lead {

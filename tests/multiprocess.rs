@@ -721,3 +721,59 @@ fn a_failing_rank_stops_the_others() {
         "{err}"
     );
 }
+
+/// SIGTERM to one rank (a scheduler preempting a node): every rank stops
+/// after the same step, rank 0 checkpoints it, all exit with
+/// EXIT_PREEMPTED, and `--resume latest` ends where the uninterrupted run
+/// ends, bit for bit.
+#[test]
+fn a_signal_to_one_rank_checkpoints_every_rank() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path());
+    let mut ranks = Ranks::new(&tmp.path().join("logs"));
+    let extra = ["epochs=8", "eval_interval=1"];
+    let whole = tmp.path().join("whole");
+    let ids = ranks.start_world("whole", 2, "sig-whole", &run_args(&data, &whole, &extra));
+    assert_all_ok(&ranks.wait_all(&ids, within(120.0)));
+
+    let run = tmp.path().join("signalled");
+    let args = run_args(&data, &run, &extra);
+    let ids: Vec<usize> = slow_world(2, free_port(), "sig", 30.0, &args)
+        .into_iter()
+        .enumerate()
+        .map(|(r, rank)| ranks.start(&format!("sig-rank{r}"), rank))
+        .collect();
+    let first = wait_for_checkpoint(&run, within(120.0));
+    std::thread::sleep(Duration::from_millis(150));
+    // SAFETY: a plain kill(2) on our own child's pid.
+    let rc = unsafe { libc::kill(ranks.pid(ids[1]) as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    let outs = ranks.wait_all(&ids, within(60.0));
+    for (r, o) in outs.iter().enumerate() {
+        assert_eq!(
+            o.status.code(),
+            Some(trm::signals::EXIT_PREEMPTED as i32),
+            "rank {r}: {}",
+            o.stderr
+        );
+    }
+    assert!(
+        outs[0].stderr.contains("stopped by SIGTERM"),
+        "{}",
+        outs[0].stderr
+    );
+    let stopped = last_checkpoint(&run);
+    assert_ne!(stopped, first, "no checkpoint at the signal");
+    checkpoint::verify(&stopped).unwrap();
+
+    let mut args = run_args(&data, &run, &extra);
+    args.extend(["--resume".into(), "latest".into()]);
+    let ids = ranks.start_world("sig-resumed", 2, "sig-resumed", &args);
+    assert_all_ok(&ranks.wait_all(&ids, within(120.0)));
+    let (a, b) = (last_checkpoint(&whole), last_checkpoint(&run));
+    assert_eq!(a.file_name(), b.file_name());
+    for f in STATE_FILES {
+        let same = std::fs::read(a.join(f)).unwrap() == std::fs::read(b.join(f)).unwrap();
+        assert!(same, "{f} differs after the signal and the resume");
+    }
+}

@@ -196,7 +196,7 @@ fn train_on(
         seconds: 0.0,
         stopped_by: None,
     };
-    if opts.handle_signals && cfg.checkpoint_on_signal && world == 1 {
+    if opts.handle_signals && cfg.checkpoint_on_signal {
         crate::signals::install();
     }
     let pause = crate::run_guard::step_pause();
@@ -235,10 +235,8 @@ fn train_on(
             if let Some(d) = pause {
                 std::thread::sleep(d);
             }
-            // Handlers are installed for a world of one only (see above):
-            // ranks would have to agree on the step to stop at.
-            let stop = opts.handle_signals && world == 1;
-            if let (true, Some(sig)) = (stop, crate::signals::requested()) {
+            let stop = opts.handle_signals && cfg.checkpoint_on_signal;
+            if let (true, Some(sig)) = (stop, agreed_stop(coll)?) {
                 // Mid-iteration checkpoint: the loader saves its position in
                 // the walk, so a resume continues with the next batch.
                 if let Some(c) = st.checkpoint_contents(cfg, batches.state(), coll)? {
@@ -273,6 +271,22 @@ fn train_on(
     sinks.finish();
     report.seconds = t0.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// The signal the ranks stop on after this step: a signal any rank
+/// received stops every rank after the same step, so that they checkpoint
+/// one state together (the first signalled rank's signal, in rank order).
+/// A world of one asks no one.
+fn agreed_stop(coll: &dyn Collective) -> Result<Option<i32>> {
+    let mine = crate::signals::requested();
+    if coll.world_size() == 1 {
+        return Ok(mine);
+    }
+    let all = coll.all_gather_bytes(&mine.unwrap_or(0).to_le_bytes())?;
+    Ok(all
+        .iter()
+        .filter_map(|b| Some(i32::from_le_bytes(b.as_slice().try_into().ok()?)))
+        .find(|&s| s != 0))
 }
 
 /// Every rank verified its checkpoint on loading; this checks they all
