@@ -13,9 +13,8 @@
 //! process's, and a checkpoint (export, import, the same next step). With
 //! TRM_REQUIRE_GPU=1 a missing GPU or NCCL fails instead of skipping.
 
-use std::cell::RefCell;
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
@@ -139,8 +138,8 @@ struct Mirror {
 struct MirrorDevice {
     n: usize,
     /// The ranges reduced, in order, with the number of finishes before each.
-    log: RefCell<Vec<(Range<usize>, usize)>>,
-    finishes: RefCell<usize>,
+    log: Mutex<Vec<(Range<usize>, usize)>>,
+    finishes: Mutex<usize>,
 }
 
 impl Collective for Mirror {
@@ -205,7 +204,10 @@ impl DeviceCollective for MirrorDevice {
             .expect("download");
         let scaled: Vec<f32> = v.iter().map(|x| x * self.n as f32).collect();
         dev.write_at(buf, range.start, &scaled).expect("write");
-        self.log.borrow_mut().push((range, *self.finishes.borrow()));
+        self.log
+            .lock()
+            .unwrap()
+            .push((range, *self.finishes.lock().unwrap()));
         Ok(())
     }
     fn start_all_gather_i32(
@@ -229,7 +231,7 @@ impl DeviceCollective for MirrorDevice {
         Ok(())
     }
     fn finish(&self, _dev: &Device) -> Result<(), CollectiveError> {
-        *self.finishes.borrow_mut() += 1;
+        *self.finishes.lock().unwrap() += 1;
         Ok(())
     }
 }
@@ -265,8 +267,8 @@ fn device_buckets_match_the_host_reduction_emu() {
     let mirror_host = Mirror { n: 2, device: None };
     let side = Arc::new(MirrorDevice {
         n: 2,
-        log: RefCell::new(Vec::new()),
-        finishes: RefCell::new(0),
+        log: Mutex::new(Vec::new()),
+        finishes: Mutex::new(0),
     });
     let mirror_device = Mirror {
         n: 2,
@@ -286,7 +288,7 @@ fn device_buckets_match_the_host_reduction_emu() {
     assert_eq!(a.ema, c.ema);
     // Step 1: the whole buffer at the optimizer; then each step the
     // buckets in plan order, all before that step's finish.
-    let log = side.log.borrow();
+    let log = side.log.lock().unwrap();
     let len = plan.iter().map(|b| b.range.end).max().unwrap();
     assert_eq!(log[0], (0..len, 0));
     assert_eq!(log.len(), 1 + 2 * plan.len(), "{log:?}");
@@ -298,7 +300,7 @@ fn device_buckets_match_the_host_reduction_emu() {
             );
         }
     }
-    assert_eq!(*side.finishes.borrow(), 3);
+    assert_eq!(*side.finishes.lock().unwrap(), 3);
 }
 
 /// One rank through the device path changes nothing: the same bits as the
@@ -321,8 +323,8 @@ fn one_mirrored_rank_is_the_single_process_emu() {
     let (mut single, mut device) = (new_engine(), new_engine());
     let side = Arc::new(MirrorDevice {
         n: 1,
-        log: RefCell::new(Vec::new()),
-        finishes: RefCell::new(0),
+        log: Mutex::new(Vec::new()),
+        finishes: Mutex::new(0),
     });
     let one = Mirror {
         n: 1,

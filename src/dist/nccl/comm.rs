@@ -13,9 +13,9 @@
 use std::ffi::c_int;
 use std::time::Duration;
 
-use super::library::{Config, Nccl, RawComm, RawStream, UniqueId, IN_PROGRESS, SUCCESS};
+use super::library::{Config, Nccl, RawComm, UniqueId, IN_PROGRESS, SUCCESS};
 use super::watch::{Inflight, Progress, Watchdog};
-use crate::backend::cuda::{Event, Gpu};
+use crate::backend::cuda::{Event, Gpu, Stream};
 
 /// A live (or aborted) communicator of this rank.
 pub struct Communicator {
@@ -48,10 +48,10 @@ impl Inflight for Poll<'_> {
         // SAFETY: a live communicator; writes one int.
         let r = unsafe { (self.nccl.comm_get_async_error)(*self.comm, &mut state) };
         if r != SUCCESS {
-            return Progress::Failed(self.nccl.describe(r, *self.comm));
+            return Progress::Failed(self.nccl.describe(r));
         }
         if state != SUCCESS && state != IN_PROGRESS {
-            return Progress::Failed(self.nccl.describe(state, *self.comm));
+            return Progress::Failed(self.nccl.describe(state));
         }
         match self.event {
             Some(e) => match e.query() {
@@ -103,7 +103,7 @@ impl Communicator {
             watch: Watchdog::new(timeout),
         };
         if r != SUCCESS && r != IN_PROGRESS {
-            let why = format!("ncclCommInitRankConfig: {}", nccl.describe(r, comm));
+            let why = format!("ncclCommInitRankConfig: {}", nccl.describe(r));
             me.abort_with(why.clone());
             return Err(why);
         }
@@ -161,7 +161,7 @@ impl Communicator {
             SUCCESS => Ok(()),
             IN_PROGRESS => self.settle(what),
             r => {
-                let why = format!("{what}: {}", self.nccl.describe(r, self.comm));
+                let why = format!("{what}: {}", self.nccl.describe(r));
                 Err(self.abort_with(why))
             }
         }
@@ -169,20 +169,24 @@ impl Communicator {
 
     /// Enqueues the sum over ranks of `count` elements of `dtype` at `send`
     /// into `recv` (may be equal) on `stream`.
-    pub fn all_reduce(
+    ///
+    /// # Safety
+    /// `send` and `recv` must be device addresses on this communicator's
+    /// GPU holding `count` elements of `dtype` each, alive until `stream`
+    /// has run the operation.
+    pub unsafe fn all_reduce(
         &mut self,
         send: u64,
         recv: u64,
         count: usize,
         dtype: c_int,
         op: c_int,
-        stream: RawStream,
+        stream: &Stream,
     ) -> Result<(), String> {
         let nccl = self.nccl;
+        let stream = stream.raw().cu_stream();
         self.enqueue("ncclAllReduce", |comm| {
-            // SAFETY: the caller vouches that both ranges hold `count`
-            // elements of `dtype` on this communicator's device and stay
-            // alive until the stream has run the operation.
+            // SAFETY: the addresses as the caller vouches; `comm` is live.
             unsafe {
                 (nccl.all_reduce)(
                     send as usize as *const _,
@@ -198,18 +202,23 @@ impl Communicator {
     }
 
     /// Enqueues the gather of every rank's `count` elements at `send` into
-    /// `recv` (`world * count` elements, rank order) on `stream`.
-    pub fn all_gather(
+    /// `recv` (rank order) on `stream`.
+    ///
+    /// # Safety
+    /// As for [`Communicator::all_reduce`], with `recv` holding
+    /// `world * count` elements.
+    pub unsafe fn all_gather(
         &mut self,
         send: u64,
         recv: u64,
         count: usize,
         dtype: c_int,
-        stream: RawStream,
+        stream: &Stream,
     ) -> Result<(), String> {
         let nccl = self.nccl;
+        let stream = stream.raw().cu_stream();
         self.enqueue("ncclAllGather", |comm| {
-            // SAFETY: as for all_reduce, with `recv` holding world * count.
+            // SAFETY: the addresses as the caller vouches; `comm` is live.
             unsafe {
                 (nccl.all_gather)(
                     send as usize as *const _,

@@ -71,6 +71,8 @@ fn python_wheel_dirs(prefix: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for lib in ["lib", "lib64"] {
         for py in subdirs(&prefix.join(lib), "python3") {
+            // `/lib/python3.x` is `/usr/lib/python3.x` on merged systems.
+            let py = std::fs::canonicalize(&py).unwrap_or(py);
             for packages in ["site-packages", "dist-packages"] {
                 out.push(py.join(packages).join("nvidia/nccl/lib"));
             }
@@ -130,10 +132,12 @@ pub fn candidates(env: &SearchEnv<'_>) -> Vec<Candidate> {
     dirs.extend(python_wheel_dirs(&root.join("usr")));
     dirs.push(root.join("usr/lib/python3/dist-packages/nvidia/nccl/lib"));
     let mut out: Vec<Candidate> = Vec::new();
+    // One entry per folder, however named (`/lib` is `/usr/lib` on most
+    // systems, `/bin/python3` and `/usr/bin/python3` one prefix).
+    let mut seen = std::collections::HashSet::new();
     for d in dirs {
-        let c = Candidate::Path(d.join(SONAME));
-        if !out.contains(&c) {
-            out.push(c);
+        if seen.insert(std::fs::canonicalize(&d).unwrap_or_else(|_| d.clone())) {
+            out.push(Candidate::Path(d.join(SONAME)));
         }
     }
     out.push(Candidate::Soname(SONAME));
@@ -307,9 +311,9 @@ pub enum LoadError {
 }
 
 impl Nccl {
-    /// `result` as NCCL words it, with the communicator's last error when
-    /// there is one.
-    pub fn describe(&self, result: c_int, comm: RawComm) -> String {
+    /// `result` as NCCL words it, with NCCL's last error message when there
+    /// is one (`ncclGetLastError` ignores its communicator argument).
+    pub fn describe(&self, result: c_int) -> String {
         // SAFETY: both return static strings (or null) for any input.
         let text = |p: *const c_char| {
             (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
@@ -318,7 +322,7 @@ impl Nccl {
             .unwrap_or_else(|| format!("NCCL result {result}"));
         let last = self
             .get_last_error
-            .and_then(|f| text(unsafe { f(comm) }))
+            .and_then(|f| text(unsafe { f(std::ptr::null_mut()) }))
             .filter(|s| !s.trim().is_empty());
         match last {
             Some(l) => format!("{base} ({})", l.trim()),
@@ -333,11 +337,22 @@ impl Nccl {
     }
 }
 
+/// An error and its causes (libloading keeps dlerror's text in the source).
+fn with_sources(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text = format!("{text}: {c}");
+        cause = c.source();
+    }
+    text
+}
+
 fn symbol<T: Copy>(lib: &libloading::Library, name: &str) -> Result<T, String> {
     // SAFETY: `T` is the function type of the C declaration in nccl.h.
     unsafe { lib.get::<T>(name.as_bytes()) }
         .map(|s| *s)
-        .map_err(|e| format!("no symbol {name}: {e}"))
+        .map_err(|e| format!("no symbol {name}: {}", with_sources(&e)))
 }
 
 fn load_from(lib: libloading::Library, path: String) -> Result<Nccl, LoadError> {
@@ -379,7 +394,7 @@ pub fn load(env: &SearchEnv<'_>) -> Result<Nccl, LoadError> {
     let cands = candidates(env);
     // SAFETY: loading NCCL runs its initialisers, which only set up state.
     let (lib, path) = first_loadable(&cands, |name| {
-        unsafe { libloading::Library::new(name) }.map_err(|e| e.to_string())
+        unsafe { libloading::Library::new(name) }.map_err(|e| with_sources(&e))
     })?;
     load_from(lib, path)
 }
@@ -419,12 +434,17 @@ mod tests {
         })
     }
 
-    /// The first candidate that exists, as the loader would meet it.
+    /// The first candidate that exists, as the loader would meet it
+    /// (canonical, as the expectations below).
     fn first_existing(c: &[Candidate]) -> Option<PathBuf> {
         c.iter().find_map(|c| match c {
-            Candidate::Path(p) if p.exists() => Some(p.clone()),
+            Candidate::Path(p) if p.exists() => Some(canon(p)),
             _ => None,
         })
+    }
+
+    fn canon(p: &Path) -> PathBuf {
+        std::fs::canonicalize(p).unwrap()
     }
 
     #[test]
@@ -436,7 +456,7 @@ mod tests {
         // Also a system copy: the active environment comes first.
         touch(&t.path().join("usr/lib/x86_64-linux-gnu/libnccl.so.2"));
         let c = search(t.path(), &[("VIRTUAL_ENV", venv.display().to_string())]);
-        assert_eq!(first_existing(&c), Some(lib.clone()));
+        assert_eq!(first_existing(&c), Some(canon(&lib)));
         // The same venv found through the python3 on PATH.
         touch(&venv.join("bin/python3"));
         let c = search(
@@ -446,7 +466,7 @@ mod tests {
                 format!("/nonexistent:{}", venv.join("bin").display()),
             )],
         );
-        assert_eq!(first_existing(&c), Some(lib));
+        assert_eq!(first_existing(&c), Some(canon(&lib)));
     }
 
     #[test]
@@ -454,13 +474,13 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let debian = t.path().join("usr/lib/x86_64-linux-gnu/libnccl.so.2");
         touch(&debian);
-        assert_eq!(first_existing(&search(t.path(), &[])), Some(debian));
+        assert_eq!(first_existing(&search(t.path(), &[])), Some(canon(&debian)));
         // A CUDA toolkit folder comes before the system folders; the newest first.
         let old = t.path().join("usr/local/cuda-12.8/lib64/libnccl.so.2");
         let new = t.path().join("usr/local/cuda-13.0/lib64/libnccl.so.2");
         touch(&old);
         touch(&new);
-        assert_eq!(first_existing(&search(t.path(), &[])), Some(new));
+        assert_eq!(first_existing(&search(t.path(), &[])), Some(canon(&new)));
         // LD_LIBRARY_PATH before everything else found.
         let mine = t.path().join("opt/mine/libnccl.so.2");
         touch(&mine);
@@ -471,7 +491,7 @@ mod tests {
                 format!("::{}", mine.parent().unwrap().display()),
             )],
         );
-        assert_eq!(first_existing(&c), Some(mine));
+        assert_eq!(first_existing(&c), Some(canon(&mine)));
         // The loader's own search closes the list.
         assert_eq!(c.last(), Some(&Candidate::Soname("libnccl.so")));
         assert!(c.contains(&Candidate::Soname(SONAME)));
@@ -498,6 +518,7 @@ mod tests {
         let venv = t.path().join("env");
         let broken = venv.join("lib/python3.12/site-packages/nvidia/nccl/lib/libnccl.so.2");
         touch(&broken);
+        let broken = canon(&broken);
         let c = search(t.path(), &[("CONDA_PREFIX", venv.display().to_string())]);
         let mut tried = Vec::new();
         let e = first_loadable(&c, |name| -> Result<(), String> {

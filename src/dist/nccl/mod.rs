@@ -139,10 +139,7 @@ impl NcclCollective {
             // SAFETY: writes the 128-byte id.
             let r = unsafe { (nccl.get_unique_id)(&mut id) };
             if r != SUCCESS {
-                return Err(init_err(format!(
-                    "ncclGetUniqueId: {}",
-                    nccl.describe(r, std::ptr::null_mut())
-                )));
+                return Err(init_err(format!("ncclGetUniqueId: {}", nccl.describe(r))));
             }
             // The connections are not needed once every rank has the id.
             drop(rendezvous::lead(world, &id_payload(&id), timeout)?);
@@ -237,35 +234,39 @@ impl Shared {
         }
     }
 
-    /// Stages `bytes` on the device, runs `collective` on the staging
-    /// buffer (its address) and waits within the deadline; returns the
-    /// staging buffer's contents.
+    /// Stages `bytes` on the device, runs `what` from the staging buffer
+    /// into a result buffer and waits within the deadline; returns the
+    /// result.
     fn host_op(
         &self,
         op: &'static str,
         bytes: &[u8],
-        out_len: usize,
-        collective: impl FnOnce(
-            &mut Communicator,
-            u64,
-            u64,
-            cudarc::driver::sys::CUstream,
-        ) -> Result<(), String>,
+        what: HostOp,
     ) -> Result<Vec<u8>, CollectiveError> {
+        let out_len = match what {
+            HostOp::AllReduce { .. } => bytes.len(),
+            HostOp::AllGather => bytes.len() * self.world,
+        };
         let mut inner = self.lock(op)?;
         let mut result = Vec::new();
         self.guarded(&mut inner, op, |inner| {
             let cuda = |e: CudaError| Step::Cuda(e.to_string());
             let send = inner.gpu.upload(bytes).map_err(cuda)?;
             let recv = inner.gpu.zeros::<u8>(out_len).map_err(cuda)?;
-            let stream = inner.gpu.stream().raw().cu_stream();
-            collective(
-                &mut inner.comm,
-                send.ptr() as usize as u64,
-                recv.ptr() as usize as u64,
-                stream,
-            )
-            .map_err(Step::Nccl)?;
+            let (s, r) = (send.ptr() as usize as u64, recv.ptr() as usize as u64);
+            let stream = inner.gpu.stream();
+            // SAFETY: both staging buffers are on this communicator's GPU,
+            // sized for the operation (out_len above), and outlive the wait
+            // for its completion below.
+            let enqueued = unsafe {
+                match what {
+                    HostOp::AllReduce { count, dtype } => {
+                        inner.comm.all_reduce(s, r, count, dtype, SUM, stream)
+                    }
+                    HostOp::AllGather => inner.comm.all_gather(s, r, bytes.len(), UINT8, stream),
+                }
+            };
+            enqueued.map_err(Step::Nccl)?;
             let done = inner.gpu.record_event(None).map_err(cuda)?;
             inner.comm.wait_event(op, &done).map_err(Step::Nccl)?;
             result = inner.gpu.download(&recv).map_err(cuda)?;
@@ -284,9 +285,7 @@ impl Shared {
         if count == 0 {
             return Ok(());
         }
-        let out = self.host_op(op, bytes, bytes.len(), |comm, send, recv, stream| {
-            comm.all_reduce(send, recv, count, dtype, SUM, stream)
-        })?;
+        let out = self.host_op(op, bytes, HostOp::AllReduce { count, dtype })?;
         bytes.copy_from_slice(&out);
         Ok(())
     }
@@ -296,10 +295,7 @@ impl Shared {
         if part.is_empty() {
             return Ok(Vec::new());
         }
-        let n = part.len();
-        self.host_op(op, part, n * self.world, |comm, send, recv, stream| {
-            comm.all_gather(send, recv, n, UINT8, stream)
-        })
+        self.host_op(op, part, HostOp::AllGather)
     }
 
     /// Every rank's `part`, whose lengths may differ: lengths first, then
@@ -345,21 +341,31 @@ impl Shared {
         }
         self.guarded(&mut inner, op, |inner| {
             Self::after_compute(inner, g).map_err(Step::Cuda)?;
-            let stream = inner.gpu.stream().raw().cu_stream();
-            inner
-                .comm
-                .all_gather(
-                    part.ptr() as usize as u64,
-                    out.ptr() as usize as u64,
-                    count,
-                    dtype,
-                    stream,
-                )
-                .map_err(Step::Nccl)?;
+            let (send, recv) = (part.ptr() as usize as u64, out.ptr() as usize as u64);
+            // SAFETY: both buffers are the engine's, on this communicator's
+            // GPU (checked), sized above; the engine keeps them for its
+            // lifetime and waits (finish) before reusing them.
+            unsafe {
+                inner
+                    .comm
+                    .all_gather(send, recv, count, dtype, inner.gpu.stream())
+            }
+            .map_err(Step::Nccl)?;
             inner.started += 1;
             Ok(())
         })
     }
+}
+
+/// A collective of host data staged through the device.
+#[derive(Clone, Copy)]
+enum HostOp {
+    AllReduce {
+        count: usize,
+        dtype: c_int,
+    },
+    /// Every rank's bytes, the same number on every rank.
+    AllGather,
 }
 
 /// Where a guarded body failed.
@@ -481,12 +487,16 @@ impl DeviceCollective for Shared {
         }
         self.guarded(&mut inner, op, |inner| {
             Self::after_compute(inner, g).map_err(Step::Cuda)?;
-            let stream = inner.gpu.stream().raw().cu_stream();
             let at = start as usize as u64;
-            inner
-                .comm
-                .all_reduce(at, at, range.len(), FLOAT32, SUM, stream)
-                .map_err(Step::Nccl)?;
+            // SAFETY: the range lies in the engine's buffer on this
+            // communicator's GPU (checked above); the engine keeps the buffer
+            // and waits (finish) before touching the range again.
+            unsafe {
+                inner
+                    .comm
+                    .all_reduce(at, at, range.len(), FLOAT32, SUM, inner.gpu.stream())
+            }
+            .map_err(Step::Nccl)?;
             inner.started += 1;
             Ok(())
         })
@@ -574,6 +584,7 @@ mod tests {
             .err()
             .expect("no libnccl: must fail");
         let msg = e.to_string();
+        eprintln!("{msg}");
         assert!(matches!(e, NcclError::Library(_)), "{msg}");
         assert!(msg.contains("libnccl.so.2"), "{msg}");
         assert!(msg.contains("searched:"), "{msg}");

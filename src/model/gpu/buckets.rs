@@ -115,9 +115,9 @@ mod tests {
     use super::*;
 
     /// The ARC config's shapes: two layers of 3.4 M values after a prefix
-    /// of 7.3 k (token table, LM head, Q head).
+    /// of 13.4 k (token table, LM head, Q head, each padded to 64).
     fn arc() -> (usize, Vec<Range<usize>>) {
-        let prefix = 7_296;
+        let prefix = 13_376;
         let layer = 3_407_872;
         let l0 = prefix..prefix + layer;
         let l1 = l0.end..l0.end + layer;
@@ -224,7 +224,8 @@ mod tests {
             ready: Ready::End,
         }];
         // A gap between layers, layers not at the end, no layers.
-        for layers in [vec![0..100, 150..300], vec![100..200], vec![]] {
+        let one_short: Vec<Range<usize>> = std::iter::once(100..200).collect();
+        for layers in [vec![0..100, 150..300], one_short, vec![]] {
             assert_eq!(
                 BucketPlan::new(300, &layers, 0).buckets,
                 whole,
