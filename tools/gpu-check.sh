@@ -3,8 +3,9 @@
 # the kernels on the CPU emulator) on any machine. It
 #   1. builds the kernels with the pinned nvcc into sm_90a cubins (build.rs
 #      fails on any warning or register spill) and the kernel test binaries;
-#   2. finds libcuda, libcublasLt and libnccl and puts them where cudarc's
-#      run-time loading looks (see setup_libraries);
+#   2. finds libcuda and libcublasLt and puts them where cudarc's run-time
+#      loading looks, and reports where libnccl.so.2 is (trm loads NCCL
+#      itself: src/dist/nccl/library.rs) (see setup_libraries);
 #   3. prints and saves ptxas' resources of every kernel;
 #   4. runs the `_gpu` tests of GPU_SUITES on GPU 0, one test thread each (a
 #      GPU fault is sticky for the context and would fail every later test),
@@ -12,7 +13,9 @@
 #      rather than skips (in local mode only when nvidia-smi lists a GPU);
 #   5. runs MEMCHECK_SUITES' `_gpu` tests under compute-sanitizer memcheck
 #      (when found; at most MEMCHECK_LIMIT_S);
-#   6. runs the kernel microbenchmarks (benches/kernels.rs), the training-step
+#   6. runs the kernel microbenchmarks (benches/kernels.rs), the NCCL
+#      all-reduce of the ARC config's gradient buffer with one rank
+#      (benches/nccl.rs, at most NCCL_BENCH_LIMIT_S), the training-step
 #      benchmark of the CUDA engine (benches/train_step.rs: ARC config, L_cycles
 #      4 and 6, local batches 96/192/384, per-phase times) and, when a python3
 #      with torch is found, the PyTorch attention baseline
@@ -47,11 +50,12 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # Test targets (tests/<name>.rs). EMU_SUITES run their tests except the `_gpu`
 # ones; GPU_SUITES only the `_gpu` ones (the same bodies on GPU 0), in this
 # order; MEMCHECK_SUITES' `_gpu` tests also run under compute-sanitizer.
-EMU_SUITES=(emu_harness kernel_ops cuda_runtime attention) # kernels on the CPU emulator (not in --prebuilt: CI runs them)
+EMU_SUITES=(emu_harness kernel_ops cuda_runtime attention nccl_device) # kernels on the CPU emulator (not in --prebuilt: CI runs them)
 BUILD_SUITES=(kernels_build)                     # cubins and ptxas report (reads kernels/, so not in --prebuilt)
-GPU_SUITES=(emu_harness kernel_ops attention cuda_runtime gpu_engine) # arch.cuh self-tests first, then kernels, launchers, GEMMs, the engine
+GPU_SUITES=(emu_harness kernel_ops attention cuda_runtime gpu_engine nccl_device) # arch.cuh self-tests first, then kernels, launchers, GEMMs, the engine, NCCL (world of one)
 MEMCHECK_SUITES=(kernel_ops attention)           # compute-sanitizer memcheck
-BENCHES=(kernels train_step)                     # benches/<name>.rs, harness = false
+BENCHES=(kernels nccl train_step)                # benches/<name>.rs, harness = false
+declare -A BENCH_LIMIT_S=([nccl]=60)             # a bench's own limit (else the time left)
 
 LIMIT_S=${GPU_CHECK_LIMIT_S:-470} # 8 minutes, less a margin for the report (the variable: to test skipping)
 SUITE_LIMIT_S=180    # one GPU suite: a hung kernel must not take the whole run
@@ -364,15 +368,16 @@ PY
 # cudarc (dynamic-loading, cuda-13000) dlopens, per library, the names of
 # cudarc::get_lib_name_candidates: lib<name>.so first, then ...64 forms, then
 # lib<name>.so.13, .12, .11, .10, .9 and .1. So libcuda.so.1 and
-# libcublasLt.so.13 are tried by their real sonames, but libnccl.so.2 (the
-# name every NCCL install uses) never is: a bare libnccl.so exists only with
-# NCCL's development files. And the bare names come first: a CUDA stub
-# libcuda.so or another release's libcublasLt.so earlier on the path would
-# win. Hence links under the bare names in a private folder ($SHIM), first on
-# LD_LIBRARY_PATH, to the exact files found, plus those files' folders (for
-# their own dependencies).
+# libcublasLt.so.13 are tried by their real sonames, but the bare names come
+# first: a CUDA stub libcuda.so or another release's libcublasLt.so earlier on
+# the path would win. Hence links under the bare names in a private folder
+# ($SHIM), first on LD_LIBRARY_PATH, to the exact files found, plus those
+# files' folders (for their own dependencies). NCCL needs no link: trm loads
+# libnccl.so.2 itself (LD_LIBRARY_PATH, python wheels, CUDA and system
+# folders, the loader's cache); its folder only joins LD_LIBRARY_PATH when
+# found somewhere trm does not look (e.g. /opt/torch/.venv).
 
-LIBS=(libcuda.so.1 libcublasLt.so.13 libnccl.so.2)
+LIBS=(libcuda.so.1 libcublasLt.so.13)
 
 # Folders that may hold the libraries, most trusted first.
 library_dirs() {
@@ -424,6 +429,27 @@ setup_libraries() {
     LIB_LINES+=("$lib: $how ($found), also as $shim_name in the private link folder")
     log "library $lib: $found (in $how)"
   done
+  # libnccl.so.2: reported; its folder on the path only when trm would not
+  # look there itself.
+  found=
+  for d in "${dirs[@]}"; do
+    if [[ -e "$d/libnccl.so.2" ]]; then
+      found=$(readlink -f "$d/libnccl.so.2")
+      how=$d
+      break
+    fi
+  done
+  if [[ -z "$found" ]]; then
+    LIB_LINES+=("libnccl.so.2: not found by the script (trm searches itself; the nccl_device suite and the nccl bench report what it found)")
+    log "library libnccl.so.2: not found by the script"
+  else
+    case $how in
+      /usr/lib/x86_64-linux-gnu | /lib/x86_64-linux-gnu | /usr/lib64 | /usr/lib | /usr/local/lib | /usr/local/cuda*/lib64 | /usr/local/nvidia/lib64) ;;
+      *) [[ $cached == *":$how:"* ]] || extra+=("$how") ;;
+    esac
+    LIB_LINES+=("libnccl.so.2: $how ($found); loaded by trm itself")
+    log "library libnccl.so.2: $found (in $how)"
+  fi
   local path=$SHIM
   for d in "${extra[@]}"; do
     [[ ":$path:" == *":$d:"* ]] || path="$path:$d"
@@ -441,7 +467,7 @@ setup_libraries() {
   # is dlopen), when a python3 is at hand.
   local check=
   if command -v python3 >/dev/null 2>&1; then
-    check=$(timeout 20 python3 - libcuda.so libcublasLt.so libnccl.so <<'PY' 2>&1 || true
+    check=$(timeout 20 python3 - libcuda.so libcublasLt.so <<'PY' 2>&1 || true
 import ctypes, sys
 for name in sys.argv[1:]:
     try:
@@ -497,6 +523,9 @@ case $mode in
 esac
 
 setup_libraries
+# NCCL here runs a world of one rank: loopback is all the network it needs
+# (no hunt for interfaces or InfiniBand), and its warnings go to the logs.
+export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-lo} NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 
 # The GPU variants must run: on the device always (a vacuous pass without a
 # GPU is the worst outcome there); locally when nvidia-smi lists a GPU.
@@ -658,17 +687,19 @@ for b in "${BENCHES[@]}"; do
   log "running bench $b"
   t0=$SECONDS
   status=0
+  limit=$(min "$(left)" "${BENCH_LIMIT_S[$b]:-$(left)}")
   TRM_BENCH_ATTENTION_JSON="$LOGS/attention.json" TRM_BENCH_TRAIN_JSON="$LOGS/train-step.json" \
-    timeout -k 5 "$(left)" "$exe" >"$LOGS/bench-$b.log" 2>&1 || status=$?
+    timeout -k 5 "$limit" "$exe" >"$LOGS/bench-$b.log" 2>&1 || status=$?
   cat "$LOGS/bench-$b.log"
   BENCH_OUT+=("### $b" "" '```' "$(cat "$LOGS/bench-$b.log")" '```' "")
   if ((status != 0)); then
+    ((status == 124 || status == 137)) && log "bench $b: timed out after $limit s"
     DETAILS+=("[bench $b] (log bench-$b.log, exit $status)")
     mapfile -t -O "${#DETAILS[@]}" DETAILS < <(tail -n 6 "$LOGS/bench-$b.log" | cut -c1-220)
     row "bench $b" "$where" "exit $status" $((SECONDS - t0)) FAIL
-  elif ((REQUIRE_GPU)) && grep -q -E 'GPU (kernel|train-step) benchmarks? not run' "$LOGS/bench-$b.log"; then
+  elif ((REQUIRE_GPU)) && grep -q -E 'GPU (kernel|train-step|NCCL) benchmarks? not run' "$LOGS/bench-$b.log"; then
     DETAILS+=("[bench $b] $(head -n 1 "$LOGS/bench-$b.log" | cut -c1-220)")
-    row "bench $b" "$where" "no GPU: only the emulator pass ran" $((SECONDS - t0)) FAIL
+    row "bench $b" "$where" "did not run: $(grep -m1 -E 'benchmarks? not run' "$LOGS/bench-$b.log" | cut -c1-120)" $((SECONDS - t0)) FAIL
   else
     row "bench $b" "$where" "$(wc -l <"$LOGS/bench-$b.log") lines (results)" $((SECONDS - t0)) ok
   fi

@@ -5,9 +5,10 @@
 //! all-reduce per step), puzzle-embedding rows as (ids, rows) pairs to
 //! all-gather, metrics as a few f64 sums. [`SingleProcess`] is the world of
 //! one rank (CPU runs, tests); NCCL ranks implement the same trait
-//! ([`nccl::NcclCollective`]). Where a rank sits in the run comes from the
-//! launcher's environment ([`world::World`]); [`launch::join`] turns it into
-//! this rank's collective.
+//! ([`nccl::NcclCollective`]) and also hand the CUDA engine their
+//! collectives on device buffers ([`DeviceCollective`]). Where a rank sits
+//! in the run comes from the launcher's environment ([`world::World`]);
+//! [`launch::join`] turns it into this rank's collective.
 
 pub mod launch;
 pub mod nccl;
@@ -18,6 +19,11 @@ pub mod world;
 
 pub use launch::{join, JoinError};
 pub use world::{gpu_ordinal, Launcher, World, WorldError};
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use crate::backend::cuda::{Buffer, Device};
 
 /// A collective that did not complete (a rank died, the network failed):
 /// training stops with this error instead of continuing on partial sums.
@@ -50,6 +56,49 @@ pub trait Collective {
     /// Every rank's `mine`, in rank order; lengths may differ between ranks
     /// (carry rows for a checkpoint, evaluation predictions for voting).
     fn all_gather_bytes(&self, mine: &[u8]) -> Result<Vec<Vec<u8>>, CollectiveError>;
+    /// The same ranks' collectives on device buffers, when this collective
+    /// has them (NCCL): the CUDA engine then reduces its gradients on the
+    /// device, overlapped with the backward. `None` (the default): the
+    /// engine goes through the host methods above.
+    fn device(&self) -> Option<Arc<dyn DeviceCollective>> {
+        None
+    }
+}
+
+/// Collectives on a device's buffers, ordered with the device's stream:
+/// `start_*` enqueue after the work queued so far on `dev` and return at
+/// once; [`DeviceCollective::finish`] waits (within the collective's
+/// deadline) until every started operation is done, and orders `dev`'s
+/// later work after them. Every rank starts the same operations, with the
+/// same sizes, in the same order.
+pub trait DeviceCollective {
+    fn rank(&self) -> usize;
+    fn world_size(&self) -> usize;
+    /// In place: `buf[range]` becomes its sum over ranks.
+    fn start_all_reduce(
+        &self,
+        dev: &Device,
+        buf: &Buffer<f32>,
+        range: Range<usize>,
+    ) -> Result<(), CollectiveError>;
+    /// `out[r * count..(r + 1) * count]` becomes rank r's `part[..count]`.
+    fn start_all_gather_i32(
+        &self,
+        dev: &Device,
+        part: &Buffer<i32>,
+        count: usize,
+        out: &Buffer<i32>,
+    ) -> Result<(), CollectiveError>;
+    /// [`DeviceCollective::start_all_gather_i32`] for f32 values.
+    fn start_all_gather_f32(
+        &self,
+        dev: &Device,
+        part: &Buffer<f32>,
+        count: usize,
+        out: &Buffer<f32>,
+    ) -> Result<(), CollectiveError>;
+    /// Waits for every started operation (see the trait docs).
+    fn finish(&self, dev: &Device) -> Result<(), CollectiveError>;
 }
 
 /// The world of one rank: every collective is the identity.

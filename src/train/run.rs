@@ -74,7 +74,7 @@ pub fn train_in_world(
     // The device picks the transport; joining comes before the data is
     // opened, so a rank that fails there stops the others at once.
     let kind = device_choice::resolve(opts.device.or(cfg.device), ordinal)?.kind;
-    let coll = crate::dist::join(world, kind, timeout)?;
+    let coll = crate::dist::join(world, kind, ordinal, timeout)?;
     train_on(cfg, opts, &*coll, ordinal, t0)
 }
 

@@ -178,6 +178,15 @@ impl Event {
             .synchronize()
             .map_err(|e| CudaError::driver("event synchronize", e))
     }
+    /// Whether the work before the event is done, without waiting (an
+    /// error of that work is returned).
+    pub fn query(&self) -> Result<bool, CudaError> {
+        self.0
+            .context()
+            .bind_to_thread()
+            .and_then(|()| self.0.try_is_complete())
+            .map_err(|e| CudaError::driver("event query", e))
+    }
 }
 
 /// A CUDA graph: the launches one capture recorded, replayed as one.
@@ -376,6 +385,11 @@ impl Gpu {
             .new_stream()
             .map(Stream)
             .map_err(|e| CudaError::driver("creating a stream", e))
+    }
+    /// Makes this device's context current on the calling thread, for
+    /// libraries that take the device from it (NCCL).
+    pub fn bind(&self) -> Result<(), CudaError> {
+        self.state.bind()
     }
     /// Waits for this handle's stream and reports asynchronous errors.
     pub fn synchronize(&self) -> Result<(), CudaError> {

@@ -27,21 +27,19 @@ pub enum Region {
     Backward,
     /// One evaluation step (H_cycles cycles without gradient).
     EvalStep,
+    /// [`Region::Backward`] in parts, for runs that reduce gradients on the
+    /// device while the backward runs: the NCCL calls go between the parts,
+    /// outside every graph (a captured NCCL call would need the
+    /// communicator's own graph rules, and a graph cannot be polled for a
+    /// deadline). Up to the first L call's backward:
+    BackwardUntilLastCall,
+    /// One layer of the first L call's backward.
+    BackwardLayer(usize),
+    /// The embedding backward after it.
+    BackwardTail,
 }
 
-const REGIONS: [Region; 5] = [
-    Region::Nograd,
-    Region::GradForward,
-    Region::Bootstrap,
-    Region::Backward,
-    Region::EvalStep,
-];
-
 impl Region {
-    fn index(self) -> usize {
-        REGIONS.iter().position(|&r| r == self).unwrap_or(0)
-    }
-
     pub fn name(self) -> &'static str {
         match self {
             Region::Nograd => "no-grad cycles",
@@ -49,6 +47,9 @@ impl Region {
             Region::Bootstrap => "Q-continue bootstrap",
             Region::Backward => "backward",
             Region::EvalStep => "evaluation step",
+            Region::BackwardUntilLastCall => "backward (until the last L call)",
+            Region::BackwardLayer(_) => "backward (a layer of the last L call)",
+            Region::BackwardTail => "backward (embeddings)",
         }
     }
 }
@@ -61,9 +62,10 @@ enum Slot {
     Off,
 }
 
-/// The graph (or plain-launch state) of every region.
+/// The graph (or plain-launch state) of every region run so far.
 pub struct Graphs {
-    slots: Vec<Slot>,
+    on: bool,
+    slots: Vec<(Region, Slot)>,
 }
 
 impl Graphs {
@@ -71,10 +73,8 @@ impl Graphs {
     pub fn new(enabled: bool) -> Graphs {
         let on = enabled && std::env::var("TRM_CUDA_GRAPHS").map_or(true, |v| v != "0");
         Graphs {
-            slots: REGIONS
-                .iter()
-                .map(|_| if on { Slot::Plain(0) } else { Slot::Off })
-                .collect(),
+            on,
+            slots: Vec::new(),
         }
     }
 
@@ -92,8 +92,15 @@ impl Graphs {
         region: Region,
         body: impl Fn() -> Result<(), CudaError>,
     ) -> Result<(), CudaError> {
-        let i = region.index();
-        let slot = std::mem::replace(&mut self.slots[i], Slot::Off);
+        let i = match self.slots.iter().position(|(r, _)| *r == region) {
+            Some(i) => i,
+            None => {
+                let first = if self.on { Slot::Plain(0) } else { Slot::Off };
+                self.slots.push((region, first));
+                self.slots.len() - 1
+            }
+        };
+        let slot = std::mem::replace(&mut self.slots[i].1, Slot::Off);
         let (result, slot) = match (slot, dev.as_gpu()) {
             (Slot::Captured(g), _) => (g.launch(), Slot::Captured(g)),
             (Slot::Plain(n), Some(gpu)) if n >= 1 => match gpu.capture(&body) {
@@ -109,18 +116,19 @@ impl Graphs {
             (Slot::Plain(n), Some(_)) => (body(), Slot::Plain(n + 1)),
             (slot, _) => (body(), slot),
         };
-        self.slots[i] = slot;
+        self.slots[i].1 = slot;
         result
     }
 
     /// Regions running from a graph, for messages and tests.
     pub fn captured(&self) -> Vec<&'static str> {
-        REGIONS
-            .iter()
-            .zip(&self.slots)
-            .filter(|(_, s)| matches!(s, Slot::Captured(_)))
-            .map(|(r, _)| r.name())
-            .collect()
+        let mut names: Vec<&'static str> = Vec::new();
+        for (r, s) in &self.slots {
+            if matches!(s, Slot::Captured(_)) && !names.contains(&r.name()) {
+                names.push(r.name());
+            }
+        }
+        names
     }
 }
 

@@ -10,10 +10,13 @@
 //! computed on the host (B values) with the CPU engine's own function, and
 //! its gradient goes back as a `[B, 2]` GEMM operand.
 
+pub mod buckets;
 pub mod graphs;
 pub mod net;
 pub mod plan;
 pub mod weights;
+
+use std::sync::Arc;
 
 use half::bf16;
 
@@ -24,7 +27,7 @@ use crate::backend::cuda::ops::{
     stablemax_ce_backward, stablemax_ce_forward, AdamAtan2Step, CeOutputs,
 };
 use crate::backend::cuda::{Buffer, CudaError, Device};
-use crate::dist::Collective;
+use crate::dist::{Collective, CollectiveError, DeviceCollective};
 use crate::model::config::{ArchConfig, PosEncodings};
 use crate::model::engine::{
     ActNet, Engine, EngineConfig, EngineError, EngineState, EvalNet, OptimStep, StepTrace,
@@ -34,6 +37,7 @@ use crate::model::trm::{
     check_supported, q_head_loss, Batch, Dims, Grads, LossOut, Params, TrmError,
 };
 
+use buckets::{BucketPlan, Ready, MIN_BUCKET_BYTES};
 use graphs::{Graphs, PhaseTimes, Profiler, Region};
 use net::{GradSink, Net};
 use plan::{Activations, PlanShape};
@@ -81,6 +85,30 @@ pub struct GpuEngine {
     phase: Phase,
     graphs: Graphs,
     profiler: Profiler,
+    /// Data parallel on the device (see [`DataParallel`]); `None` for one
+    /// rank or a collective without device buffers.
+    dp: Option<DataParallel>,
+    /// How the flat gradient buffer is split for the device all-reduce.
+    buckets: BucketPlan,
+}
+
+/// The ranks' collectives on device buffers, learned from the trainer's
+/// collective at the first optimizer step (the engine sees it there only).
+/// From the next step on, the backward runs in parts and each bucket's
+/// all-reduce starts on the collective's stream as soon as its gradients
+/// are final ([`buckets`]); the optimizer waits for them (with the
+/// collective's deadline) and gathers the puzzle rows of every rank on the
+/// device.
+struct DataParallel {
+    dc: Arc<dyn DeviceCollective>,
+    /// The buckets were started during the last backward.
+    started: bool,
+    /// The first failure while starting them, reported by the optimizer step
+    /// (the backward's trait has only model errors).
+    failed: Option<CollectiveError>,
+    /// Every rank's puzzle ids and gradient rows, `world * B` of each.
+    ids: Buffer<i32>,
+    rows: Buffer<f32>,
 }
 
 /// `n` bytes in GiB, for messages.
@@ -121,6 +149,7 @@ impl GpuEngine {
         }
         let layout = DeviceLayout::new(FlatLayout::new(&arch));
         let off = Offsets::new(&layout, arch.l_layers)?;
+        let buckets = bucket_plan(&layout, &off, MIN_BUCKET_BYTES);
         let shape = PlanShape {
             dm,
             tape_calls: arch.l_cycles + 1,
@@ -158,6 +187,8 @@ impl GpuEngine {
             phase: Phase::Idle,
             graphs: Graphs::new(true),
             profiler: Profiler::default(),
+            dp: None,
+            buckets,
             arch,
         })
     }
@@ -192,6 +223,17 @@ impl GpuEngine {
     /// over from plain launches.
     pub fn set_graphs(&mut self, on: bool) {
         self.graphs = Graphs::new(on);
+    }
+
+    /// Sets the smallest gradient bucket of the device all-reduce (default
+    /// [`MIN_BUCKET_BYTES`]; tests use 0 for one bucket per layer).
+    pub fn set_min_bucket_bytes(&mut self, bytes: usize) {
+        self.buckets = bucket_plan(&self.layout, &self.off, bytes);
+    }
+
+    /// The gradient buckets of the device all-reduce, in launch order.
+    pub fn bucket_plan(&self) -> &BucketPlan {
+        &self.buckets
     }
 
     /// The regions now replayed from CUDA graphs.
@@ -421,27 +463,18 @@ impl GpuEngine {
         self.dev.write(&acts.dq, &dq16)?;
         self.profiler.span(&self.dev, "loss", start)?;
         let l = self.arch.l_cycles;
-        self.region(Region::Backward, |e| {
-            let acts = &e.acts;
-            // dlogits of the summed per-sample means; dq is a GEMM operand
-            stablemax_ce_backward(
-                &e.dev,
-                &acts.dlogits,
-                &acts.logits,
-                &acts.labels,
-                &acts.count,
-                1.0,
-                b,
-                s,
-                v,
-            )?;
-            e.dev.zero(&e.w.grad)?;
-            let gs = GradSink {
-                grad: &e.w.grad,
-                off: &e.off,
-            };
-            net::inner_backward(&e.net(false), l, acts, &gs)
-        })?;
+        if self.dp.is_some() {
+            self.split_backward(l, b, s, v)?;
+        } else {
+            self.region(Region::Backward, |e| {
+                e.ce_backward_and_zero_grad(b, s, v)?;
+                let gs = GradSink {
+                    grad: &e.w.grad,
+                    off: &e.off,
+                };
+                net::inner_backward(&e.net(false), l, &e.acts, &gs)
+            })?;
+        }
         let acts = &self.acts;
         // The two gradients that are not GEMM outputs: the Q bias (summed
         // here) and the token table (from the embedding kernel).
@@ -455,6 +488,7 @@ impl GpuEngine {
             (&acts.dembed, 0),
             dm.v * dm.d,
         )?;
+        self.start_buckets(Ready::End);
         self.phase = Phase::Backward;
         Ok(LossOut {
             loss: lm_loss + 0.5 * (q_halt_loss + q_continue_loss),
@@ -465,6 +499,134 @@ impl GpuEngine {
             seq_correct,
             correct: correct.iter().map(|&c| c.max(0) as usize).collect(),
         })
+    }
+
+    /// The CE backward into `acts.dlogits` (dq is already a GEMM operand),
+    /// and the gradient buffer zeroed for the backward's accumulation.
+    fn ce_backward_and_zero_grad(&self, b: usize, s: usize, v: usize) -> Result<(), CudaError> {
+        let acts = &self.acts;
+        // dlogits of the summed per-sample means
+        stablemax_ce_backward(
+            &self.dev,
+            &acts.dlogits,
+            &acts.logits,
+            &acts.labels,
+            &acts.count,
+            1.0,
+            b,
+            s,
+            v,
+        )?;
+        self.dev.zero(&self.w.grad)
+    }
+
+    /// The backward in parts, each layer's gradient buckets started as soon
+    /// as the first L call's backward has finished that layer.
+    fn split_backward(
+        &mut self,
+        l: usize,
+        b: usize,
+        s: usize,
+        v: usize,
+    ) -> Result<(), EngineError> {
+        // A backward whose reduction no optimizer step waited for (a step
+        // trace, a test): its operations finish before the buffer is reused.
+        self.settle_reduction()?;
+        self.region(Region::BackwardUntilLastCall, |e| {
+            e.ce_backward_and_zero_grad(b, s, v)?;
+            let gs = GradSink {
+                grad: &e.w.grad,
+                off: &e.off,
+            };
+            net::inner_backward_until_last_call(&e.net(false), l, &e.acts, &gs)
+        })?;
+        for layer in (0..self.arch.l_layers).rev() {
+            self.region(Region::BackwardLayer(layer), |e| {
+                let gs = GradSink {
+                    grad: &e.w.grad,
+                    off: &e.off,
+                };
+                net::last_call_layer_backward(&e.net(false), &e.acts, &gs, layer)
+            })?;
+            self.start_buckets(Ready::Layer(layer));
+        }
+        Ok(self.region(Region::BackwardTail, |e| {
+            net::inner_backward_tail(&e.net(false), l, &e.acts)
+        })?)
+    }
+
+    /// Starts the all-reduce of the buckets final at `ready` (data parallel
+    /// only); a failure is kept for the optimizer step to report.
+    fn start_buckets(&mut self, ready: Ready) {
+        let Some(dp) = &mut self.dp else { return };
+        if dp.failed.is_some() {
+            return;
+        }
+        for bucket in self.buckets.ready_at(ready) {
+            if let Err(e) = dp
+                .dc
+                .start_all_reduce(&self.dev, &self.w.grad, bucket.range.clone())
+            {
+                dp.failed = Some(e);
+                return;
+            }
+        }
+        dp.started = true;
+    }
+
+    /// Waits for reductions no optimizer step waited for.
+    fn settle_reduction(&mut self) -> Result<(), EngineError> {
+        if let Some(dp) = &mut self.dp {
+            if let Some(e) = dp.failed.take() {
+                return Err(e.into());
+            }
+            if dp.started {
+                dp.started = false;
+                dp.dc.finish(&self.dev)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes up the collective's device side (once): every rank must run
+    /// the same local batch, since the device gathers have fixed sizes.
+    fn adopt(
+        &mut self,
+        dc: Arc<dyn DeviceCollective>,
+        coll: &dyn Collective,
+    ) -> Result<(), EngineError> {
+        let world = dc.world_size();
+        if world != coll.world_size() {
+            return Err(EngineError::State(format!(
+                "the collective counts {} ranks, its device side {world}",
+                coll.world_size()
+            )));
+        }
+        let b = self.dm.b;
+        let batches: Vec<u64> = coll
+            .all_gather_bytes(&(b as u64).to_le_bytes())?
+            .iter()
+            .map(|p| {
+                p.get(..8)
+                    .and_then(|s| s.try_into().ok())
+                    .map_or(0, u64::from_le_bytes)
+            })
+            .collect();
+        if batches.iter().any(|&x| x != b as u64) {
+            return Err(EngineError::State(format!(
+                "the ranks run local batches of {batches:?}; data parallel training on the \
+                 device needs the same on every rank"
+            )));
+        }
+        let ndim = self.dm.ndim;
+        self.dp = Some(DataParallel {
+            ids: self.dev.zeros(world * b)?,
+            rows: self.dev.zeros(world * b * ndim.max(1))?,
+            dc,
+            started: false,
+            failed: None,
+        });
+        Ok(())
     }
 
     fn eval_steps_impl(
@@ -505,23 +667,57 @@ impl GpuEngine {
         Ok(self.profiler.span(&self.dev, "optimizer", start)?)
     }
 
-    /// AdamATan2 and EMA on the dense weights, sign-SGD on the puzzle rows.
+    /// AdamATan2 and EMA on the dense weights, sign-SGD on the puzzle rows,
+    /// after the gradients are summed over ranks (on the device when the
+    /// collective offers it, else through the host).
     fn optimizer_updates(
         &mut self,
         up: &OptimStep,
         puzzle_ids: &[i32],
         coll: &dyn Collective,
     ) -> Result<(), EngineError> {
-        let dev = &self.dev;
-        let n = self.layout.len;
-        if up.update_dense {
-            scale_f32(dev, &self.w.grad, up.grad_scale, n)?;
-            if coll.world_size() > 1 {
-                // Through the host until the collectives take device buffers.
-                let mut flat = dev.download(&self.w.grad)?;
-                coll.all_reduce_sum(&mut flat)?;
-                dev.write(&self.w.grad, &flat)?;
+        if self.dp.is_none() {
+            if let Some(dc) = coll.device() {
+                self.adopt(dc, coll)?;
             }
+        }
+        let n = self.layout.len;
+        let ndim = self.dm.ndim;
+        let rows = self.dm.b * ndim;
+        if ndim > 0 {
+            scale_f32(&self.dev, &self.acts.dpuzzle, up.grad_scale, rows)?;
+        }
+        // The puzzle rows to apply: (ids, rows, count).
+        let mut host_rows: Option<(Buffer<i32>, Buffer<f32>, usize)> = None;
+        if self.dp.is_some() {
+            self.reduce_on_device(puzzle_ids)?;
+            if up.update_dense {
+                // Summed first, then scaled: the same values as scaling
+                // first up to rounding.
+                scale_f32(&self.dev, &self.w.grad, up.grad_scale, n)?;
+            }
+        } else {
+            if up.update_dense {
+                scale_f32(&self.dev, &self.w.grad, up.grad_scale, n)?;
+                if coll.world_size() > 1 {
+                    // A collective without device buffers: through the host.
+                    let mut flat = self.dev.download(&self.w.grad)?;
+                    coll.all_reduce_sum(&mut flat)?;
+                    self.dev.write(&self.w.grad, &flat)?;
+                }
+            }
+            if ndim > 0 {
+                if coll.world_size() > 1 {
+                    let local = self.dev.download_range(&self.acts.dpuzzle, 0, rows)?;
+                    let (ids, all) = coll.all_gather_rows(puzzle_ids, &local)?;
+                    host_rows = Some((self.dev.upload(&ids)?, self.dev.upload(&all)?, ids.len()));
+                } else {
+                    self.dev.write(&self.acts.puzzle_ids, puzzle_ids)?;
+                }
+            }
+        }
+        let dev = &self.dev;
+        if up.update_dense {
             self.adam_steps += 1;
             let step = u32::try_from(self.adam_steps)
                 .map_err(|_| EngineError::State("more than 2^32 optimiser steps".into()))?;
@@ -549,46 +745,55 @@ impl GpuEngine {
             self.w.ema_bf16_fresh = false;
             self.q_bias = None;
         }
+        if ndim > 0 {
+            let (ids, grads, count) = match (&host_rows, &self.dp) {
+                (Some((i, r, c)), _) => (i, r, *c),
+                (None, Some(dp)) => (&dp.ids, &dp.rows, dp.dc.world_size() * self.dm.b),
+                (None, None) => (&self.acts.puzzle_ids, &self.acts.dpuzzle, self.dm.b),
+            };
+            puzzle_sign_sgd(
+                &self.dev,
+                &self.w.puzzle,
+                grads,
+                ids,
+                count,
+                ndim,
+                self.arch.num_puzzle_identifiers,
+                up.puzzle_emb_lr,
+                self.cfg.puzzle_emb_weight_decay,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The device side of data parallel: the gradient buffer summed over
+    /// ranks (the buckets the backward started, or the whole buffer when
+    /// it started none, as in the first step) and every rank's puzzle ids
+    /// and (scaled) rows gathered; waits for all of it within the
+    /// collective's deadline.
+    fn reduce_on_device(&mut self, puzzle_ids: &[i32]) -> Result<(), EngineError> {
+        let Some(dp) = &mut self.dp else {
+            return Ok(());
+        };
+        if let Some(e) = dp.failed.take() {
+            return Err(e.into());
+        }
+        let dev = &self.dev;
+        if !dp.started {
+            dp.dc
+                .start_all_reduce(dev, &self.w.grad, 0..self.layout.len)?;
+        }
+        dp.started = false;
+        let b = self.dm.b;
         let ndim = self.dm.ndim;
         if ndim > 0 {
-            let rows = self.dm.b * ndim;
-            scale_f32(dev, &self.acts.dpuzzle, up.grad_scale, rows)?;
-            let lr = up.puzzle_emb_lr;
-            let wd = self.cfg.puzzle_emb_weight_decay;
-            let num_ids = self.arch.num_puzzle_identifiers;
-            if coll.world_size() > 1 {
-                let local = dev.download_range(&self.acts.dpuzzle, 0, rows)?;
-                let (ids, all) = coll.all_gather_rows(puzzle_ids, &local)?;
-                let (ids_d, rows_d) = (dev.upload(&ids)?, dev.upload(&all)?);
-                let table = &self.w.puzzle;
-                puzzle_sign_sgd(
-                    dev,
-                    table,
-                    &rows_d,
-                    &ids_d,
-                    ids.len(),
-                    ndim,
-                    num_ids,
-                    lr,
-                    wd,
-                )?;
-            } else {
-                dev.write(&self.acts.puzzle_ids, puzzle_ids)?;
-                let (table, ids) = (&self.w.puzzle, &self.acts.puzzle_ids);
-                let b = self.dm.b;
-                puzzle_sign_sgd(
-                    dev,
-                    table,
-                    &self.acts.dpuzzle,
-                    ids,
-                    b,
-                    ndim,
-                    num_ids,
-                    lr,
-                    wd,
-                )?;
-            }
+            dev.write(&self.acts.puzzle_ids, puzzle_ids)?;
+            dp.dc
+                .start_all_gather_i32(dev, &self.acts.puzzle_ids, b, &dp.ids)?;
+            dp.dc
+                .start_all_gather_f32(dev, &self.acts.dpuzzle, b * ndim, &dp.rows)?;
         }
+        dp.dc.finish(dev)?;
         Ok(())
     }
 
@@ -712,6 +917,11 @@ impl GpuEngine {
         if self.phase != Phase::Backward {
             return Err(TrmError::StepOrder.into());
         }
+        // Data parallel: the gradients summed over ranks (not yet scaled);
+        // a later finish of the same operations is free.
+        if let Some(dp) = self.dp.as_ref().filter(|dp| dp.started) {
+            dp.dc.finish(&self.dev)?;
+        }
         let flat = self.dev.download(&self.w.grad)?;
         let mut grads = Grads::zeros_like(&self.template, &self.dm);
         for (name, &off) in self.layout.compact.names.iter().zip(&self.layout.offsets) {
@@ -733,6 +943,30 @@ impl GpuEngine {
             grads,
         })
     }
+}
+
+/// The bucket plan of `layout`: each layer's range runs from its first
+/// tensor to the next layer's (padding included).
+fn bucket_plan(layout: &DeviceLayout, off: &Offsets, min_bytes: usize) -> BucketPlan {
+    let starts: Vec<usize> = off
+        .layers
+        .iter()
+        .map(|l| l.qkv.min(l.o).min(l.gate_up).min(l.down))
+        .collect();
+    let layers: Vec<std::ops::Range<usize>> = starts
+        .iter()
+        .enumerate()
+        .map(|(i, &a)| a..starts.get(i + 1).copied().unwrap_or(layout.len))
+        .collect();
+    // The prefix must hold only what is final at the end.
+    let first_layer = starts.first().copied().unwrap_or(layout.len);
+    let prefix_ok = [off.embed, off.lm_head, off.q_w, off.q_b]
+        .iter()
+        .all(|&o| o < first_layer);
+    if !prefix_ok {
+        return BucketPlan::new(layout.len, &[], 0);
+    }
+    BucketPlan::new(layout.len, &layers, min_bytes / std::mem::size_of::<f32>())
 }
 
 /// Bytes [`DeviceWeights::upload`] will allocate.

@@ -444,7 +444,25 @@ pub fn q_head_forward(net: &Net<'_>, z_h: &Buffer<bf16>, q: &Buffer<f32>) -> Res
 /// `inner_backward`), from `acts.dlogits` and `acts.dq`: every dense weight
 /// gradient but the Q bias accumulates into `gs` (zeroed by the caller),
 /// the input-embedding gradients land in `acts.dembed` / `acts.dpuzzle`.
+/// Written as its three parts, which data-parallel runs launch separately
+/// to reduce each layer's gradient as soon as it is final
+/// ([`super::buckets`]).
 pub fn inner_backward(
+    net: &Net<'_>,
+    l_cycles: usize,
+    acts: &Activations,
+    gs: &GradSink<'_>,
+) -> Result<(), CudaError> {
+    inner_backward_until_last_call(net, l_cycles, acts, gs)?;
+    for layer in (0..net.off.layers.len()).rev() {
+        last_call_layer_backward(net, acts, gs, layer)?;
+    }
+    inner_backward_tail(net, l_cycles, acts)
+}
+
+/// [`inner_backward`] up to the backward of the first L call (`tape[0]`,
+/// which runs last): the heads, the H call, the other L calls.
+pub fn inner_backward_until_last_call(
     net: &Net<'_>,
     l_cycles: usize,
     acts: &Activations,
@@ -485,12 +503,51 @@ pub fn inner_backward(
         true,
     )?;
     // zH' = L(zH, zL_n): dzL_n = dinj; then each L call in reverse:
-    // dh = L'(dzL_{i+1}), dx += dh, dzL_i = dh.
-    l_backward(net, &acts.tape[l_cycles], acts, gs)?;
+    // dh = L'(dzL_{i+1}), dx += dh, dzL_i = dh. With no L call the H call
+    // is tape[0], left for the last part.
+    if l_cycles > 0 {
+        l_backward(net, &acts.tape[l_cycles], acts, gs)?;
+    }
     dev.zero(&acts.dx)?;
-    for call in acts.tape[..l_cycles].iter().rev() {
+    for call in acts.tape[1..l_cycles.max(1)].iter().rev() {
         l_backward(net, call, acts, gs)?;
         add_bf16(dev, &acts.dx, &acts.dx, g, net.md())?;
+    }
+    Ok(())
+}
+
+/// The backward of `layer` in the first L call (`tape[0]`): after it, that
+/// layer's weight gradients are final. Layers run from the last to the first.
+pub fn last_call_layer_backward(
+    net: &Net<'_>,
+    acts: &Activations,
+    gs: &GradSink<'_>,
+    layer: usize,
+) -> Result<(), CudaError> {
+    let call = &acts.tape[0];
+    let lw =
+        net.off.layers.get(layer).ok_or_else(|| {
+            CudaError::Shape(format!("layer {layer} of {}", net.off.layers.len()))
+        })?;
+    block_backward(
+        net,
+        lw,
+        call.block_input(layer),
+        &call.blocks[layer],
+        acts,
+        gs,
+    )
+}
+
+/// The rest of [`inner_backward`]: the first L call's input gradient into
+/// `dx` (when that call is an L call), then the input embeddings' backward.
+pub fn inner_backward_tail(
+    net: &Net<'_>,
+    l_cycles: usize,
+    acts: &Activations,
+) -> Result<(), CudaError> {
+    if l_cycles > 0 {
+        add_bf16(net.dev, &acts.dx, &acts.dx, &acts.g, net.md())?;
     }
     input_embedding_backward(net, acts)
 }
