@@ -32,7 +32,7 @@ use trm::stepdump;
 use trm::tensor::Tensor;
 
 mod device;
-use device::Dev;
+use device::{rand_batch, Dev};
 
 /// Where a test body runs: the emulator of the kernels, or GPU 0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -291,26 +291,6 @@ fn rand_params(arch: &ArchConfig, seed: u64) -> Params<f32> {
         h_init: r(d, 1.0),
         l_init: r(d, 1.0),
     }
-}
-
-fn rand_batch(arch: &ArchConfig, b: usize, seed: u64) -> (Vec<i32>, Vec<i32>, Vec<i32>) {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let n = b * arch.seq_len;
-    let v = arch.vocab_size as i32;
-    let inputs = (0..n).map(|_| rng.gen_range(0..v)).collect();
-    let labels = (0..n)
-        .map(|_| {
-            if rng.gen_bool(0.3) {
-                -100
-            } else {
-                rng.gen_range(0..v)
-            }
-        })
-        .collect();
-    let ids = (0..b)
-        .map(|_| rng.gen_range(0..arch.num_puzzle_identifiers as i32))
-        .collect();
-    (inputs, labels, ids)
 }
 
 /// H 1 L 1, one layer, odd S (9 + 1), head dim 32.

@@ -32,7 +32,7 @@ use trm::model::weights::Weights;
 use trm::optim::AdamAtan2Config;
 
 mod device;
-use device::Dev;
+use device::{rand_batch, Dev};
 
 /// Two layers (so the device path has a bucket per layer and one for the
 /// prefix), L_cycles 2 (the backward's parts all do something), H_cycles 1
@@ -73,26 +73,6 @@ fn params(arch: &ArchConfig, seed: u64) -> Params<f32> {
 }
 
 type Data = (Vec<i32>, Vec<i32>, Vec<i32>);
-
-fn batch(arch: &ArchConfig, b: usize, seed: u64) -> Data {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let n = b * arch.seq_len;
-    let v = arch.vocab_size as i32;
-    let inputs = (0..n).map(|_| rng.gen_range(0..v)).collect();
-    let labels = (0..n)
-        .map(|_| {
-            if rng.gen_bool(0.3) {
-                -100
-            } else {
-                rng.gen_range(0..v)
-            }
-        })
-        .collect();
-    let ids = (0..b)
-        .map(|_| rng.gen_range(0..arch.num_puzzle_identifiers as i32))
-        .collect();
-    (inputs, labels, ids)
-}
 
 /// ACT steps from fresh carries; the losses.
 fn train(
@@ -244,7 +224,7 @@ impl DeviceCollective for MirrorDevice {
 fn device_buckets_match_the_host_reduction_emu() {
     let arch = config();
     let b = 2;
-    let data: Vec<Data> = (0..3).map(|i| batch(&arch, b, 50 + i)).collect();
+    let data: Vec<Data> = (0..3).map(|i| rand_batch(&arch, b, 50 + i)).collect();
     let new_engine = || {
         let mut e = GpuEngine::new(
             Device::Emu,
@@ -309,7 +289,7 @@ fn device_buckets_match_the_host_reduction_emu() {
 fn one_mirrored_rank_is_the_single_process_emu() {
     let arch = config();
     let b = 2;
-    let data: Vec<Data> = (0..2).map(|i| batch(&arch, b, 70 + i)).collect();
+    let data: Vec<Data> = (0..2).map(|i| rand_batch(&arch, b, 70 + i)).collect();
     let new_engine = || {
         GpuEngine::new(
             Device::Emu,
@@ -425,7 +405,7 @@ fn nccl_world_of_one_end_to_end_gpu() {
     // Training: the NCCL path (device buckets) against the single process.
     let arch = config();
     let b = 4;
-    let data: Vec<Data> = (0..4).map(|i| batch(&arch, b, 90 + i)).collect();
+    let data: Vec<Data> = (0..4).map(|i| rand_batch(&arch, b, 90 + i)).collect();
     let new_engine = || {
         let d = Device::gpu(0).expect("GPU 0");
         let mut e =
