@@ -16,6 +16,8 @@
 //!    builds), so the GPU runs the same self-tests as the emulator: some
 //!    arch.cuh wrappers have no other user yet.
 //!
+//! It also records the git commit (`TRM_GIT_COMMIT`, for `trm doctor`).
+//!
 //! nvcc is `$NVCC`, else `$CUDA_HOME/bin/nvcc`, else `nvcc` on `PATH`. Without
 //! one the build still succeeds, with one warning, and embeds no kernels;
 //! `tools/install-nvcc.sh` installs the pinned CUDA 13.0 nvcc.
@@ -86,6 +88,7 @@ fn run() -> Result<(), String> {
         println!("cargo:rerun-if-env-changed={var}");
     }
     println!("cargo:rerun-if-changed={}", kernels_dir.display());
+    record_git_commit(&manifest_dir);
 
     let mut sources = Vec::new();
     if kernels_dir.is_dir() {
@@ -379,6 +382,29 @@ fn build_emulator(
     build
         .try_compile("trm_emu")
         .map_err(|e| format!("compiling the CUDA emulator (kernels/*.cu, kernels/emu/) with the host C++ compiler: {e}"))
+}
+
+/// Sets `TRM_GIT_COMMIT` for the crate: `$TRM_GIT_COMMIT` when set (a
+/// source tree without .git, e.g. a Docker build), else `git rev-parse
+/// HEAD`, else "unknown"; never fails the build. No rerun-if-changed on
+/// .git: rerunning this script recompiles every kernel, so the commit is
+/// the one of the last time it ran (kernels or nvcc environment changed).
+fn record_git_commit(manifest_dir: &Path) {
+    println!("cargo:rerun-if-env-changed=TRM_GIT_COMMIT");
+    let from_env = env::var("TRM_GIT_COMMIT")
+        .ok()
+        .filter(|c| !c.trim().is_empty());
+    let commit = from_env.or_else(|| {
+        let out = Command::new("git")
+            .args(["rev-parse", "HEAD"])
+            .current_dir(manifest_dir)
+            .output()
+            .ok()?;
+        let text = String::from_utf8(out.stdout).ok()?;
+        (out.status.success() && !text.trim().is_empty()).then(|| text.trim().to_string())
+    });
+    let commit = commit.unwrap_or_else(|| "unknown".into());
+    println!("cargo:rustc-env=TRM_GIT_COMMIT={}", commit.trim());
 }
 
 /// The generated file of a build without nvcc: embeds nothing.

@@ -12,6 +12,7 @@ pub mod data;
 pub mod dataset_ref;
 pub mod demo;
 pub mod dist;
+pub mod doctor;
 pub mod errors;
 pub mod eval;
 pub mod infer;

@@ -95,8 +95,28 @@ enum Command {
             Example:\n  trm infer --model model --challenges arc-agi_test_challenges.json --out submission.json --fit-steps 200"
     )]
     Infer(InferArgs),
+    /// What trm will use on this machine: build, CUDA driver and GPUs, libraries, CPU, engine.
+    #[command(
+        long_about = "What trm will use on this machine, for bug reports and before a run: the build \
+            (version, commit, the CUDA kernels and their architectures, the emulator), the CUDA \
+            driver and every GPU with its compute capability and whether the kernels run on it, \
+            where cuBLASLt and NCCL were found (or every place searched), the CPU (model, threads, \
+            AVX2, AVX-512F, AMX), the engine `trm train` and `trm infer` pick with no --device \
+            (and no `device` in the run config), and the launcher's world from the environment.\n\n\
+            Anything missing is reported, never an error: the exit status is 0 unless the arguments \
+            are wrong. --json prints one JSON object for scripts (each probe as {\"ok\": ...} or \
+            {\"error\": \"...\"})."
+    )]
+    Doctor(DoctorArgs),
     /// One ACT training step from a fresh carry; writes outputs and gradients (parity checks against PyTorch).
     StepDump(trm::stepdump::StepDumpCli),
+}
+
+#[derive(Args)]
+struct DoctorArgs {
+    /// Print one JSON object instead of the text report.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -607,6 +627,16 @@ fn run_infer(a: InferArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn run_doctor(a: DoctorArgs) -> anyhow::Result<()> {
+    let report = trm::doctor::probe();
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.to_text());
+    }
+    Ok(())
+}
+
 fn run_plot(a: PlotArgs) -> anyhow::Result<()> {
     let files = trm::telemetry::plot::plot_run(&a.run_dir)?;
     for f in files {
@@ -624,6 +654,7 @@ fn main() -> ExitCode {
         Command::Plot(a) => run_plot(a),
         Command::Package(a) => run_package(a),
         Command::Infer(a) => run_infer(a),
+        Command::Doctor(a) => run_doctor(a),
         Command::StepDump(a) => trm::stepdump::run_on(&a.args, a.device),
     };
     match result {

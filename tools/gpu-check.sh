@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The device check: the one command for a lent H200, which also runs (with
 # the kernels on the CPU emulator) on any machine. It
+#   0. runs `trm doctor` first (at most 30 s, never failing the check), so the
+#      results start with what trm sees on the machine;
 #   1. builds the kernels with the pinned nvcc into sm_90a cubins (build.rs
 #      fails on any warning or register spill) and the kernel test binaries;
 #   2. finds libcuda and libcublasLt and puts them where cudarc's run-time
@@ -104,6 +106,8 @@ TORCH_STEP_TABLE=
 STEP_COMPARE_TABLE=
 SASS_TABLE=
 NVCC_VERSION=
+TRM_BIN=   # the trm binary (built alongside the tests, or DIR/bin/trm)
+DOCTOR=    # `trm doctor`'s report
 
 # Fields split by the unit separator: `read` would merge runs of tabs (empty fields).
 row() {
@@ -155,6 +159,12 @@ write_results() {
     echo "- GPU: ${gpu:-none listed by nvidia-smi}"
     echo "- nvcc: ${NVCC_VERSION:-unknown}"
     echo "- commit: $commit"
+    echo
+    echo "## trm doctor"
+    echo
+    echo '```'
+    echo "${DOCTOR:-(not run)}"
+    echo '```'
     echo
     echo "## Steps"
     echo
@@ -344,6 +354,7 @@ build() {
   while read -r kind name path; do
     case $kind in
       exe) EXE[$name]=$path ;;
+      bin) TRM_BIN=$path ;;
       out) [[ -f "$path/ptxas_report.tsv" ]] && REPORT="$path/ptxas_report.tsv" ;;
     esac
   done < <(python3 - "$LOGS/build.json" <<'PY'
@@ -356,6 +367,8 @@ for line in open(sys.argv[1]):
     kinds = m.get("target", {}).get("kind", [])
     if m.get("reason") == "compiler-artifact" and m.get("executable") and ("test" in kinds or "bench" in kinds):
         print("exe", m["target"]["name"], m["executable"])
+    elif m.get("reason") == "compiler-artifact" and m.get("executable") and "bin" in kinds and m["target"]["name"] == "trm":
+        print("bin", "trm", m["executable"])
     elif m.get("reason") == "build-script-executed" and "#trm@" in m.get("package_id", ""):
         print("out", "trm", m["out_dir"])
 PY
@@ -503,6 +516,9 @@ case $mode in
       cp "${EXE[$s]}" "$dir/bin/$s"
       strip --strip-debug "$dir/bin/$s" 2>/dev/null || true
     done
+    [[ -n "$TRM_BIN" ]] || die "the build made no trm binary (for trm doctor)"
+    cp "$TRM_BIN" "$dir/bin/trm"
+    strip --strip-debug "$dir/bin/trm" 2>/dev/null || true
     cp "$REPORT" "$dir/ptxas_report.tsv"
     # The cubins, for the SASS check on the device (cuobjdump is there, not here).
     mkdir -p "$dir/cubin"
@@ -519,10 +535,27 @@ case $mode in
     for s in $(all_targets "${EMU_SUITES[@]}" "${GPU_SUITES[@]}" "${MEMCHECK_SUITES[@]}" "${BENCHES[@]}"); do
       EXE[$s]="$dir/bin/$s"
     done
+    TRM_BIN="$dir/bin/trm"
     ;;
 esac
 
 setup_libraries
+
+# --- trm doctor: what trm sees here, before anything else runs ------------------
+# With the library links of setup_libraries, as the tests get them. Its
+# outcome is information only: the check goes on whatever it says.
+if [[ -x "$TRM_BIN" ]]; then
+  t0=$SECONDS
+  doctor_status=0
+  DOCTOR=$(timeout 30 "$TRM_BIN" doctor 2>&1) || doctor_status=$?
+  echo "$DOCTOR"
+  result="report in the results"
+  ((doctor_status == 0)) || result="exit status $doctor_status (output in the results)"
+  row "trm doctor" "" "$result" $((SECONDS - t0)) info
+else
+  DOCTOR="(no trm binary${TRM_BIN:+ at $TRM_BIN}; run --prepare again?)"
+  row "trm doctor" "" "no trm binary" "" warn
+fi
 # NCCL here runs a world of one rank: loopback is all the network it needs
 # (no hunt for interfaces or InfiniBand), and its warnings go to the logs.
 export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-lo} NCCL_DEBUG=${NCCL_DEBUG:-WARN}

@@ -171,8 +171,9 @@ pub fn resolve_with(
 }
 
 /// Ok when the kernels are built in and GPU `ordinal` is there with
-/// compute capability 9.0 (what the sm_90a cubins load on).
-fn usable_gpu(ordinal: usize, offer: &CudaOffer<'_>) -> Result<(), DeviceError> {
+/// compute capability 9.0 (what the sm_90a cubins load on). `trm doctor`
+/// asks it of every GPU.
+pub fn usable_gpu(ordinal: usize, offer: &CudaOffer<'_>) -> Result<(), DeviceError> {
     if !offer.kernels {
         return Err(DeviceError::NoKernels);
     }
