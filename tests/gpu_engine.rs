@@ -523,6 +523,9 @@ fn resume_on_the_cuda_engine_is_bit_identical(t: Target) {
     assert_eq!(a.ema, c.ema);
     assert_eq!(a.z_h, c.z_h);
     assert_eq!(a.z_l, c.z_l);
+    // What ranks other than 0 send for a checkpoint: the same carry.
+    let (z_h, z_l) = whole.export_carry().expect("export carry");
+    assert_eq!((z_h, z_l), (a.z_h, a.z_l));
 }
 
 on_both!(

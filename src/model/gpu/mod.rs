@@ -1089,6 +1089,12 @@ impl Engine for GpuEngine {
         self.export_state_impl()
     }
 
+    /// Only the carry: ranks other than 0 need no copy of the weights or of
+    /// the puzzle table (2.4 GB at the ARC config) at a checkpoint.
+    fn export_carry(&self) -> Result<(Vec<f32>, Vec<f32>), EngineError> {
+        Ok(self.carry_host()?)
+    }
+
     fn import_state(&mut self, state: EngineState) -> Result<(), EngineError> {
         self.import_state_impl(state)
     }
