@@ -514,11 +514,17 @@ case $mode in
     mkdir -p "$dir/bin"
     for s in $(all_targets "${EMU_SUITES[@]}" "${GPU_SUITES[@]}" "${MEMCHECK_SUITES[@]}" "${BENCHES[@]}"); do
       cp "${EXE[$s]}" "$dir/bin/$s"
-      strip --strip-debug "$dir/bin/$s" 2>/dev/null || true
     done
     [[ -n "$TRM_BIN" ]] || die "the build made no trm binary (for trm doctor)"
     cp "$TRM_BIN" "$dir/bin/trm"
-    strip --strip-debug "$dir/bin/trm" 2>/dev/null || true
+    # Stripped and gzipped: what the device call carries is capped (64 MiB
+    # with everything else); --prebuilt unpacks them (60 MB -> ~19 MB).
+    for f in "$dir"/bin/*; do
+      strip --strip-debug "$f" 2>/dev/null || true
+      gzip -9 -f "$f"
+    done
+    size=$(du -sb "$dir" | cut -f1)
+    ((size < 48 * 1024 * 1024)) || die "$dir is $((size / 1024 / 1024)) MiB: too big to carry to the device (limit 64 MiB with the tree)"
     cp "$REPORT" "$dir/ptxas_report.tsv"
     # The cubins, for the SASS check on the device (cuobjdump is there, not here).
     mkdir -p "$dir/cubin"
@@ -532,10 +538,19 @@ case $mode in
     [[ -f "$dir/ptxas_report.tsv" && -f "$dir/manifest" ]] || die "$dir was not made by --prepare"
     REPORT="$dir/ptxas_report.tsv"
     NVCC_VERSION="$(sed -n 1p "$dir/manifest") (built where --prepare ran)"
-    for s in $(all_targets "${EMU_SUITES[@]}" "${GPU_SUITES[@]}" "${MEMCHECK_SUITES[@]}" "${BENCHES[@]}"); do
-      EXE[$s]="$dir/bin/$s"
+    # The binaries come gzipped (see prepare); unpacked outside $dir, which
+    # may be read-only, and outside $LOGS, which goes to the results.
+    BIN_DIR=$(mktemp -d)
+    for f in "$dir"/bin/*.gz; do
+      [[ -e $f ]] || die "$dir/bin holds no binaries (run --prepare again)"
+      name=$(basename "$f" .gz)
+      gzip -dc "$f" >"$BIN_DIR/$name" || die "cannot unpack $f"
+      chmod +x "$BIN_DIR/$name"
     done
-    TRM_BIN="$dir/bin/trm"
+    for s in $(all_targets "${EMU_SUITES[@]}" "${GPU_SUITES[@]}" "${MEMCHECK_SUITES[@]}" "${BENCHES[@]}"); do
+      EXE[$s]="$BIN_DIR/$s"
+    done
+    TRM_BIN="$BIN_DIR/trm"
     ;;
 esac
 
