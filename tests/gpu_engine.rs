@@ -15,8 +15,6 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 use trm::backend::cuda::Device;
 use trm::dist::SingleProcess;
 use trm::model::act;
@@ -26,13 +24,15 @@ use trm::model::device_choice::{self, DeviceKind};
 use trm::model::engine::{Engine, EngineConfig, EvalNet, OptimStep};
 use trm::model::gpu::GpuEngine;
 use trm::model::safetensors_io;
-use trm::model::trm::{check_supported, Batch, Dims, LayerParams, Params};
+use trm::model::trm::{check_supported, Batch, Dims, Params};
 use trm::optim::AdamAtan2Config;
 use trm::stepdump;
 use trm::tensor::Tensor;
 
 mod device;
-use device::{rand_batch, Dev};
+use device::Dev;
+mod fixtures;
+use fixtures::{rand_batch, rand_params};
 
 /// Where a test body runs: the emulator of the kernels, or GPU 0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -262,36 +262,6 @@ fn golden_bf16_errors_are_as_tabulated() {
 
 // ---------------------------------------------------------------------------
 // against the CPU engine at configs without a golden case
-
-fn rand_params(arch: &ArchConfig, seed: u64) -> Params<f32> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let dm = Dims::new(arch, 1);
-    let mut r = |n: usize, std: f64| -> Vec<f32> {
-        (0..n)
-            .map(|_| (rng.gen_range(-1.0..1.0) * std * 1.7) as f32)
-            .collect()
-    };
-    let (d, f, v) = (dm.d, dm.f, dm.v);
-    let sd = 1.0 / (d as f64).sqrt();
-    let layers = (0..arch.l_layers)
-        .map(|_| LayerParams {
-            qkv: r(3 * d * d, sd),
-            o: r(d * d, sd),
-            gate_up: r(2 * f * d, sd),
-            down: r(d * f, 1.0 / (f as f64).sqrt()),
-        })
-        .collect();
-    Params {
-        embed: r(v * d, sd),
-        puzzle_emb: r(arch.num_puzzle_identifiers * dm.ndim, 0.5),
-        layers,
-        lm_head: r(v * d, sd),
-        q_w: r(2 * d, sd),
-        q_b: r(2, 1.0),
-        h_init: r(d, 1.0),
-        l_init: r(d, 1.0),
-    }
-}
 
 /// H 1 L 1, one layer, odd S (9 + 1), head dim 32.
 fn config_h1_l1_odd() -> ArchConfig {

@@ -19,6 +19,9 @@ use trm::model::trm::{
 };
 use trm::tensor::Tensor;
 
+mod fixtures;
+use fixtures::{rand_batch, rand_params};
+
 /// D 16, 2 heads, S 12 (+2 puzzle positions), 2 layers, H 2, L 2, V 6.
 fn tiny_config() -> ArchConfig {
     let mut c = ArchConfig::trm_default(12, 6, 5);
@@ -33,56 +36,6 @@ fn tiny_config() -> ArchConfig {
     c.pos_encodings = PosEncodings::Rope;
     c.forward_dtype = "float32".into();
     c
-}
-
-fn rand_params(cfg: &ArchConfig, seed: u64) -> Params<f64> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let dm = Dims::new(cfg, 1);
-    let mut r = |n: usize, std: f64| -> Vec<f64> {
-        (0..n)
-            .map(|_| rng.gen_range(-1.0..1.0) * std * 1.7)
-            .collect()
-    };
-    let (d, f, v) = (dm.d, dm.f, dm.v);
-    let sd = 1.0 / (d as f64).sqrt();
-    let layers = (0..cfg.l_layers)
-        .map(|_| trm::model::trm::LayerParams {
-            qkv: r(3 * d * d, sd),
-            o: r(d * d, sd),
-            gate_up: r(2 * f * d, sd),
-            down: r(d * f, 1.0 / (f as f64).sqrt()),
-        })
-        .collect();
-    Params {
-        embed: r(v * d, sd),
-        puzzle_emb: r(cfg.num_puzzle_identifiers * dm.ndim, 0.5),
-        layers,
-        lm_head: r(v * d, sd),
-        q_w: r(2 * d, sd),
-        q_b: r(2, 1.0),
-        h_init: r(d, 1.0),
-        l_init: r(d, 1.0),
-    }
-}
-
-fn rand_batch(cfg: &ArchConfig, b: usize, seed: u64) -> (Vec<i32>, Vec<i32>, Vec<i32>) {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let n = b * cfg.seq_len;
-    let v = cfg.vocab_size as i32;
-    let inputs: Vec<i32> = (0..n).map(|_| rng.gen_range(0..v)).collect();
-    let labels: Vec<i32> = (0..n)
-        .map(|_| {
-            if rng.gen_bool(0.3) {
-                -100
-            } else {
-                rng.gen_range(0..v)
-            }
-        })
-        .collect();
-    let pids: Vec<i32> = (0..b)
-        .map(|_| rng.gen_range(0..cfg.num_puzzle_identifiers as i32))
-        .collect();
-    (inputs, labels, pids)
 }
 
 /// Every trainable parameter buffer (and its gradient) by name.
@@ -145,7 +98,7 @@ fn full_act_step_gradcheck_f64() {
         puzzle_ids: &pids,
         b,
     };
-    let mut p = rand_params(&cfg, 3);
+    let mut p = rand_params::<f64>(&cfg, 3);
     let r = act_step_train_generic(&cfg, &p, &batch).expect("step");
     let g = r.grads.clone();
     let fz = frozen(&cfg, &p, &batch);
@@ -238,7 +191,7 @@ fn gradcheck_single_cycle_odd_shapes() {
         puzzle_ids: &pids,
         b,
     };
-    let mut p = rand_params(&cfg, 4);
+    let mut p = rand_params::<f64>(&cfg, 4);
     let g = act_step_train_generic(&cfg, &p, &batch)
         .expect("step")
         .grads;
@@ -271,7 +224,7 @@ fn zero_q_head_gives_minus_five_and_padding_is_zero() {
     let cfg = tiny_config();
     let b = 2;
     let (inputs, labels, pids) = rand_batch(&cfg, b, 9);
-    let mut p = rand_params(&cfg, 5);
+    let mut p = rand_params::<f64>(&cfg, 5);
     p.q_w.iter_mut().for_each(|x| *x = 0.0);
     p.q_b = vec![-5.0, -5.0];
     let batch = Batch {
@@ -302,7 +255,7 @@ fn batch_permutation_permutes_outputs() {
     let cfg = tiny_config();
     let b = 3;
     let (inputs, labels, pids) = rand_batch(&cfg, b, 10);
-    let p = rand_params(&cfg, 6);
+    let p = rand_params::<f64>(&cfg, 6);
     let run = |order: &[usize]| {
         let n = cfg.seq_len;
         let pick = |v: &[i32], w: usize| -> Vec<i32> {
@@ -434,7 +387,7 @@ fn step_entry_points_refuse_misshapen_carries() {
     let cfg = tiny_config();
     let b = 2;
     let (inputs, labels, pids) = rand_batch(&cfg, b, 11);
-    let p = rand_params(&cfg, 6);
+    let p = rand_params::<f64>(&cfg, 6);
     let batch = Batch {
         inputs: &inputs,
         labels: &labels,

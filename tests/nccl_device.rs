@@ -32,7 +32,9 @@ use trm::model::weights::Weights;
 use trm::optim::AdamAtan2Config;
 
 mod device;
-use device::{rand_batch, Dev};
+use device::Dev;
+mod fixtures;
+use fixtures::rand_batch;
 
 /// Two layers (so the device path has a bucket per layer and one for the
 /// prefix), L_cycles 2 (the backward's parts all do something), H_cycles 1

@@ -112,30 +112,3 @@ pub fn to_bf16(x: &[f32]) -> Vec<half::bf16> {
 pub fn to_f32(x: &[half::bf16]) -> Vec<f32> {
     x.iter().map(|v| v.to_f32()).collect()
 }
-
-/// A random training batch for `arch`: `b` samples of tokens, labels with
-/// about 30 % ignored (-100), and puzzle ids, from `seed`.
-pub fn rand_batch(
-    arch: &trm::model::config::ArchConfig,
-    b: usize,
-    seed: u64,
-) -> (Vec<i32>, Vec<i32>, Vec<i32>) {
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let n = b * arch.seq_len;
-    let v = arch.vocab_size as i32;
-    let inputs = (0..n).map(|_| rng.gen_range(0..v)).collect();
-    let labels = (0..n)
-        .map(|_| {
-            if rng.gen_bool(0.3) {
-                -100
-            } else {
-                rng.gen_range(0..v)
-            }
-        })
-        .collect();
-    let ids = (0..b)
-        .map(|_| rng.gen_range(0..arch.num_puzzle_identifiers as i32))
-        .collect();
-    (inputs, labels, ids)
-}
