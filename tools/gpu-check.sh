@@ -768,41 +768,54 @@ torch_python() {
   return 0
 }
 
-run_torch_baseline() {
+# One PyTorch baseline script: LABEL (its row), NAME (its log, NAME.log), its
+# own limit in seconds, the variable that receives its table, the pattern of
+# a timing line in its output (empty: a clean exit is enough), then the script
+# and its arguments. A baseline, not our code: a failure is shown, but it is
+# not a failure of the check.
+run_torch_script() {
+  local label=$1 name=$2 max_s=$3 table_var=$4 timing=$5
+  shift 5
   local py
   if ((REQUIRE_GPU == 0)); then
-    row "torch attention" "GPU (none)" "not run: no GPU" "" info
+    row "$label" "GPU (none)" "not run: no GPU" "" info
     return
   fi
   py=$(torch_python)
   if [[ -z "$py" ]]; then
-    row "torch attention" "GPU" "not run: no python3 with torch" "" info
+    row "$label" "GPU" "not run: no python3 with torch" "" info
     return
   fi
-  have_time "torch attention" "GPU" || return 0
-  local limit t0=$SECONDS status=0
-  limit=$(min "$(left)" "$TORCH_LIMIT_S")
-  log "running the PyTorch attention baseline ($py, at most $limit s)"
+  have_time "$label" "GPU" || return 0
+  local limit t0=$SECONDS status=0 table n
+  limit=$(min "$(left)" "$max_s")
+  log "running the $label baseline ($py, at most $limit s)"
   # Torch loads its own CUDA libraries: the caller's loader path, not ours.
-  LD_LIBRARY_PATH=$ORIG_LD_LIBRARY_PATH timeout -k 5 "$limit" "$py" tools/bench_attention_torch.py \
-    --json "$LOGS/torch-attention.json" >"$LOGS/torch-attention.log" 2>&1 || status=$?
-  TORCH_TABLE=$(grep -v -E '^(Traceback|  File|    )' "$LOGS/torch-attention.log" | tail -n 30)
-  echo "$TORCH_TABLE"
+  LD_LIBRARY_PATH=$ORIG_LD_LIBRARY_PATH timeout -k 5 "$limit" "$py" "$@" \
+    >"$LOGS/$name.log" 2>&1 || status=$?
+  table=$(grep -v -E '^(Traceback|  File|    )' "$LOGS/$name.log" | tail -n 30)
+  echo "$table"
   if ((status != 0)); then
-    ((status == 124 || status == 137)) && TORCH_TABLE="timed out after $limit s"$'\n'"$TORCH_TABLE"
-    DETAILS+=("[torch attention] (log torch-attention.log, exit $status)")
-    mapfile -t -O "${#DETAILS[@]}" DETAILS < <(tail -n 6 "$LOGS/torch-attention.log" | cut -c1-220)
-    # A baseline, not our kernels: shown, but not a failure of the check.
-    row "torch attention" "GPU" "FAILED: exit $status (log torch-attention.log)" $((SECONDS - t0)) warn
+    ((status == 124 || status == 137)) && table="timed out after $limit s"$'\n'"$table"
+    DETAILS+=("[$label] (log $name.log, exit $status)")
+    mapfile -t -O "${#DETAILS[@]}" DETAILS < <(tail -n 6 "$LOGS/$name.log" | cut -c1-220)
+    row "$label" "GPU" "FAILED: exit $status (log $name.log)" $((SECONDS - t0)) warn
+  elif [[ -z $timing ]]; then
+    row "$label" "GPU" "done (results)" $((SECONDS - t0)) ok
   else
-    local n
-    n=$(grep -c -E ' (fwd|fwd\+bwd) ' "$LOGS/torch-attention.log" || true)
+    n=$(grep -c -E "$timing" "$LOGS/$name.log" || true)
     if ((n > 0)); then
-      row "torch attention" "GPU" "$n timings (results)" $((SECONDS - t0)) ok
+      row "$label" "GPU" "$n timings (results)" $((SECONDS - t0)) ok
     else
-      row "torch attention" "GPU" "no timings: $(tail -n 1 "$LOGS/torch-attention.log" | cut -c1-120)" $((SECONDS - t0)) warn
+      row "$label" "GPU" "no timings: $(tail -n 1 "$LOGS/$name.log" | cut -c1-120)" $((SECONDS - t0)) warn
     fi
   fi
+  printf -v "$table_var" '%s' "$table"
+}
+
+run_torch_baseline() {
+  run_torch_script "torch attention" torch-attention "$TORCH_LIMIT_S" TORCH_TABLE ' (fwd|fwd\+bwd) ' \
+    tools/bench_attention_torch.py --json "$LOGS/torch-attention.json"
 }
 
 run_torch_baseline
@@ -810,32 +823,8 @@ run_torch_baseline
 # --- the PyTorch ACT step ------------------------------------------------------------
 
 run_torch_step() {
-  local py
-  if ((REQUIRE_GPU == 0)); then
-    row "torch ACT step" "GPU (none)" "not run: no GPU" "" info
-    return
-  fi
-  py=$(torch_python)
-  if [[ -z "$py" ]]; then
-    row "torch ACT step" "GPU" "not run: no python3 with torch" "" info
-    return
-  fi
-  have_time "torch ACT step" "GPU" || return 0
-  local limit t0=$SECONDS status=0
-  limit=$(min "$(left)" "$TORCH_STEP_LIMIT_S")
-  log "running the PyTorch ACT-step baseline ($py, at most $limit s)"
-  LD_LIBRARY_PATH=$ORIG_LD_LIBRARY_PATH timeout -k 5 "$limit" "$py" tools/bench_torch_gpu.py \
-    --l-cycles 4 --batches 96,192,384 --json "$LOGS/torch-step.json" >"$LOGS/torch-step.log" 2>&1 || status=$?
-  TORCH_STEP_TABLE=$(grep -v -E '^(Traceback|  File|    )' "$LOGS/torch-step.log" | tail -n 30)
-  echo "$TORCH_STEP_TABLE"
-  if ((status != 0)); then
-    ((status == 124 || status == 137)) && TORCH_STEP_TABLE="timed out after $limit s"$'\n'"$TORCH_STEP_TABLE"
-    DETAILS+=("[torch ACT step] (log torch-step.log, exit $status)")
-    mapfile -t -O "${#DETAILS[@]}" DETAILS < <(tail -n 6 "$LOGS/torch-step.log" | cut -c1-220)
-    row "torch ACT step" "GPU" "FAILED: exit $status (log torch-step.log)" $((SECONDS - t0)) warn
-  else
-    row "torch ACT step" "GPU" "done (results)" $((SECONDS - t0)) ok
-  fi
+  run_torch_script "torch ACT step" torch-step "$TORCH_STEP_LIMIT_S" TORCH_STEP_TABLE '' \
+    tools/bench_torch_gpu.py --l-cycles 4 --batches 96,192,384 --json "$LOGS/torch-step.json"
 }
 
 # Our train-step rows against PyTorch's eager and compiled rows of the same
