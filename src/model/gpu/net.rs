@@ -20,7 +20,7 @@ use crate::backend::cuda::ops::{
     swiglu_backward, swiglu_forward, AttentionShape, EmbeddingShape,
 };
 use crate::backend::cuda::{Buffer, CudaError, Device};
-use crate::model::gpu::plan::{Activations, BlockSlot, TapeCall};
+use crate::model::gpu::plan::{self, Activations, BlockSlot, TapeCall};
 use crate::model::gpu::weights::{LayerOffsets, Offsets};
 use crate::model::trm::Dims;
 
@@ -105,16 +105,7 @@ pub fn input_embedding_forward(
 }
 
 fn embedding_shape(net: &Net<'_>) -> EmbeddingShape {
-    let dm = &net.dm;
-    EmbeddingShape {
-        b: dm.b,
-        t: dm.seq,
-        p: dm.p,
-        d: dm.d,
-        v: dm.v,
-        ndim: dm.ndim,
-        num_puzzle_ids: net.num_puzzle_ids,
-    }
+    plan::embedding_shape(&net.dm, net.num_puzzle_ids)
 }
 
 /// Backward of [`input_embedding_forward`] from `acts.dx`: the token-table

@@ -119,18 +119,23 @@ pub struct PlanShape {
     pub layers: usize,
 }
 
-/// f32 elements of [`Activations::dembed_scratch`] for the sizes `dm`.
-fn dembed_scratch_len(dm: &Dims) -> usize {
-    input_embedding_backward_scratch_len(&EmbeddingShape {
+/// The input embedding's sizes for `dm`, with a table of `num_puzzle_ids` rows.
+pub(super) fn embedding_shape(dm: &Dims, num_puzzle_ids: usize) -> EmbeddingShape {
+    EmbeddingShape {
         b: dm.b,
         t: dm.seq,
         p: dm.p,
         d: dm.d,
         v: dm.v,
         ndim: dm.ndim,
-        // The table's rows do not size the scratch.
-        num_puzzle_ids: 0,
-    })
+        num_puzzle_ids,
+    }
+}
+
+/// f32 elements of [`Activations::dembed_scratch`] for the sizes `dm`
+/// (the table's rows do not size the scratch).
+fn dembed_scratch_len(dm: &Dims) -> usize {
+    input_embedding_backward_scratch_len(&embedding_shape(dm, 0))
 }
 
 /// Element counts of the plan's buffers by kind (bf16, f32, i32), in the
