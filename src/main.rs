@@ -207,6 +207,24 @@ struct InferArgs {
     /// else cpu.
     #[arg(long, value_enum)]
     device: Option<DeviceKind>,
+    /// GPUs to split the batches over: `all` (the default with cuda: every
+    /// usable GPU that CUDA_VISIBLE_DEVICES leaves visible) or numbers like
+    /// 0,1. Votes are gathered here, so the submission is the one a single
+    /// GPU writes. With --device emu, one emulated device per number.
+    #[arg(long, value_name = "all|N,N,...")]
+    devices: Option<trm::infer::DeviceList>,
+    /// Vote with at most N augmented copies per puzzle (the first N of the
+    /// model's draw, which keep their trained embeddings): faster, usually
+    /// a little less accurate.
+    #[arg(long, value_name = "N")]
+    max_aug: Option<usize>,
+    /// Wall-clock budget of the whole command, e.g. 9h, 45m, 1h30m or
+    /// seconds. One warm batch per device estimates the run up front; if it
+    /// would not fit, fewer augmented copies vote (as --max-aug, said on
+    /// stderr). Near the limit the run stops taking batches and writes the
+    /// submission from what it has.
+    #[arg(long, value_name = "DURATION", value_parser = trm::infer::parse_duration)]
+    time_limit: Option<std::time::Duration>,
 }
 
 #[derive(Args)]
@@ -590,6 +608,9 @@ fn run_infer(a: InferArgs) -> anyhow::Result<()> {
         progress: !a.quiet,
         verbose: !a.quiet,
         device: a.device,
+        devices: a.devices,
+        max_aug: a.max_aug,
+        time_limit: a.time_limit,
         ..trm::infer::InferOptions::new(&a.model, &a.challenges)
     };
     let out = trm::infer::infer(&opts)?;
@@ -601,10 +622,12 @@ fn run_infer(a: InferArgs) -> anyhow::Result<()> {
     }
     trm::infer::write_submission(&a.out, &out.result)?;
     println!(
-        "submission: {} ({} puzzles, {} test examples with augmentations)",
+        "submission: {} ({} puzzles, {} test examples, {} augmented copies per puzzle, on {})",
         a.out.display(),
         out.puzzle_ids.len(),
-        out.examples
+        out.examples,
+        out.augmentations,
+        out.devices.join(", ")
     );
     if !out.unknown_puzzles.is_empty() {
         println!(

@@ -755,3 +755,159 @@ fn infer_on_the_cuda_engine_emulator_matches_the_cpu_engine() {
         "{same} of {total} first attempts agree"
     );
 }
+
+/// Several devices split the batches and the votes are gathered here in
+/// the one-device order: two emulated devices write the bytes one writes.
+/// Batches of 4 over 16 examples, so both devices run some.
+#[test]
+fn two_emulated_devices_write_the_one_device_submission() {
+    let f = fixture();
+    let dir = f.root.join("emu-devices");
+    let common = ["--device", "emu", "--max-aug", "1", "--batch-size", "4"];
+    let one = dir.join("one").join("submission.json");
+    let run = cli_infer(f, &one, &common);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let two = dir.join("two").join("submission.json");
+    let run = cli_infer(f, &two, &[&common[..], &["--devices", "0,1"]].concat());
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(
+        stdout.contains(&format!(
+            "{} test examples, 1 augmented copies per puzzle, on emu:0, emu:1",
+            EVAL_PUZZLES * 2
+        )),
+        "{stdout}"
+    );
+    assert!(stderr.contains("4 batches of 4 on 2 devices"), "{stderr}");
+    assert_eq!(std::fs::read(&one).unwrap(), std::fs::read(&two).unwrap());
+}
+
+/// The submission of a run that keeps `--max-aug` copies is valid for
+/// Kaggle: every task, one entry per test input, two grids each.
+fn assert_kaggle_submission(sub: &Value, challenges: &Value) {
+    let tasks = challenges.as_object().expect("challenges object");
+    let sub = sub.as_object().expect("submission object");
+    assert_eq!(sub.len(), tasks.len());
+    for (id, task) in tasks {
+        let tests = task["test"].as_array().expect("test list").len();
+        let entries = sub[id]
+            .as_array()
+            .unwrap_or_else(|| panic!("no entry for {id}"));
+        assert_eq!(entries.len(), tests, "{id}");
+        for e in entries {
+            for a in ["attempt_1", "attempt_2"] {
+                let g = e[a].as_array().unwrap_or_else(|| panic!("{id}: no {a}"));
+                assert!((1..=30).contains(&g.len()), "{id} {a}");
+                for row in g {
+                    let row = row.as_array().expect("grid row");
+                    assert!((1..=30).contains(&row.len()), "{id} {a}");
+                    assert!(
+                        row.iter().all(|v| v.as_u64().is_some_and(|v| v <= 9)),
+                        "{id} {a}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// A time limit the run fits in changes nothing (the probe batches are
+/// not counted); one it cannot fit lowers the copies up front, says so,
+/// stops at the limit and still writes a whole submission.
+#[test]
+fn time_limit_lowers_the_augmentations_up_front() {
+    let f = fixture();
+    let dir = f.root.join("time-limit");
+    let plain = dir.join("plain.json");
+    let run = cli_infer(f, &plain, &[]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+
+    let roomy = dir.join("roomy.json");
+    let run = cli_infer(f, &roomy, &["--time-limit", "1h"]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("time limit 1h00m00s: the run is estimated at"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("lowering"), "{stderr}");
+    assert_eq!(
+        std::fs::read(&plain).unwrap(),
+        std::fs::read(&roomy).unwrap()
+    );
+
+    // 1 ms: not even the originals fit, and the limit has passed after the
+    // first batch.
+    let tight = dir.join("tight.json");
+    let run = cli_infer(f, &tight, &["--time-limit", "0.001", "--batch-size", "4"]);
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{NUM_AUG} augmented copies per puzzle would take about"
+        )) && stderr.contains("lowering to 0 (the first of the model's draw; same as --max-aug 0)")
+            && stderr.contains("still over the time left"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("--time-limit reached after 4 of 8 examples"),
+        "{stderr}"
+    );
+    assert!(
+        stdout.contains("4 test examples, 0 augmented copies per puzzle, on cpu"),
+        "{stdout}"
+    );
+    assert_kaggle_submission(&read_json(&tight), &read_json(&f.challenges));
+    assert_kaggle_submission(&read_json(&plain), &read_json(&f.challenges));
+}
+
+/// `--max-aug` keeps the first copies of each puzzle's group, which keep
+/// their trained embeddings: no warning about untrained puzzles.
+#[test]
+fn max_aug_runs_a_prefix_of_the_trained_copies() {
+    let f = fixture();
+    let out = infer(&InferOptions {
+        max_aug: Some(1),
+        ..options(f, &f.model, &f.challenges)
+    })
+    .unwrap();
+    assert_eq!(out.examples, EVAL_PUZZLES * 2);
+    assert_eq!(out.augmentations, 1);
+    assert!(out.warnings.is_empty(), "{:?}", out.warnings);
+    let full = infer(&options(f, &f.model, &f.challenges)).unwrap();
+    assert_eq!(full.examples, EVAL_PUZZLES * (NUM_AUG + 1));
+    assert_eq!(full.augmentations, NUM_AUG);
+}
+
+/// `--devices` that cannot apply are refused before any work, naming why.
+#[test]
+fn bad_device_lists_are_refused() {
+    let f = fixture();
+    let out = f.root.join("bad-devices.json");
+    for (extra, want) in [
+        (
+            &["--device", "cpu", "--devices", "0,1"][..],
+            "--device cuda or emu",
+        ),
+        (&["--devices", "0,x"][..], "not a device number"),
+        (&["--devices", "1,1"][..], "listed twice"),
+        (&["--time-limit", "soon"][..], "not a duration"),
+        (&["--time-limit", "0"][..], "more than 0"),
+    ] {
+        let run = cli_infer(f, &out, extra);
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(!run.status.success(), "{extra:?} accepted");
+        assert!(stderr.contains(want), "{extra:?}: {stderr}");
+        assert!(!out.exists());
+    }
+}

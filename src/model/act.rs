@@ -304,6 +304,17 @@ pub struct EvalOutputs {
     pub q_halt: Vec<f32>,
 }
 
+impl EvalOutputs {
+    /// Appends `other`'s examples after these (same `seq_len`).
+    pub fn append(&mut self, other: EvalOutputs) {
+        debug_assert!(other.puzzle_ids.is_empty() || other.seq_len == self.seq_len);
+        self.puzzle_ids.extend(other.puzzle_ids);
+        self.inputs.extend(other.inputs);
+        self.preds.extend(other.preds);
+        self.q_halt.extend(other.q_halt);
+    }
+}
+
 /// Runs every batch of `batches` (test batches: every example once, the last
 /// padded with `blank_id` rows) for `halt_max_steps` steps (spec section 5,
 /// evaluation) and returns per-set metric sums and the outputs of the
@@ -347,50 +358,68 @@ pub fn evaluate_with(
         seq_len: dm.seq,
         ..EvalOutputs::default()
     };
-    let max = arch.halt_max_steps.max(1);
     for batch in batches {
-        check_batch_shape(&dm, &batch, "test inputs")?;
-        let slots = Batch {
-            inputs: &batch.inputs,
-            labels: &batch.labels,
-            puzzle_ids: &batch.puzzle_identifiers,
-            b: dm.b,
-        };
-        slots.validate(arch)?;
-        // Every sample runs the full `halt_max_steps`, as the reference
-        // evaluates; only the last step's outputs count.
-        let (logits, q) = net.eval_steps(&slots, max)?;
-        let (loss, _, _) = act_loss(&dm, &logits, &q, &batch.labels, None);
-        let q_halt: Vec<f32> = (0..dm.b).map(|b| q[b * 2]).collect();
-        let steps = vec![max as i32; dm.b];
-        let m = StepMetrics::from_step(&loss, &q_halt, &vec![true; dm.b], &steps, false);
+        let (m, out) = evaluate_batch(net, &dm, arch, &batch, blank_id)?;
         per_set.entry(batch.set_name.clone()).or_default().add(&m);
-        // outputs of real (non-padding) rows
-        let before = outs.q_halt.len();
-        for (b, &qh) in q_halt.iter().enumerate() {
-            let lab = &batch.labels[b * dm.seq..(b + 1) * dm.seq];
-            let pad = lab
-                .iter()
-                .all(|&l| l == crate::data::loader::IGNORE_LABEL_ID)
-                && batch.puzzle_identifiers[b] as i64 == blank_id;
-            if pad {
-                continue;
-            }
-            outs.puzzle_ids.push(batch.puzzle_identifiers[b]);
-            outs.inputs
-                .extend_from_slice(&batch.inputs[b * dm.seq..(b + 1) * dm.seq]);
-            for t in 0..dm.seq {
-                let row = &logits[(b * dm.seq + t) * dm.v..(b * dm.seq + t + 1) * dm.v];
-                outs.preds.push(argmax(row) as i32);
-            }
-            outs.q_halt.push(qh);
-        }
-        after_batch(outs.q_halt.len() - before);
+        after_batch(out.q_halt.len());
+        outs.append(out);
     }
     for m in per_set.values_mut() {
         reduce_metrics(m, coll)?;
     }
     Ok((per_set, outs))
+}
+
+/// One test batch on `net` (batch size `dm.b`) for `halt_max_steps` steps:
+/// its metric sums and the outputs of its real (non-padding) rows. Every
+/// row is computed on its own, so a batch gives the same outputs whichever
+/// engine of a kind (or which of several GPUs) runs it.
+pub fn evaluate_batch(
+    net: &mut (impl EvalNet + ?Sized),
+    dm: &Dims,
+    arch: &ArchConfig,
+    batch: &LoaderBatch,
+    blank_id: i64,
+) -> Result<(StepMetrics, EvalOutputs), ActError> {
+    check_batch_shape(dm, batch, "test inputs")?;
+    let slots = Batch {
+        inputs: &batch.inputs,
+        labels: &batch.labels,
+        puzzle_ids: &batch.puzzle_identifiers,
+        b: dm.b,
+    };
+    slots.validate(arch)?;
+    // Every sample runs the full `halt_max_steps`, as the reference
+    // evaluates; only the last step's outputs count.
+    let max = arch.halt_max_steps.max(1);
+    let (logits, q) = net.eval_steps(&slots, max)?;
+    let (loss, _, _) = act_loss(dm, &logits, &q, &batch.labels, None);
+    let q_halt: Vec<f32> = (0..dm.b).map(|b| q[b * 2]).collect();
+    let steps = vec![max as i32; dm.b];
+    let m = StepMetrics::from_step(&loss, &q_halt, &vec![true; dm.b], &steps, false);
+    let mut outs = EvalOutputs {
+        seq_len: dm.seq,
+        ..EvalOutputs::default()
+    };
+    for (b, &qh) in q_halt.iter().enumerate() {
+        let lab = &batch.labels[b * dm.seq..(b + 1) * dm.seq];
+        let pad = lab
+            .iter()
+            .all(|&l| l == crate::data::loader::IGNORE_LABEL_ID)
+            && batch.puzzle_identifiers[b] as i64 == blank_id;
+        if pad {
+            continue;
+        }
+        outs.puzzle_ids.push(batch.puzzle_identifiers[b]);
+        outs.inputs
+            .extend_from_slice(&batch.inputs[b * dm.seq..(b + 1) * dm.seq]);
+        for t in 0..dm.seq {
+            let row = &logits[(b * dm.seq + t) * dm.v..(b * dm.seq + t + 1) * dm.v];
+            outs.preds.push(argmax(row) as i32);
+        }
+        outs.q_halt.push(qh);
+    }
+    Ok((m, outs))
 }
 
 /// The CPU engine's evaluation network over borrowed f32 weights.

@@ -48,6 +48,8 @@ pub struct Progress {
     samples_per_step: u64,
     /// Device memory in use, shown when known (a GPU engine).
     device_memory: Option<u64>,
+    /// What is counted (`None`: training steps).
+    unit: Option<&'static str>,
 }
 
 impl Progress {
@@ -77,7 +79,15 @@ impl Progress {
             started: Instant::now(),
             samples_per_step: 0,
             device_memory: None,
+            unit: None,
         }
+    }
+
+    /// Counts `unit` (e.g. `examples`) instead of steps: lines read
+    /// `examples 120/4004` and the rate `12.0 examples/s`.
+    pub fn with_unit(mut self, unit: &'static str) -> Progress {
+        self.unit = Some(unit);
+        self
     }
 
     /// Shows samples/s too, at `n` samples per step (the global batch).
@@ -103,6 +113,7 @@ impl Progress {
             stats.samples_per_s = Some(stats.rate * self.samples_per_step as f64);
         }
         stats.device_memory = self.device_memory;
+        stats.unit = self.unit;
         match &mut self.out {
             Out::Bar(b) => {
                 b.set_position(step);
@@ -171,6 +182,8 @@ pub struct Stats {
     pub samples_per_s: Option<f64>,
     /// Device memory in use (bytes), when the engine runs on a GPU.
     pub device_memory: Option<u64>,
+    /// What is counted (`None`: steps).
+    pub unit: Option<&'static str>,
 }
 
 impl Stats {
@@ -198,13 +211,17 @@ impl Stats {
             loss,
             samples_per_s: None,
             device_memory: None,
+            unit: None,
         }
     }
 
     /// The bar's message: rate, ETA and loss.
     pub fn message(&self) -> String {
         let eta = self.eta.map_or_else(|| "?".to_string(), format_duration);
-        let mut s = format!("{:.2} it/s", self.rate);
+        let mut s = match self.unit {
+            Some(unit) => format!("{:.1} {unit}/s", self.rate),
+            None => format!("{:.2} it/s", self.rate),
+        };
         if let Some(sps) = self.samples_per_s {
             s.push_str(&format!(" {sps:.1} samples/s"));
         }
@@ -229,7 +246,8 @@ impl Stats {
             100.0
         };
         format!(
-            "step {}/{} ({pct:.1}%) {}",
+            "{} {}/{} ({pct:.1}%) {}",
+            self.unit.unwrap_or("step"),
             self.step,
             self.total,
             self.message()

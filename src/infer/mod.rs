@@ -17,8 +17,16 @@
 //! pairs by the trainer itself with the weights frozen (`freeze_weights`:
 //! sparse sign-SGD on the new rows only).
 
+mod budget;
+mod devices;
+mod stream;
+
+pub use budget::parse_duration;
+pub use devices::DeviceList;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 
@@ -31,11 +39,11 @@ use crate::data::loader::{LoaderError, MemorySplit, PuzzleDataset, PuzzleDataset
 use crate::data::metadata::DatasetMetadata;
 use crate::dist::SingleProcess;
 use crate::eval::{ArcEvaluator, ArcResult, EvalError};
-use crate::model::act::{evaluate_with, ActError};
+use crate::model::act::ActError;
 use crate::model::config::ArchConfig;
-use crate::model::device_choice::{self, build_engine, DeviceChoice, DeviceError, DeviceKind};
+use crate::model::device_choice::{CudaOffer, DeviceChoice, DeviceError, DeviceKind};
 use crate::model::engine::{EngineConfig, EngineError};
-use crate::model::trm::{Dims, Params};
+use crate::model::trm::Params;
 use crate::model::weights::{Weights, PUZZLE_EMB};
 use crate::optim::CosineWarmup;
 use crate::package::{ModelPackage, PackageError};
@@ -74,6 +82,12 @@ pub enum InferError {
     Engine(Box<EngineError>),
     #[error("ARC evaluator: {0}")]
     Eval(#[from] EvalError),
+    #[error("device {device}: {source}")]
+    OnDevice {
+        device: String,
+        #[source]
+        source: Box<InferError>,
+    },
     #[error("{path}: cannot write: {source}")]
     Write {
         path: PathBuf,
@@ -139,6 +153,15 @@ pub struct InferOptions {
     /// The engine (`--device`); `None`: the `device` of the model's run
     /// config, else a usable GPU, else the CPU.
     pub device: Option<DeviceKind>,
+    /// `--devices`: the GPUs (or emulated devices) to split the batches
+    /// over; `None`: every usable GPU for `cuda`, one device otherwise.
+    pub devices: Option<DeviceList>,
+    /// Vote with at most this many augmented copies per puzzle: the first
+    /// ones of the model's draw, so they keep their trained embeddings.
+    pub max_aug: Option<usize>,
+    /// Lower the augmented copies up front so the whole run (from the call
+    /// on) is estimated to fit, and stop taking batches near the limit.
+    pub time_limit: Option<Duration>,
 }
 
 impl InferOptions {
@@ -155,6 +178,9 @@ impl InferOptions {
             progress: false,
             verbose: false,
             device: None,
+            devices: None,
+            max_aug: None,
+            time_limit: None,
         }
     }
 }
@@ -183,6 +209,11 @@ pub struct InferOutput {
     pub puzzle_ids: Vec<String>,
     /// Test examples run (augmented copies included).
     pub examples: usize,
+    /// Augmented copies per puzzle that ran (fewer than asked when
+    /// `--max-aug` or `--time-limit` lowered them).
+    pub augmentations: usize,
+    /// The devices the batches ran on: `cpu`, `cuda:0`, `emu:1`.
+    pub devices: Vec<String>,
     /// Original puzzles with at least one augmented copy the model has no
     /// trained embedding for.
     pub unknown_puzzles: Vec<String>,
@@ -198,26 +229,44 @@ pub struct InferOutput {
     pub fit: Option<FitReport>,
 }
 
-/// Memory of the in-memory test set (every augmented copy of every test
-/// input, rendered) plus the model at `batch` examples.
+/// Memory of a run: the batches in flight (rendered canvases and their
+/// outputs; the test set is streamed, never whole), the vote tally's
+/// per-example record, and one model per device at `batch` examples.
 fn infer_memory(
     puzzles: &[Puzzle],
     num_aug: usize,
     seq_len: usize,
     arch: &crate::model::config::ArchConfig,
     batch: usize,
+    devices: usize,
 ) -> Option<u64> {
     use crate::limits::{product, sum};
     let members = (num_aug as u64).checked_add(1)?;
-    let examples: u64 = puzzles
+    let tests: u64 = puzzles.iter().map(|p| p.test.len() as u64).sum();
+    // In flight: the queue (2 per device), one batch per device and the
+    // render-ahead of a few puzzles' groups; tokens as i32 in and out.
+    let in_flight = product(&[3 * devices as u64 + 2, batch as u64, 4 * seq_len as u64, 3])?;
+    let largest_group = puzzles
         .iter()
-        .map(|p| (p.train.len() + p.test.len()) as u64)
-        .sum();
-    // Canvases (inputs and labels) plus the vote tally's per-example record.
-    let per_example = (2 * seq_len as u64).checked_add(64)?;
+        .map(|p| p.test.len() as u64)
+        .max()
+        .unwrap_or(0);
+    let render_ahead = product(&[
+        rayon::current_num_threads() as u64 + 1,
+        members,
+        largest_group,
+        2 * seq_len as u64 + 64,
+    ])?;
+    // Votes: per example, a predicted grid hash and counts.
+    let votes = product(&[members, tests, 64])?;
     sum(&[
-        product(&[members, examples, per_example]),
-        crate::limits::model_bytes(arch, batch, false),
+        Some(in_flight),
+        Some(render_ahead),
+        Some(votes),
+        product(&[
+            devices as u64,
+            crate::limits::model_bytes(arch, batch, false)?,
+        ]),
     ])
 }
 
@@ -340,6 +389,7 @@ pub fn infer(opts: &InferOptions) -> Result<InferOutput> {
             eprintln!("{m}");
         }
     };
+    let started = Instant::now();
     let mut warnings = Vec::new();
     let mut warn = |m: String| {
         say(&m);
@@ -359,20 +409,31 @@ pub fn infer(opts: &InferOptions) -> Result<InferOutput> {
             "--pass-ks needs one or more K of at least 1".into(),
         ));
     }
-    // A device asked for is checked before any input is read. Ordinal 0:
-    // `trm infer` is one process.
+    if opts.time_limit.is_some_and(|t| t.is_zero()) {
+        return Err(InferError::Options(
+            "--time-limit must be more than 0".into(),
+        ));
+    }
+    // A device asked for is checked before any input is read.
+    let offer = CudaOffer::here();
     let asked = opts
         .device
-        .map(|d| device_choice::resolve(Some(d), 0))
+        .map(|d| devices::resolve_devices(Some(d), None, opts.devices.as_ref(), &offer))
         .transpose()?;
     let pkg = ModelPackage::open(&opts.model_dir)?;
     // Else the `device` of the model's run config (a `cpu-tiny` model stays
     // on the CPU), else automatic. A run config that does not parse only
     // matters to --fit-steps, which reports it.
-    let device = match asked {
+    let devices = match asked {
         Some(d) => d,
-        None => device_choice::resolve(pkg.training_config().ok().and_then(|c| c.device), 0)?,
+        None => devices::resolve_devices(
+            None,
+            pkg.training_config().ok().and_then(|c| c.device),
+            opts.devices.as_ref(),
+            &offer,
+        )?,
     };
+    let device = devices[0].clone();
     let ds = pkg.config.dataset.clone();
     let seed = opts.seed.unwrap_or(ds.seed);
     let num_aug = opts.num_aug.unwrap_or(ds.num_aug);
@@ -388,8 +449,8 @@ pub fn infer(opts: &InferOptions) -> Result<InferOutput> {
     check_fits(&opts.challenges, &puzzles, side)?;
     crate::limits::check(
         "this inference",
-        infer_memory(&puzzles, num_aug, seq_len, &pkg.arch, batch),
-        "lower --num-aug or --batch-size",
+        infer_memory(&puzzles, num_aug, seq_len, &pkg.arch, batch, devices.len()),
+        "lower --batch-size or use fewer --devices",
     )?;
 
     // Build-order positions of the originals the model knows.
@@ -528,42 +589,111 @@ pub fn infer(opts: &InferOptions) -> Result<InferOutput> {
         Params::<f32>::from_weights(&arch, &weights).map_err(TrainError::from)?
     };
 
-    // The test split: every member's test inputs at offset (0, 0).
-    let members: Vec<SplitMember> = plan
-        .iter()
-        .map(|p| SplitMember {
-            index: p.index,
-            examples: p.puzzle.test.iter().collect(),
-            group: &p.group,
-            ids: &p.ids,
-        })
-        .collect();
-    let data = render_split(&members, true, side, seed);
-    let examples = data.inputs.len() / seq_len;
-    let space = Space {
-        seq_len,
-        rows,
-        blank,
-        batch,
-        seed,
-        name: &opts.challenges,
+    // The test split: every member's test inputs at offset (0, 0), rendered
+    // as the batches need them.
+    let cap = opts.max_aug.map_or(usize::MAX, |a| a.saturating_add(1));
+    let members_up_to = |most: usize| -> Vec<SplitMember> {
+        plan.iter()
+            .map(|p| {
+                let n = p.group.len().min(most);
+                SplitMember {
+                    index: p.index,
+                    examples: p.puzzle.test.iter().collect(),
+                    group: &p.group[..n],
+                    ids: &p.ids[..n],
+                }
+            })
+            .collect()
     };
-    let test = space.dataset(Split::Test, data, 1)?;
-    say(&format!(
-        "running {} puzzles ({} test examples with augmentations) for {} ACT steps each, batches of {batch}",
-        plan.len(),
-        examples,
-        arch.halt_max_steps
-    ));
-    let mut engine = build_engine(
-        device.kind,
-        device.ordinal,
-        arch.clone(),
+    let blank_id = i32::try_from(blank).map_err(|_| InferError::Input {
+        path: opts.model_dir.clone(),
+        what: format!("blank puzzle id {blank} does not fit in 32 bits"),
+    })?;
+    let mut members = members_up_to(cap);
+    // The first batch times each device (twice: warm-up, then the figure)
+    // when a time limit needs an estimate.
+    let probe = match opts.time_limit {
+        Some(_) => stream::TestStream::new(&members, side, seed, batch, blank_id).next(),
+        None => None,
+    };
+    let mut pool = devices::DevicePool::start(
+        &devices,
+        &arch,
         params,
         batch,
+        blank,
         inference_engine_config(),
+        probe,
     )?;
-    say(&device.describe(&engine.device_name()));
+    for d in &pool.devices {
+        say(&d.choice.describe(&d.name));
+    }
+    if let Some(limit) = opts.time_limit {
+        let per_s: f64 = pool
+            .devices
+            .iter()
+            .filter_map(|d| d.probe)
+            .map(|t| 1.0 / t.as_secs_f64().max(1e-9))
+            .sum();
+        let sizes: Vec<budget::PuzzleSize> = members
+            .iter()
+            .map(|m| budget::PuzzleSize {
+                members: m.group.len(),
+                tests: m.examples.len(),
+            })
+            .collect();
+        let most = members.iter().map(|m| m.group.len()).max().unwrap_or(1);
+        let left = limit
+            .mul_f64(budget::PLANNED_SHARE)
+            .saturating_sub(started.elapsed());
+        let b = budget::plan(&sizes, most, batch, per_s, left);
+        let shown = |d: Duration| crate::telemetry::progress::format_duration(d);
+        if b.members < most {
+            warn(format!(
+                "note: --time-limit {}: {} augmented copies per puzzle would take about {} at \
+                 {:.2} batches/s; lowering to {} (the first of the model's draw; same as --max-aug {}), \
+                 about {}{}",
+                shown(limit),
+                most - 1,
+                shown(budget::plan(&sizes, most, batch, per_s, Duration::MAX).estimate),
+                per_s,
+                b.members - 1,
+                b.members - 1,
+                shown(b.estimate),
+                if b.over {
+                    ", still over the time left: the run stops taking batches near the limit"
+                } else {
+                    ""
+                }
+            ));
+            members = members_up_to(b.members);
+        } else {
+            say(&format!(
+                "time limit {}: the run is estimated at {} ({:.2} batches/s)",
+                shown(limit),
+                shown(b.estimate),
+                per_s
+            ));
+        }
+    }
+    let members_run = members.iter().map(|m| m.group.len()).max().unwrap_or(1);
+    let test = stream::TestStream::new(&members, side, seed, batch, blank_id);
+    let examples = test.examples();
+    say(&format!(
+        "running {} puzzles ({} test examples with augmentations) for {} ACT steps each, \
+         {} batches of {batch} on {} device{}",
+        plan.len(),
+        examples,
+        arch.halt_max_steps,
+        test.batches(),
+        pool.devices.len(),
+        if pool.devices.len() == 1 { "" } else { "s" }
+    ));
+
+    let mut names = pkg.identifiers.clone();
+    names.extend(new_names);
+    let originals: Vec<Puzzle> = plan.iter().map(|p| p.puzzle.clone()).collect();
+    let mut ev = ArcEvaluator::from_memory(&names, &originals, blank, &ks)?;
     let mut progress = Progress::new(
         examples as u64,
         0,
@@ -572,37 +702,44 @@ pub fn infer(opts: &InferOptions) -> Result<InferOutput> {
         } else {
             ProgressMode::Hidden
         },
-    );
-    let mut done = 0u64;
-    let (_, outs) = evaluate_with(
-        &mut *engine,
-        &Dims::new(&arch, batch),
-        &arch,
-        test.test_batches(),
-        blank,
-        &SingleProcess,
-        &mut |n| {
-            done += n as u64;
-            progress.update(done, None);
-        },
-    )?;
+    )
+    .with_unit("examples");
+    let stop_at = opts.time_limit.map(|t| t.mul_f64(budget::STOP_SHARE));
+    let mut done = 0usize;
+    let mut stopped_early = false;
+    pool.run(test, &mut |outs| {
+        done += outs.q_halt.len();
+        ev.add(&outs)?;
+        progress.update(done as u64, None);
+        if stop_at.is_some_and(|t| started.elapsed() >= t) && done < examples {
+            stopped_early = true;
+            return Ok(false);
+        }
+        Ok(true)
+    })?;
     progress.finish();
-    // The weights as run, back from the engine (they moved into it).
-    let params = engine.params()?;
-    drop(engine);
-
-    let mut names = pkg.identifiers.clone();
-    names.extend(new_names);
-    let originals: Vec<Puzzle> = plan.iter().map(|p| p.puzzle.clone()).collect();
-    let mut ev = ArcEvaluator::from_memory(&names, &originals, blank, &ks)?;
-    ev.add(&outs)?;
+    let device_names: Vec<String> = pool
+        .devices
+        .iter()
+        .map(|d| devices::label(&d.choice))
+        .collect();
+    // The weights as run, back from device 0 (they moved into it).
+    let params = pool.finish()?;
+    if stopped_early {
+        warn(format!(
+            "warning: --time-limit reached after {done} of {examples} examples: the submission \
+             votes over those; test inputs with no prediction get [[0]]"
+        ));
+    }
     let result = ev.result();
     Ok(InferOutput {
         result,
         warnings,
         scored: opts.solutions.is_some(),
         puzzle_ids: originals.into_iter().map(|p| p.id).collect(),
-        examples,
+        examples: done,
+        augmentations: members_run.saturating_sub(1),
+        devices: device_names,
         unknown_puzzles,
         names,
         known_rows,
