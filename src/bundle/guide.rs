@@ -30,7 +30,7 @@ pub fn text(f: &GuideFacts) -> String {
     format!(
         r#"# trm offline bundle
 
-`trm` ({version}) with its model ({model}), ready for an offline notebook: no
+`{version}` with its model ({model}), ready for an offline notebook: no
 Python, no wheels, no network.
 
 ## In a Kaggle notebook
@@ -51,7 +51,9 @@ Python, no wheels, no network.
 3. `!/kaggle/input/<dataset>/run doctor` prints what `trm` finds: the GPUs and
    whether its kernels run on them, cuBLASLt, the CPU, the engine it picks.
 
-The runner exits with `trm`'s status: a cell fails when inference fails.
+The runner exits with `trm`'s status. A `!` line does not stop the notebook
+when that is not 0; to stop it, run
+`subprocess.run(["/kaggle/input/<dataset>/run"], check=True)` instead.
 
 ## What it needs
 
