@@ -6,6 +6,7 @@
 //! full-state checkpoints, training telemetry and the ARC evaluator.
 
 pub mod backend;
+pub mod bundle;
 pub mod checkpoint;
 pub mod config;
 pub mod data;

@@ -12,6 +12,8 @@ use trm::model::device_choice::DeviceKind;
 #[command(
     name = "trm",
     version,
+    // `--version` names the commit too: `trm package --bundle` records it.
+    long_version = trm::bundle::LONG_VERSION,
     about = "Train and run the Tiny Recursive Model (TRM) on ARC-AGI",
     long_about = "Train and run the Tiny Recursive Model (TRM) on ARC-AGI.\n\n\
         A Rust engine with a CPU reference backend and hand-written CUDA kernels for H200 GPUs. \
@@ -72,7 +74,7 @@ enum Command {
     Train(TrainArgs),
     /// Draw PNG charts (losses, accuracies, lr) of a run folder's metrics.jsonl.
     Plot(PlotArgs),
-    /// Make a model folder for `trm infer` from a training checkpoint.
+    /// Make a model folder for `trm infer` from a training checkpoint, or an offline bundle (--bundle).
     #[command(
         long_about = "Make a self-contained model folder for `trm infer` from a training checkpoint \
             (RUN/step_N): model.safetensors (the EMA weights when the run had EMA, reference names, \
@@ -80,7 +82,16 @@ enum Command {
             pass_Ks), the dataset's identifiers.json and a manifest of SHA-256s.\n\n\
             The checkpoint is verified first. The folder is written atomically; an existing --out \
             is replaced only when it is empty or a model folder.\n\n\
-            Example:\n  trm package --checkpoint checkpoints/data-ACT-trm/run/step_2723 --out model"
+            --bundle DIR writes an offline bundle for a notebook without network (Kaggle): the trm \
+            binary (this one, or --binary, e.g. the glibc 2.17 build of tools/build-portable.sh), \
+            the model folder (from --checkpoint, or an existing one with --model), the runner \
+            `run [CHALLENGES_JSON [OUT_JSON]] [trm infer options]` whose defaults are the \
+            competition's paths, BUNDLE.md (how to use it, what it needs) and bundle.json (the \
+            glibc the binary needs, SHA-256 of every file). An existing DIR is replaced only \
+            when it is empty or a bundle.\n\n\
+            Examples:\n  trm package --checkpoint checkpoints/data-ACT-trm/run/step_2723 --out model\n  \
+            trm package --model model --bundle trm-bundle --binary target/portable/trm\n  \
+            trm package --checkpoint checkpoints/data-ACT-trm/run/step_2723 --bundle trm-bundle"
     )]
     Package(PackageArgs),
     /// Solve an ARC challenges file with a packaged model: writes the Kaggle submission.json.
@@ -152,15 +163,27 @@ struct TrainArgs {
 #[derive(Args)]
 struct PackageArgs {
     /// A checkpoint folder (RUN/step_N).
-    #[arg(long)]
-    checkpoint: PathBuf,
-    /// The model folder to write.
-    #[arg(long)]
-    out: PathBuf,
+    #[arg(long, required_unless_present = "model", conflicts_with = "model")]
+    checkpoint: Option<PathBuf>,
+    /// The model folder to write (optional with --bundle).
+    #[arg(long, required_unless_present_any = ["bundle", "model"])]
+    out: Option<PathBuf>,
     /// The dataset the run trained on (default: where the checkpoint recorded
     /// it; a moved copy is accepted when its build hash matches).
-    #[arg(long)]
+    #[arg(long, requires = "checkpoint")]
     dataset: Option<PathBuf>,
+    /// Write an offline bundle here: trm, the model, the runner `run`,
+    /// BUNDLE.md and bundle.json.
+    #[arg(long)]
+    bundle: Option<PathBuf>,
+    /// Bundle this existing model folder (made by `trm package`) instead of
+    /// a checkpoint.
+    #[arg(long, requires = "bundle", conflicts_with = "out")]
+    model: Option<PathBuf>,
+    /// The trm binary to bundle (default: this one), e.g. the portable
+    /// build of tools/build-portable.sh.
+    #[arg(long, requires = "bundle")]
+    binary: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -579,15 +602,52 @@ fn dry_run_train(
 }
 
 fn run_package(a: PackageArgs) -> anyhow::Result<()> {
-    let r = trm::package::package(&a.checkpoint, &a.out, a.dataset.as_deref())?;
+    use trm::bundle::ModelSource;
+    let mut source = a.model.map(ModelSource::Folder);
+    if let (Some(checkpoint), Some(out)) = (&a.checkpoint, &a.out) {
+        let r = trm::package::package(checkpoint, out, a.dataset.as_deref())?;
+        println!(
+            "model folder: {} (step {}, {} weights, {} puzzle embeddings, dataset {})",
+            r.out.display(),
+            r.step,
+            if r.ema { "EMA" } else { "live" },
+            r.num_puzzle_identifiers,
+            r.dataset.display()
+        );
+        source = Some(ModelSource::Folder(out.clone()));
+    }
+    let Some(bundle) = a.bundle else {
+        return Ok(());
+    };
+    let model = match (source, a.checkpoint) {
+        (Some(s), _) => s,
+        (None, Some(path)) => ModelSource::Checkpoint {
+            path,
+            dataset: a.dataset,
+        },
+        // clap requires --checkpoint or --model
+        (None, None) => anyhow::bail!("--bundle needs --checkpoint or --model"),
+    };
+    let r = trm::bundle::bundle(&trm::bundle::BundleOptions {
+        out: bundle,
+        model,
+        binary: a.binary,
+    })?;
+    let b = &r.manifest.binary;
     println!(
-        "model folder: {} (step {}, {} weights, {} puzzle embeddings, dataset {})",
+        "bundle: {} ({:.1} MiB; {}; needs {} on {}; run it as {}/run)",
         r.out.display(),
-        r.step,
-        if r.ema { "EMA" } else { "live" },
-        r.num_puzzle_identifiers,
-        r.dataset.display()
+        r.total_bytes as f64 / (1 << 20) as f64,
+        b.version,
+        b.glibc
+            .as_ref()
+            .map_or("no glibc (static)".to_string(), |g| format!("glibc {g}")),
+        b.machine,
+        r.out.display()
     );
+    for w in &r.warnings {
+        eprintln!("{w}");
+    }
     Ok(())
 }
 

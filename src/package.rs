@@ -91,8 +91,8 @@ pub enum PackageError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path} exists and is neither empty nor a model folder; refusing to replace it (choose another --out or remove it)")]
-    NotAModelFolder { path: PathBuf },
+    #[error("{path} exists and is neither empty nor {what}; refusing to replace it (choose another folder or remove it)")]
+    NotReplaceable { path: PathBuf, what: &'static str },
 }
 
 type Result<T> = std::result::Result<T, PackageError>;
@@ -185,50 +185,7 @@ impl ModelPackage {
     /// Verifies every file against the manifest (a missing or altered file
     /// is named), then parses the config, identifiers and weights.
     pub fn open(dir: &Path) -> Result<ModelPackage> {
-        if !dir.is_dir() {
-            return Err(invalid(dir, "no such model folder"));
-        }
-        let manifest_path = dir.join(MANIFEST_FILE);
-        if !manifest_path.is_file() {
-            return Err(invalid(
-                &manifest_path,
-                "is missing: not a model folder (make one with `trm package`)",
-            ));
-        }
-        let manifest: PackageManifest = read_json(&manifest_path)?;
-        if manifest.kind != PACKAGE_KIND || manifest.format_version != PACKAGE_FORMAT {
-            return Err(invalid(
-                &manifest_path,
-                format!(
-                    "kind `{}` version {}; this build reads `{PACKAGE_KIND}` version {PACKAGE_FORMAT}",
-                    manifest.kind, manifest.format_version
-                ),
-            ));
-        }
-        for name in PACKAGE_FILES {
-            if !manifest.files.contains_key(name) {
-                return Err(invalid(
-                    &manifest_path,
-                    format!("no entry for required file `{name}`"),
-                ));
-            }
-        }
-        if let Some(name) = manifest
-            .files
-            .keys()
-            .find(|n| !PACKAGE_FILES.contains(&n.as_str()))
-        {
-            return Err(invalid(
-                &manifest_path,
-                format!("unexpected entry `{name}`"),
-            ));
-        }
-        checkpoint::verify_files(dir, &manifest.files).map_err(|source| {
-            PackageError::Integrity {
-                dir: dir.to_path_buf(),
-                source: Box::new(source),
-            }
-        })?;
+        verify_folder(dir)?;
 
         let config_path = dir.join(CONFIG_FILE);
         let config: PackageConfig = read_json(&config_path)?;
@@ -314,6 +271,54 @@ impl ModelPackage {
         )
         .map_err(|source| PackageError::RunConfig { path, source })
     }
+}
+
+/// Checks that `dir` is a model folder whose files match its manifest (a
+/// missing or altered file is named); returns the manifest.
+pub fn verify_folder(dir: &Path) -> Result<PackageManifest> {
+    if !dir.is_dir() {
+        return Err(invalid(dir, "no such model folder"));
+    }
+    let manifest_path = dir.join(MANIFEST_FILE);
+    if !manifest_path.is_file() {
+        return Err(invalid(
+            &manifest_path,
+            "is missing: not a model folder (make one with `trm package`)",
+        ));
+    }
+    let manifest: PackageManifest = read_json(&manifest_path)?;
+    if manifest.kind != PACKAGE_KIND || manifest.format_version != PACKAGE_FORMAT {
+        return Err(invalid(
+            &manifest_path,
+            format!(
+                "kind `{}` version {}; this build reads `{PACKAGE_KIND}` version {PACKAGE_FORMAT}",
+                manifest.kind, manifest.format_version
+            ),
+        ));
+    }
+    for name in PACKAGE_FILES {
+        if !manifest.files.contains_key(name) {
+            return Err(invalid(
+                &manifest_path,
+                format!("no entry for required file `{name}`"),
+            ));
+        }
+    }
+    if let Some(name) = manifest
+        .files
+        .keys()
+        .find(|n| !PACKAGE_FILES.contains(&n.as_str()))
+    {
+        return Err(invalid(
+            &manifest_path,
+            format!("unexpected entry `{name}`"),
+        ));
+    }
+    checkpoint::verify_files(dir, &manifest.files).map_err(|source| PackageError::Integrity {
+        dir: dir.to_path_buf(),
+        source: Box::new(source),
+    })?;
+    Ok(manifest)
 }
 
 /// The network of a package config, checked to be one this engine runs.
@@ -476,7 +481,7 @@ pub fn package(checkpoint: &Path, out: &Path, dataset: Option<&Path>) -> Result<
         },
     };
 
-    write_folder(out, |tmp| {
+    write_folder(out, &MODEL_FOLDER, |tmp| {
         let model_path = tmp.join(MODEL_FILE);
         save_tensors(&model_path, &weights.to_state_dict(""), FloatDtype::F32).map_err(
             |source| PackageError::Safetensors {
@@ -515,7 +520,7 @@ pub fn package(checkpoint: &Path, out: &Path, dataset: Option<&Path>) -> Result<
     })
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     let mut f = fs::File::create(path).map_err(io_err(path))?;
     f.write_all(bytes).map_err(io_err(path))?;
@@ -529,22 +534,42 @@ fn sync_dir(dir: &Path) {
     }
 }
 
-/// Whether `dir` may be replaced: it is empty, or it is a model folder.
-fn replaceable(dir: &Path) -> Result<bool> {
+/// A kind of folder this crate writes whole: recognised by the `kind` of
+/// the JSON manifest it holds, so that only such a folder is replaced.
+pub(crate) struct FolderKind {
+    pub manifest: &'static str,
+    pub kind: &'static str,
+    /// For the refusal: "a model folder".
+    pub what: &'static str,
+}
+
+pub(crate) const MODEL_FOLDER: FolderKind = FolderKind {
+    manifest: MANIFEST_FILE,
+    kind: PACKAGE_KIND,
+    what: "a model folder",
+};
+
+/// Whether `dir` may be replaced: it is empty, or a folder of `kind`.
+fn replaceable(dir: &Path, kind: &FolderKind) -> Result<bool> {
     let mut entries = fs::read_dir(dir).map_err(io_err(dir))?;
     if entries.next().is_none() {
         return Ok(true);
     }
-    let manifest = dir.join(MANIFEST_FILE);
+    let manifest = dir.join(kind.manifest);
     Ok(fs::read(&manifest)
         .ok()
-        .and_then(|b| serde_json::from_slice::<PackageManifest>(&b).ok())
-        .is_some_and(|m| m.kind == PACKAGE_KIND))
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+        .is_some_and(|m| m["kind"] == kind.kind))
 }
 
 /// Fills a temporary sibling of `out` with `fill`, then renames it to `out`
-/// (an old model folder there is moved aside first and removed after).
-fn write_folder(out: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+/// (an old folder of the same kind there is moved aside first and removed
+/// after; any other non-empty folder is refused).
+pub(crate) fn write_folder<E: From<PackageError>>(
+    out: &Path,
+    kind: &FolderKind,
+    fill: impl FnOnce(&Path) -> std::result::Result<(), E>,
+) -> std::result::Result<(), E> {
     let name = out
         .file_name()
         .ok_or_else(|| invalid(out, "has no folder name"))?
@@ -554,10 +579,12 @@ fn write_folder(out: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    if out.exists() && (!out.is_dir() || !replaceable(out)?) {
-        return Err(PackageError::NotAModelFolder {
+    if out.exists() && (!out.is_dir() || !replaceable(out, kind)?) {
+        return Err(PackageError::NotReplaceable {
             path: out.to_path_buf(),
-        });
+            what: kind.what,
+        }
+        .into());
     }
     fs::create_dir_all(&parent).map_err(io_err(&parent))?;
     let pid = std::process::id();
@@ -592,11 +619,12 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("m");
         // absent: created
-        write_folder(&out, |d| write_synced(&d.join("a"), b"1")).unwrap();
+        write_folder(&out, &MODEL_FOLDER, |d| write_synced(&d.join("a"), b"1")).unwrap();
         assert_eq!(fs::read(out.join("a")).unwrap(), b"1");
         // a folder with other files: refused, left alone
-        let e = write_folder(&out, |d| write_synced(&d.join("b"), b"2")).unwrap_err();
-        assert!(matches!(e, PackageError::NotAModelFolder { .. }), "{e}");
+        let e =
+            write_folder(&out, &MODEL_FOLDER, |d| write_synced(&d.join("b"), b"2")).unwrap_err();
+        assert!(matches!(e, PackageError::NotReplaceable { .. }), "{e}");
         assert_eq!(fs::read(out.join("a")).unwrap(), b"1");
         // a model folder: replaced whole
         let manifest = PackageManifest {
@@ -617,11 +645,14 @@ mod tests {
                 &serde_json::to_vec(&manifest).unwrap(),
             )
         };
-        write_folder(&out, write_model).unwrap();
+        write_folder(&out, &MODEL_FOLDER, write_model).unwrap();
         assert!(!out.join("a").exists());
         assert_eq!(fs::read(out.join("b")).unwrap(), b"2");
         // a failed fill leaves the old folder and no temporary behind
-        let e = write_folder(&out, |_| Err(invalid(Path::new("x"), "boom"))).unwrap_err();
+        let e = write_folder(&out, &MODEL_FOLDER, |_| {
+            Err(invalid(Path::new("x"), "boom"))
+        })
+        .unwrap_err();
         assert!(e.to_string().contains("boom"));
         assert_eq!(fs::read(out.join("b")).unwrap(), b"2");
         let names: Vec<String> = fs::read_dir(tmp.path())
@@ -632,7 +663,7 @@ mod tests {
         // an empty folder is fine
         let empty = tmp.path().join("e");
         fs::create_dir(&empty).unwrap();
-        write_folder(&empty, |d| write_synced(&d.join("c"), b"3")).unwrap();
+        write_folder(&empty, &MODEL_FOLDER, |d| write_synced(&d.join("c"), b"3")).unwrap();
         assert_eq!(fs::read(empty.join("c")).unwrap(), b"3");
     }
 }
