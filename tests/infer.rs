@@ -12,6 +12,9 @@ use std::sync::OnceLock;
 
 use serde_json::Value;
 use trm::demo::DemoOptions;
+
+mod device;
+use device::Dev;
 use trm::infer::{infer, InferOptions};
 use trm::model::weights::PUZZLE_EMB;
 use trm::package::{package, ModelPackage};
@@ -32,11 +35,26 @@ struct Fixture {
     model: PathBuf,
 }
 
+/// The `trm` binary: cargo's, or `TRM_TEST_BIN` where the test binary runs
+/// away from its build (tools/gpu-check.sh --prebuilt on a device machine).
+fn trm_bin() -> PathBuf {
+    std::env::var_os("TRM_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_trm")))
+}
+
+/// Scratch space: cargo's, or `TRM_TEST_TMPDIR` (as `TRM_TEST_BIN`).
+fn tmp_dir() -> PathBuf {
+    std::env::var_os("TRM_TEST_TMPDIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")))
+}
+
 /// Trains the demo's model on a reduced synthetic set once per test binary.
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
-        let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("infer-fixture");
+        let root = tmp_dir().join("infer-fixture");
         let _ = std::fs::remove_dir_all(&root);
         let opts = DemoOptions {
             out_dir: root.clone(),
@@ -188,7 +206,7 @@ fn infer_reproduces_the_training_evaluation() {
 #[test]
 fn cli_package_and_infer_match_the_training_evaluation() {
     let f = fixture();
-    let trm = env!("CARGO_BIN_EXE_trm");
+    let trm = trm_bin();
     let model = f.root.join("cli-model");
     let _ = std::fs::remove_dir_all(&model);
     let out = Command::new(trm)
@@ -567,7 +585,7 @@ fn bad_challenges_are_named() {
 
 /// Runs `trm infer` on the fixture's model and evaluation set.
 fn cli_infer(f: &Fixture, out: &Path, extra: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_trm"))
+    Command::new(trm_bin())
         .args(["infer", "--threads", "1", "--model"])
         .arg(&f.model)
         .arg("--challenges")
@@ -693,7 +711,7 @@ fn infer_out_refuses_a_file_it_did_not_write() {
 #[test]
 fn infer_defaults_to_the_device_of_the_models_run_config() {
     let f = fixture();
-    let out = Command::new(env!("CARGO_BIN_EXE_trm"))
+    let out = Command::new(trm_bin())
         .args(["infer", "--model"])
         .arg(&f.model)
         .arg("--challenges")
@@ -708,14 +726,20 @@ fn infer_defaults_to_the_device_of_the_models_run_config() {
     assert!(stderr.contains("device: cpu (requested)"), "{stderr}");
 }
 
-/// The submission pipeline on the CUDA engine (here its emulator): it runs
-/// end to end, and its bf16 votes agree with the CPU engine's f32 ones up to
-/// voting noise: pass@K within one puzzle in four, most first attempts equal.
-#[test]
-fn infer_on_the_cuda_engine_emulator_matches_the_cpu_engine() {
+/// Whether GPU 0 is there for the `_gpu` tests, which without one say so
+/// and assert nothing (unless TRM_REQUIRE_GPU=1: then they fail).
+fn gpu_present() -> bool {
+    Dev::gpu().is_some()
+}
+
+/// The submission pipeline on the CUDA engine (`device`: emu or cuda): it
+/// runs end to end, and its bf16 votes agree with the CPU engine's f32 ones
+/// up to voting noise: pass@K within one puzzle in four, most first
+/// attempts equal.
+fn cuda_engine_matches_the_cpu_engine(device: &str) {
     let f = fixture();
-    let sub = f.root.join("emu-sub").join("submission.json");
-    let run = cli_infer(f, &sub, &["--device", "emu", "--quiet"]);
+    let sub = f.root.join(format!("{device}-sub")).join("submission.json");
+    let run = cli_infer(f, &sub, &["--device", device, "--quiet"]);
     let stdout = String::from_utf8_lossy(&run.stdout);
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "{stderr}");
@@ -725,13 +749,13 @@ fn infer_on_the_cuda_engine_emulator_matches_the_cpu_engine() {
             .find_map(|l| l.trim().strip_prefix(&format!("{k} ")))
             .and_then(|x| x.trim().parse::<f64>().ok())
             .unwrap_or_else(|| panic!("no `{k}` in {stdout}"));
-        println!("{k}: emulator {got:.4}, CPU {v:.4}");
+        println!("{k}: {device} {got:.4}, CPU {v:.4}");
         assert!(
             (got - v).abs() <= 0.25 + 1e-9,
-            "{k}: {got} on the emulator, {v} on the CPU"
+            "{k}: {got} on {device}, {v} on the CPU"
         );
     }
-    let (emu, cpu) = (
+    let (got, cpu) = (
         read_json(&sub),
         read_json(&f.evaluator.join("submission.json")),
     );
@@ -744,7 +768,7 @@ fn infer_on_the_cuda_engine_emulator_matches_the_cpu_engine() {
             .enumerate()
         {
             total += 1;
-            if emu[task][i]["attempt_1"] == o["attempt_1"] {
+            if got[task][i]["attempt_1"] == o["attempt_1"] {
                 same += 1;
             }
         }
@@ -756,35 +780,71 @@ fn infer_on_the_cuda_engine_emulator_matches_the_cpu_engine() {
     );
 }
 
-/// Several devices split the batches and the votes are gathered here in
-/// the one-device order: two emulated devices write the bytes one writes.
-/// Batches of 4 over 16 examples, so both devices run some.
 #[test]
-fn two_emulated_devices_write_the_one_device_submission() {
+fn infer_on_the_cuda_engine_emulator_matches_the_cpu_engine() {
+    cuda_engine_matches_the_cpu_engine("emu");
+}
+
+#[test]
+fn infer_on_the_cuda_engine_matches_the_cpu_engine_gpu() {
+    if gpu_present() {
+        cuda_engine_matches_the_cpu_engine("cuda");
+    }
+}
+
+/// Several devices split the batches and the votes are gathered here in
+/// the one-device order, so the submission is byte-equal to one device's.
+/// Batches of 4 over 16 examples, so every device runs some. `device`:
+/// emu (two emulated devices) or cuda (every GPU of the machine, which
+/// must be of one model; on a one-GPU machine this checks the pool on the
+/// hardware).
+fn several_devices_write_the_one_device_submission(device: &str, devices: &str, shown: &str) {
     let f = fixture();
-    let dir = f.root.join("emu-devices");
-    let common = ["--device", "emu", "--max-aug", "1", "--batch-size", "4"];
+    let dir = f.root.join(format!("{device}-devices"));
+    let common = ["--device", device, "--max-aug", "1", "--batch-size", "4"];
     let one = dir.join("one").join("submission.json");
-    let run = cli_infer(f, &one, &common);
+    let run = cli_infer(f, &one, &[&common[..], &["--devices", "0"]].concat());
     assert!(
         run.status.success(),
         "{}",
         String::from_utf8_lossy(&run.stderr)
     );
-    let two = dir.join("two").join("submission.json");
-    let run = cli_infer(f, &two, &[&common[..], &["--devices", "0,1"]].concat());
+    let several = dir.join("several").join("submission.json");
+    let run = cli_infer(
+        f,
+        &several,
+        &[&common[..], &["--devices", devices]].concat(),
+    );
     let stdout = String::from_utf8_lossy(&run.stdout);
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "{stderr}");
     assert!(
         stdout.contains(&format!(
-            "{} test examples, 1 augmented copies per puzzle, on emu:0, emu:1",
+            "{} test examples, 1 augmented copies per puzzle, on {shown}",
             EVAL_PUZZLES * 2
         )),
         "{stdout}"
     );
-    assert!(stderr.contains("4 batches of 4 on 2 devices"), "{stderr}");
-    assert_eq!(std::fs::read(&one).unwrap(), std::fs::read(&two).unwrap());
+    assert!(stderr.contains("4 batches of 4 on"), "{stderr}");
+    assert_eq!(
+        std::fs::read(&one).unwrap(),
+        std::fs::read(&several).unwrap()
+    );
+}
+
+#[test]
+fn two_emulated_devices_write_the_one_device_submission() {
+    several_devices_write_the_one_device_submission("emu", "0,1", "emu:0, emu:1");
+}
+
+#[test]
+fn every_gpu_writes_the_one_gpu_submission_gpu() {
+    if !gpu_present() {
+        return;
+    }
+    let n = trm::backend::cuda::runtime::device_count().expect("a GPU count");
+    let shown: Vec<String> = (0..n).map(|i| format!("cuda:{i}")).collect();
+    several_devices_write_the_one_device_submission("cuda", "all", &shown.join(", "));
 }
 
 /// The submission of a run that keeps `--max-aug` copies is valid for

@@ -54,7 +54,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # order; MEMCHECK_SUITES' `_gpu` tests also run under compute-sanitizer.
 EMU_SUITES=(emu_harness kernel_ops cuda_runtime attention nccl_device) # kernels on the CPU emulator (not in --prebuilt: CI runs them)
 BUILD_SUITES=(kernels_build)                     # cubins and ptxas report (reads kernels/, so not in --prebuilt)
-GPU_SUITES=(emu_harness kernel_ops attention cuda_runtime gpu_engine nccl_device) # arch.cuh self-tests first, then kernels, launchers, GEMMs, the engine, NCCL (world of one)
+GPU_SUITES=(emu_harness kernel_ops attention cuda_runtime gpu_engine nccl_device infer) # arch.cuh self-tests first, then kernels, launchers, GEMMs, the engine, NCCL (world of one), trm infer on every GPU
 MEMCHECK_SUITES=(kernel_ops attention)           # compute-sanitizer memcheck
 BENCHES=(kernels nccl train_step)                # benches/<name>.rs, harness = false
 declare -A BENCH_LIMIT_S=([nccl]=60)             # a bench's own limit (else the time left)
@@ -69,6 +69,7 @@ DATE=$(date -u +%Y-%m-%d)
 RESULTS="bench/results/gpu-check-$DATE.md"
 LOGS="$(mktemp -d)"
 SHIM="$(mktemp -d)" # links under the names cudarc tries (setup_libraries)
+TEST_TMP="$(mktemp -d)" # scratch of the suites that start trm (not in the logs)
 ORIG_LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}
 ARGS="$*"
 
@@ -637,6 +638,9 @@ run_suite() {
       threads=(--test-threads=1) # a fault is sticky for the shared context
       limit=$(min "$limit" "$SUITE_LIMIT_S")
       if ((REQUIRE_GPU)); then env_vars=(TRM_REQUIRE_GPU=1); else where="GPU (none)"; fi
+      # Suites that start trm (infer) find it and their scratch space here,
+      # not at the build's paths.
+      env_vars+=(TRM_TEST_BIN="$TRM_BIN" TRM_TEST_TMPDIR="$TEST_TMP")
       ;;
   esac
   have_time "$kind $s" "$where" || return 0
