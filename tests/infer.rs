@@ -209,7 +209,7 @@ fn cli_package_and_infer_match_the_training_evaluation() {
     let trm = trm_bin();
     let model = f.root.join("cli-model");
     let _ = std::fs::remove_dir_all(&model);
-    let out = Command::new(trm)
+    let out = Command::new(&trm)
         .args(["package", "--checkpoint"])
         .arg(&f.checkpoint)
         .arg("--out")
@@ -231,7 +231,7 @@ fn cli_package_and_infer_match_the_training_evaluation() {
     }
 
     let sub = f.root.join("cli-sub").join("submission.json");
-    let out = Command::new(trm)
+    let out = Command::new(&trm)
         .args(["infer", "--model"])
         .arg(&model)
         .arg("--challenges")
@@ -265,7 +265,7 @@ fn cli_package_and_infer_match_the_training_evaluation() {
     let other = f.root.join("not-a-model");
     std::fs::create_dir_all(&other).unwrap();
     std::fs::write(other.join("notes.txt"), "keep me").unwrap();
-    let out = Command::new(trm)
+    let out = Command::new(&trm)
         .args(["package", "--checkpoint"])
         .arg(&f.checkpoint)
         .arg("--out")
@@ -286,7 +286,7 @@ fn cli_package_and_infer_match_the_training_evaluation() {
     let n = bytes.len();
     bytes[n - 3] ^= 0x40;
     std::fs::write(bad.join("model.safetensors"), bytes).unwrap();
-    let out = Command::new(trm)
+    let out = Command::new(&trm)
         .args(["infer", "--quiet", "--model"])
         .arg(&bad)
         .arg("--challenges")

@@ -169,7 +169,7 @@ pub struct DevicePool {
     jobs: Option<SyncSender<Job>>,
     reports: Receiver<Report>,
     stop: Arc<AtomicBool>,
-    workers: Vec<JoinHandle<Option<Params<f32>>>>,
+    workers: Vec<JoinHandle<()>>,
     /// Batches queued ahead of the oldest unfinished one.
     window: usize,
     /// Per worker, the device as messages name it (`cuda:1`).
@@ -190,7 +190,7 @@ struct WorkerSetup {
 }
 
 impl DevicePool {
-    /// Opens one engine per device with a copy of `params` (device 0 gets
+    /// Opens one engine per device with a copy of `params` (the last gets
     /// `params` itself), each in its own thread, and waits until all are
     /// up. With `probe`, each runs it twice and reports the second (warm)
     /// time.
@@ -343,25 +343,21 @@ impl DevicePool {
         }
     }
 
-    /// Ends every worker and returns the weights as device 0 ran them.
-    pub fn finish(mut self) -> Result<Params<f32>> {
+    /// Ends every worker; the first failure a worker reported, if any.
+    pub fn finish(mut self) -> Result<()> {
         self.jobs = None;
         let workers = std::mem::take(&mut self.workers);
-        let mut first = None;
         for (i, handle) in workers.into_iter().enumerate() {
-            let params = handle
-                .join()
-                .map_err(|_| InferError::Options(format!("the thread of device {i} panicked")))?;
-            if i == 0 {
-                first = params;
-            }
+            handle.join().map_err(|_| {
+                InferError::Options(format!("the thread of device {} panicked", self.labels[i]))
+            })?;
         }
         while let Ok(report) = self.reports.try_recv() {
             if let Report::Failed { worker, error } = report {
                 return Err(self.describe(worker, error));
             }
         }
-        first.ok_or_else(|| InferError::Options("device 0 returned no weights".into()))
+        Ok(())
     }
 
     /// Stops the other workers and names the device that failed.
@@ -393,17 +389,10 @@ impl Drop for DevicePool {
 }
 
 /// A worker: opens its engine, optionally times the probe, then runs jobs
-/// until the queue closes; returns the weights as it ran them (device 0's
-/// are the output's).
-fn work(
-    worker: usize,
-    device: &DeviceChoice,
-    params: Params<f32>,
-    setup: WorkerSetup,
-) -> Option<Params<f32>> {
+/// until the queue closes or the pool stops.
+fn work(worker: usize, device: &DeviceChoice, params: Params<f32>, setup: WorkerSetup) {
     let fail = |error: InferError| {
         let _ = setup.reports.send(Report::Failed { worker, error });
-        None
     };
     let mut engine = match build_engine(
         device.kind,
@@ -434,15 +423,13 @@ fn work(
         })
         .is_err()
     {
-        return None;
+        return;
     }
-    // A stop (the caller has what it wants, or another device failed)
-    // ends the jobs, not the weights' return.
     while !setup.stop.load(Ordering::Relaxed) {
         // The lock is held only while taking one job.
         let job = match setup.jobs.lock() {
             Ok(queue) => queue.recv(),
-            Err(_) => return None,
+            Err(_) => return,
         };
         let Ok(Job { index, batch }) = job else {
             break;
@@ -450,15 +437,11 @@ fn work(
         match evaluate_batch(&mut *engine, &dims, &setup.arch, &batch, setup.blank_id) {
             Ok((_, outputs)) => {
                 if setup.reports.send(Report::Done { index, outputs }).is_err() {
-                    return None;
+                    return;
                 }
             }
             Err(e) => return fail(e.into()),
         }
-    }
-    match engine.params() {
-        Ok(p) => Some(p),
-        Err(e) => fail(e.into()),
     }
 }
 

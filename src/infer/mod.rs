@@ -19,6 +19,7 @@
 
 mod budget;
 mod devices;
+mod rows;
 mod stream;
 
 pub use budget::parse_duration;
@@ -590,38 +591,64 @@ pub fn infer(opts: &InferOptions) -> Result<InferOutput> {
     };
 
     // The test split: every member's test inputs at offset (0, 0), rendered
-    // as the batches need them.
+    // as the batches need them, on a table of the rows they read.
     let cap = opts.max_aug.map_or(usize::MAX, |a| a.saturating_add(1));
+    let blank_row = |what: String| InferError::Input {
+        path: opts.model_dir.clone(),
+        what,
+    };
+    let blank_id = i32::try_from(blank)
+        .map_err(|_| blank_row(format!("blank puzzle id {blank} does not fit in 32 bits")))?;
+    let table = rows::CompactRows::new(
+        arch.num_puzzle_identifiers,
+        plan.iter()
+            .flat_map(|p| p.ids[..p.ids.len().min(cap)].iter().copied()),
+        blank_id,
+    );
+    let run_blank = table.map(blank_id).ok_or_else(|| {
+        blank_row(format!(
+            "blank puzzle id {blank} is outside the model's {} embedding rows",
+            arch.num_puzzle_identifiers
+        ))
+    })?;
+    // Every id of the plan is a row of the table, so each maps.
+    let run_ids: Vec<Vec<i32>> = plan
+        .iter()
+        .map(|p| {
+            p.ids[..p.ids.len().min(cap)]
+                .iter()
+                .map(|&id| table.map(id).unwrap_or(run_blank))
+                .collect()
+        })
+        .collect();
     let members_up_to = |most: usize| -> Vec<SplitMember> {
         plan.iter()
-            .map(|p| {
-                let n = p.group.len().min(most);
+            .zip(&run_ids)
+            .map(|(p, ids)| {
+                let n = ids.len().min(most);
                 SplitMember {
                     index: p.index,
                     examples: p.puzzle.test.iter().collect(),
                     group: &p.group[..n],
-                    ids: &p.ids[..n],
+                    ids: &ids[..n],
                 }
             })
             .collect()
     };
-    let blank_id = i32::try_from(blank).map_err(|_| InferError::Input {
-        path: opts.model_dir.clone(),
-        what: format!("blank puzzle id {blank} does not fit in 32 bits"),
-    })?;
     let mut members = members_up_to(cap);
     // The first batch times each device (twice: warm-up, then the figure)
     // when a time limit needs an estimate.
     let probe = match opts.time_limit {
-        Some(_) => stream::TestStream::new(&members, side, seed, batch, blank_id).next(),
+        Some(_) => stream::TestStream::new(&members, side, seed, batch, run_blank).next(),
         None => None,
     };
+    let (run_arch, run_params) = table.apply(&arch, &params);
     let mut pool = devices::DevicePool::start(
         &devices,
-        &arch,
-        params,
+        &run_arch,
+        run_params,
         batch,
-        blank,
+        run_blank as i64,
         inference_engine_config(),
         probe,
     )?;
@@ -677,7 +704,7 @@ pub fn infer(opts: &InferOptions) -> Result<InferOutput> {
         }
     }
     let members_run = members.iter().map(|m| m.group.len()).max().unwrap_or(1);
-    let test = stream::TestStream::new(&members, side, seed, batch, blank_id);
+    let test = stream::TestStream::new(&members, side, seed, batch, run_blank);
     let examples = test.examples();
     say(&format!(
         "running {} puzzles ({} test examples with augmentations) for {} ACT steps each, \
@@ -693,7 +720,12 @@ pub fn infer(opts: &InferOptions) -> Result<InferOutput> {
     let mut names = pkg.identifiers.clone();
     names.extend(new_names);
     let originals: Vec<Puzzle> = plan.iter().map(|p| p.puzzle.clone()).collect();
-    let mut ev = ArcEvaluator::from_memory(&names, &originals, blank, &ks)?;
+    let run_names: Vec<String> = table
+        .old
+        .iter()
+        .map(|&o| names[o as usize].clone())
+        .collect();
+    let mut ev = ArcEvaluator::from_memory(&run_names, &originals, run_blank as i64, &ks)?;
     let mut progress = Progress::new(
         examples as u64,
         0,
@@ -723,8 +755,7 @@ pub fn infer(opts: &InferOptions) -> Result<InferOutput> {
         .iter()
         .map(|d| devices::label(&d.choice))
         .collect();
-    // The weights as run, back from device 0 (they moved into it).
-    let params = pool.finish()?;
+    pool.finish()?;
     if stopped_early {
         warn(format!(
             "warning: --time-limit reached after {done} of {examples} examples: the submission \
