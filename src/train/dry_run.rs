@@ -11,7 +11,7 @@
 use std::fmt;
 use std::path::PathBuf;
 
-use super::run::{prepare, run_dir, Prepared};
+use super::run::{prepare, resolve_device, run_dir, Prepared};
 use super::start_point::{start_point, StartPoint};
 use super::{TrainError, TrainOptions};
 use crate::checkpoint::{self, CheckpointError};
@@ -105,7 +105,12 @@ pub fn dry_run(
         local_batch,
         warnings,
         ..
-    } = prepare(cfg, opts.device, ordinal, world.rank, world.world_size)?;
+    } = prepare(
+        cfg,
+        resolve_device(cfg, opts.device, ordinal)?,
+        world.rank,
+        world.world_size,
+    )?;
 
     let dir = run_dir(cfg);
     let start = start_point(opts.resume.as_deref(), &dir)?;

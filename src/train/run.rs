@@ -54,7 +54,8 @@ pub fn train_with(
     coll: &dyn Collective,
 ) -> Result<TrainReport> {
     let t0 = Instant::now();
-    train_on(cfg, opts, coll, 0, t0)
+    let device = resolve_device(cfg, opts.device, 0)?;
+    train_on(cfg, opts, coll, device, t0)
 }
 
 /// `trm train` as one rank of `world` (a process a launcher started): its
@@ -68,22 +69,21 @@ pub fn train_in_world(
     timeout: Duration,
 ) -> Result<TrainReport> {
     let t0 = Instant::now();
-    cfg.validate()?;
     let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
     let ordinal = crate::dist::gpu_ordinal(world, visible.as_deref());
     // The device picks the transport; joining comes before the data is
     // opened, so a rank that fails there stops the others at once.
-    let kind = device_choice::resolve(opts.device.or(cfg.device), ordinal)?.kind;
-    let coll = crate::dist::join(world, kind, ordinal, timeout)?;
-    train_on(cfg, opts, &*coll, ordinal, t0)
+    let device = resolve_device(cfg, opts.device, ordinal)?;
+    let coll = crate::dist::join(world, device.kind, device.ordinal, timeout)?;
+    train_on(cfg, opts, &*coll, device, t0)
 }
 
-/// The run on GPU `ordinal` (when the device is a GPU) over `coll`.
+/// The run on `device` over `coll`.
 fn train_on(
     cfg: &RunConfig,
     opts: &TrainOptions,
     coll: &dyn Collective,
-    ordinal: usize,
+    device: DeviceChoice,
     t0: Instant,
 ) -> Result<TrainReport> {
     let Prepared {
@@ -95,7 +95,7 @@ fn train_on(
         schedule,
         local_batch,
         warnings,
-    } = prepare(cfg, opts.device, ordinal, coll.rank(), coll.world_size())?;
+    } = prepare(cfg, device, coll.rank(), coll.world_size())?;
     let world = coll.world_size();
     for w in warnings {
         if coll.rank() == 0 {
@@ -337,21 +337,28 @@ pub(super) struct Prepared {
     pub warnings: Vec<String>,
 }
 
-/// The checks a run makes before its first write, in order: the config, the
-/// device (`requested` wins over the config's; `ordinal` is the GPU), the
-/// split of the global batch over `world` ranks, the datasets and
-/// evaluators, the arch they imply, the memory limits and the schedule.
-/// Shared by the run and `trm train --dry-run`.
-pub(super) fn prepare(
+/// The first checks of a run, before any data is read: the config, then
+/// the device (`requested` wins over the config's; `ordinal` is the GPU).
+pub(super) fn resolve_device(
     cfg: &RunConfig,
     requested: Option<DeviceKind>,
     ordinal: usize,
+) -> Result<DeviceChoice> {
+    cfg.validate()?;
+    Ok(device_choice::resolve(requested.or(cfg.device), ordinal)?)
+}
+
+/// The checks a run makes before its first write, after
+/// [`resolve_device`], in order: the split of the global batch over
+/// `world` ranks, the datasets and evaluators, the arch they imply, the
+/// memory limits and the schedule. Shared by the run and `trm train
+/// --dry-run`.
+pub(super) fn prepare(
+    cfg: &RunConfig,
+    device: DeviceChoice,
     rank: usize,
     world: usize,
 ) -> Result<Prepared> {
-    cfg.validate()?;
-    // The flag wins over the config; checked before any data is read.
-    let device = device_choice::resolve(requested.or(cfg.device), ordinal)?;
     if cfg.global_batch_size % world != 0 {
         return Err(TrainError::BatchSplit {
             global: cfg.global_batch_size,
