@@ -245,7 +245,8 @@ struct InferArgs {
     /// seconds. One warm batch per device estimates the run up front; if it
     /// would not fit, fewer augmented copies vote (as --max-aug, said on
     /// stderr). Near the limit the run stops taking batches and writes the
-    /// submission from what it has.
+    /// submission from what it has. Loading and --fit-steps count against
+    /// the limit but are not shortened by it.
     #[arg(long, value_name = "DURATION", value_parser = trm::infer::parse_duration)]
     time_limit: Option<std::time::Duration>,
 }
