@@ -7,9 +7,12 @@
 //!    `kernels/*.cu`, the emulator runtime and self-tests under
 //!    `kernels/emu/` with the host C++ compiler into the static library
 //!    `trm_emu`, plus generated entry points (`src/backend/cuda/emu.rs`).
-//! 3. The GPU kernels: compiles every `kernels/*.cu` to an sm_90a cubin with
-//!    nvcc, checks ptxas' resource report (zero spills is a project rule), and
-//!    writes `OUT_DIR/kernels.rs`, which embeds the cubins and
+//! 3. The GPU kernels: compiles every `kernels/*.cu` for each target of
+//!    `src/backend/cuda/images.rs` (sm_90a SASS with nvcc; compute_80 PTX
+//!    with nvcc, and sm_80, sm_86 and sm_89 SASS from that PTX with ptxas;
+//!    `TRM_CUDA_ARCHS` builds fewer), checks ptxas' resource report for every
+//!    architecture (zero spills is a project rule), and writes
+//!    `OUT_DIR/kernels.rs`, which embeds the images and
 //!    `OUT_DIR/ptxas_report.tsv` (read by `src/backend/cuda/kernels.rs`). The
 //!    emulator's self-test kernels (`kernels/emu/tests/*.cu`) are compiled
 //!    and checked the same way, and embedded only with feature `emu` (test
@@ -37,26 +40,20 @@ mod ptxas;
 #[path = "src/backend/cuda/abigen.rs"]
 mod abigen;
 
-/// nvcc flags for every kernel file:
-/// - `-cubin -arch=sm_90a`: SASS for H200 only, with the sm_90a features
-///   (wgmma, setmaxnreg); no PTX, so no JIT at load time.
+#[allow(dead_code)]
+#[path = "src/backend/cuda/images.rs"]
+mod images;
+
+/// nvcc flags for every kernel file and target (each target adds its own:
+/// `-cubin -arch=sm_90a -Xptxas -v`, `-ptx -arch=compute_80`):
 /// - `-O3 -std=c++17`: the optimisation level and language, pinned.
 /// - `-lineinfo`: source lines for profilers; no effect on the code.
 /// - `-Werror all-warnings`: nvcc makes every warning an error, and passes it on
 ///   to cicc (`--promote_warnings`) and ptxas (`--warning-as-error`).
-/// - `-Xptxas -v`: ptxas prints registers, spills, shared memory and stack per
-///   function; build.rs parses it into the report and the spill check.
-const NVCC_FLAGS: &[&str] = &[
-    "-cubin",
-    "-arch=sm_90a",
-    "-O3",
-    "-std=c++17",
-    "-lineinfo",
-    "-Werror",
-    "all-warnings",
-    "-Xptxas",
-    "-v",
-];
+///
+/// ptxas' `-v` prints registers, spills, shared memory and stack per
+/// function; build.rs parses it into the report and the spill check.
+const NVCC_FLAGS: &[&str] = &["-O3", "-std=c++17", "-lineinfo", "-Werror", "all-warnings"];
 
 /// Environment that changes what nvcc is found or what it does.
 const ENV_INPUTS: &[&str] = &[
@@ -66,6 +63,7 @@ const ENV_INPUTS: &[&str] = &[
     "NVCC_CCBIN",
     "NVCC_PREPEND_FLAGS",
     "NVCC_APPEND_FLAGS",
+    images::ARCHS_ENV,
 ];
 
 fn main() -> ExitCode {
@@ -129,24 +127,31 @@ fn run() -> Result<(), String> {
     };
 
     let version = nvcc_version(&nvcc)?;
-    let cubin_dir = out_dir.join("kernels");
-    fs::create_dir_all(&cubin_dir).map_err(|e| format!("creating {}: {e}", cubin_dir.display()))?;
-
-    let test_cubin_dir = cubin_dir.join("emu-tests");
-    fs::create_dir_all(&test_cubin_dir)
-        .map_err(|e| format!("creating {}: {e}", test_cubin_dir.display()))?;
+    let targets = chosen_targets()?;
+    let image_dir = out_dir.join("kernels");
+    let test_image_dir = image_dir.join("emu-tests");
+    fs::create_dir_all(&test_image_dir)
+        .map_err(|e| format!("creating {}: {e}", test_image_dir.display()))?;
     let test_sources = cu_files(&kernels_dir.join("emu").join("tests"))?;
-    let mut jobs: Vec<(PathBuf, &Path)> = Vec::new();
-    for (list, dir, out) in [
-        (&sources, "kernels", cubin_dir.as_path()),
-        (&test_sources, "kernels/emu/tests", test_cubin_dir.as_path()),
+    let mut files = Vec::new();
+    for (list, dir, out, self_test) in [
+        (&sources, "kernels", &image_dir, false),
+        (&test_sources, "kernels/emu/tests", &test_image_dir, true),
     ] {
         for source in list {
-            jobs.push((Path::new(dir).join(format!("{}.cu", stem(source)?)), out));
+            files.push(Source {
+                relative: Path::new(dir).join(format!("{}.cu", stem(source)?)),
+                out_dir: out.clone(),
+                size: fs::metadata(source).map_or(0, |m| m.len()),
+                self_test,
+            });
         }
     }
-    let mut compiled = compile_all(&nvcc, &manifest_dir, &jobs)?;
-    let tests = compiled.split_off(sources.len());
+    let tools = Tools::beside(nvcc)?;
+    let (tests, compiled): (Vec<Compiled>, Vec<Compiled>) =
+        compile_images(&tools, &manifest_dir, &files, &targets)?
+            .into_iter()
+            .partition(|c| c.self_test);
 
     let mut rows = Vec::new();
     let mut spills = Vec::new();
@@ -160,8 +165,9 @@ fn run() -> Result<(), String> {
                     format!(" ({})", f.symbol)
                 };
                 spills.push(format!(
-                    "  {}: {} {readable}{symbol}: {} bytes spill stores, {} bytes spill loads",
+                    "  {} for {}: {} {readable}{symbol}: {} bytes spill stores, {} bytes spill loads",
                     unit.relative.display(),
+                    unit.target.name,
                     if f.entry { "kernel" } else { "device function" },
                     f.spill_stores,
                     f.spill_loads
@@ -169,64 +175,113 @@ fn run() -> Result<(), String> {
             }
         }
     }
-    for unit in &compiled {
+    for unit in compiled
+        .iter()
+        .filter(|u| u.target.kind == images::ImageKind::Sass)
+    {
         let file = format!("{}.cu", unit.name);
-        let mut kernels = ptxas::kernel_rows(&file, &unit.functions);
+        let mut kernels = ptxas::kernel_rows(&file, unit.target.name, &unit.functions);
         kernels.sort_by(|a, b| a.kernel.cmp(&b.kernel));
         rows.extend(kernels);
     }
     write(&report_path, &ptxas::to_tsv(&rows))?;
     if !spills.is_empty() {
         return Err(format!(
-            "register spills in CUDA kernels (the project rule is zero spills; full ptxas output in {}):\n{}\n\
+            "register spills in CUDA kernels (the project rule is zero spills, for every \
+             architecture; full ptxas output in {}):\n{}\n\
              Reduce live values or tile sizes, or give the kernel more registers with __launch_bounds__.",
-            cubin_dir.display(),
+            image_dir.display(),
             spills.join("\n")
         ));
     }
 
-    let flags = NVCC_FLAGS.join(" ");
+    let embed_tests = env::var_os("CARGO_FEATURE_EMU").is_some();
+    let tests = if embed_tests { &tests[..] } else { &[] };
     let mut src =
         String::from("// @generated by build.rs: the kernels compiled from kernels/*.cu.\n");
     src += "pub const KERNELS_COMPILED: bool = true;\n";
-    src += &format!("pub const NVCC_FLAGS: &str = {flags:?};\n");
+    src += &format!(
+        "pub const NVCC_FLAGS: &str = {:?};\n",
+        flags_summary(&targets)
+    );
     src += &format!("pub const NVCC_VERSION: &str = {version:?};\n");
+    let names: Vec<&str> = targets.iter().map(|t| t.name).collect();
+    src += &format!("pub const TARGETS_BUILT: &[&str] = &{names:?};\n");
+    src += &format!(
+        "pub const TARGETS_FROM_ENV: bool = {};\n",
+        env::var_os(images::ARCHS_ENV).is_some()
+    );
     src += &format!(
         "pub const PTXAS_REPORT: &str = include_str!({:?});\n",
         path_str(&report_path)?
     );
-    for (i, unit) in compiled.iter().enumerate() {
-        src += &format!(
-            "const CUBIN_{i}: &Aligned<[u8]> = &Aligned(*include_bytes!({:?}));\n",
-            path_str(&unit.cubin)?
-        );
-    }
-    src += "pub static MODULES: &[EmbeddedModule] = &[\n";
-    for (i, unit) in compiled.iter().enumerate() {
-        src += &format!(
-            "    EmbeddedModule {{ name: {:?}, cubin: &CUBIN_{i}.0 }},\n",
-            unit.name
-        );
-    }
-    src += "];\n";
-    // The self-test cubins, for test builds only: searched after MODULES.
-    let embed_tests = env::var_os("CARGO_FEATURE_EMU").is_some();
-    let tests = if embed_tests { &tests[..] } else { &[] };
-    for (i, unit) in tests.iter().enumerate() {
-        src += &format!(
-            "const TEST_CUBIN_{i}: &Aligned<[u8]> = &Aligned(*include_bytes!({:?}));\n",
-            path_str(&unit.cubin)?
-        );
-    }
-    src += "pub static TEST_MODULES: &[EmbeddedModule] = &[\n";
-    for (i, unit) in tests.iter().enumerate() {
-        src += &format!(
-            "    EmbeddedModule {{ name: {:?}, cubin: &TEST_CUBIN_{i}.0 }},\n",
-            unit.name
-        );
-    }
-    src += "];\n";
+    src += &embed_modules("MODULES", &compiled)?;
+    // The self-test images, for test builds only: searched after MODULES.
+    src += &embed_modules("TEST_MODULES", tests)?;
     write(&generated, &src)
+}
+
+/// The targets to build: all of them, or those `TRM_CUDA_ARCHS` names.
+fn chosen_targets() -> Result<Vec<&'static images::Target>, String> {
+    match env::var(images::ARCHS_ENV) {
+        Ok(value) => {
+            let targets = images::parse_targets(&value)?;
+            if targets.len() < images::TARGETS.len() {
+                println!(
+                    "cargo:warning={}={value}: kernels built for {} only (a developer build; \
+                     unset it to build every architecture)",
+                    images::ARCHS_ENV,
+                    targets
+                        .iter()
+                        .map(|t| t.name)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            Ok(targets)
+        }
+        Err(env::VarError::NotPresent) => Ok(images::TARGETS.iter().collect()),
+        Err(e) => Err(format!("{}: {e}", images::ARCHS_ENV)),
+    }
+}
+
+/// `pub static NAME: &[EmbeddedModule]` with every image of `units`
+/// (grouped by kernel file, in target order): cubins 16-byte aligned, PTX
+/// NUL-terminated (cuModuleLoadData reads PTX as a C string).
+fn embed_modules(name: &str, units: &[Compiled]) -> Result<String, String> {
+    let mut src = String::new();
+    let mut modules: Vec<(&str, Vec<String>)> = Vec::new();
+    for (i, unit) in units.iter().enumerate() {
+        let path = path_str(&unit.image)?;
+        let data = match unit.target.kind {
+            images::ImageKind::Sass => {
+                src += &format!(
+                    "const {name}_{i}: &Aligned<[u8]> = &Aligned(*include_bytes!({path:?}));\n"
+                );
+                format!("&{name}_{i}.0")
+            }
+            images::ImageKind::Ptx => {
+                format!("concat!(include_str!({path:?}), \"\\0\").as_bytes()")
+            }
+        };
+        let image = format!(
+            "EmbeddedImage {{ target: {:?}, data: {data} }}",
+            unit.target.name
+        );
+        match modules.iter_mut().find(|(m, _)| *m == unit.name) {
+            Some((_, list)) => list.push(image),
+            None => modules.push((&unit.name, vec![image])),
+        }
+    }
+    src += &format!("pub static {name}: &[EmbeddedModule] = &[\n");
+    for (module, list) in &modules {
+        src += &format!(
+            "    EmbeddedModule {{ name: {module:?}, images: &[\n        {},\n    ] }},\n",
+            list.join(",\n        ")
+        );
+    }
+    src += "];\n";
+    Ok(src)
 }
 
 fn read(path: &Path) -> Result<String, String> {
@@ -413,6 +468,8 @@ fn missing_source() -> String {
      pub const KERNELS_COMPILED: bool = false;\n\
      pub const NVCC_FLAGS: &str = \"\";\n\
      pub const NVCC_VERSION: &str = \"\";\n\
+     pub const TARGETS_BUILT: &[&str] = &[];\n\
+     pub const TARGETS_FROM_ENV: bool = false;\n\
      pub const PTXAS_REPORT: &str = \"\";\n\
      pub static MODULES: &[EmbeddedModule] = &[];\n\
      pub static TEST_MODULES: &[EmbeddedModule] = &[];\n"
@@ -475,98 +532,312 @@ fn nvcc_version(nvcc: &Path) -> Result<String, String> {
         .to_string())
 }
 
-/// One compiled kernel file.
+/// The compilers: nvcc, and the ptxas beside it (the sm_8x SASS is ptxas
+/// run on the compute_80 PTX, so the front end runs once for all of them and
+/// the SASS is exactly what the driver's JIT would make of the embedded PTX).
+struct Tools {
+    nvcc: PathBuf,
+    ptxas: PathBuf,
+}
+
+impl Tools {
+    fn beside(nvcc: PathBuf) -> Result<Tools, String> {
+        let ptxas = nvcc.with_file_name(format!("ptxas{}", env::consts::EXE_SUFFIX));
+        if !ptxas.is_file() {
+            return Err(format!(
+                "no ptxas beside {} (expected {}); install the pinned toolkit with tools/install-nvcc.sh",
+                nvcc.display(),
+                ptxas.display()
+            ));
+        }
+        Ok(Tools { nvcc, ptxas })
+    }
+}
+
+/// nvcc's arguments for a target it compiles itself.
+fn nvcc_target_args(target: &images::Target) -> Vec<String> {
+    match target.kind {
+        images::ImageKind::Ptx => vec!["-ptx".into(), format!("-arch={}", target.name)],
+        images::ImageKind::Sass => vec![
+            "-cubin".into(),
+            format!("-arch={}", target.name),
+            "-Xptxas".into(),
+            "-v".into(),
+        ],
+    }
+}
+
+/// ptxas' arguments for SASS made from the PTX: nvcc's choices (`-O3`,
+/// `-lineinfo`, warnings as errors) and the `-v` report.
+fn ptxas_args(target: &images::Target) -> Vec<String> {
+    [
+        &format!("-arch={}", target.name),
+        "-O3",
+        "-lineinfo",
+        "--warning-as-error",
+        "-v",
+    ]
+    .map(str::to_string)
+    .to_vec()
+}
+
+/// Whether `target`'s SASS is made by ptxas from the PTX (same major
+/// architecture as the PTX target), rather than by nvcc from the source.
+fn from_ptx(target: &images::Target) -> bool {
+    let ptx = images::target(images::PTX_TARGET).map(|t| t.capability.0);
+    target.kind == images::ImageKind::Sass && Some(target.capability.0) == ptx
+}
+
+/// What `NVCC_FLAGS` says: the common flags and each target's command.
+fn flags_summary(targets: &[&'static images::Target]) -> String {
+    let mut parts = vec![NVCC_FLAGS.join(" ")];
+    let ptx_needed = targets.iter().any(|t| from_ptx(t));
+    for t in targets
+        .iter()
+        // The PTX is named with the ptxas step when SASS is made from it.
+        .filter(|t| !from_ptx(t) && (!ptx_needed || t.kind != images::ImageKind::Ptx))
+    {
+        parts.push(nvcc_target_args(t).join(" "));
+    }
+    let via_ptx: Vec<&str> = targets
+        .iter()
+        .filter(|t| from_ptx(t))
+        .map(|t| t.name)
+        .collect();
+    if !via_ptx.is_empty() {
+        parts.push(format!(
+            "ptxas -arch={} -O3 -lineinfo --warning-as-error -v on the -ptx -arch={} output",
+            via_ptx.join("|"),
+            images::PTX_TARGET
+        ));
+    }
+    parts.join("; ")
+}
+
+/// A kernel source to compile.
+struct Source {
+    /// The path from the crate root, so messages read `kernels/x.cu(12): ...`.
+    relative: PathBuf,
+    /// Where its images go.
+    out_dir: PathBuf,
+    /// Bytes, to start the longest compiles first.
+    size: u64,
+    /// One of the emulator's self-tests (`kernels/emu/tests/`).
+    self_test: bool,
+}
+
+/// One image of one kernel file.
 struct Compiled {
     /// File stem (`cast` for `kernels/cast.cu`).
     name: String,
     /// The source, relative to the crate root.
     relative: PathBuf,
-    cubin: PathBuf,
+    self_test: bool,
+    target: &'static images::Target,
+    image: PathBuf,
+    /// What ptxas reported (nothing for PTX).
     functions: Vec<ptxas::FunctionResources>,
 }
 
-/// Compiles the sources (paths relative to the crate root, each with its
-/// cubin folder) in parallel; the first failure (in job order) wins.
-fn compile_all(
-    nvcc: &Path,
+/// Compiles every source for every target, in two parallel rounds: nvcc
+/// (the PTX and the targets nvcc builds itself, longest sources first), then
+/// ptxas on the PTX. Returns the images of the chosen targets, per source in
+/// source order, each in target order.
+fn compile_images(
+    tools: &Tools,
     manifest_dir: &Path,
-    sources: &[(PathBuf, &Path)],
+    sources: &[Source],
+    targets: &[&'static images::Target],
 ) -> Result<Vec<Compiled>, String> {
+    let ptx = images::target(images::PTX_TARGET).ok_or("no PTX target")?;
+    let need_ptx = targets
+        .iter()
+        .any(|t| t.kind == images::ImageKind::Ptx || from_ptx(t));
+    let mut first: Vec<(&Source, &'static images::Target)> = Vec::new();
+    for source in sources {
+        if need_ptx {
+            first.push((source, ptx));
+        }
+        for &t in targets
+            .iter()
+            .filter(|t| t.kind == images::ImageKind::Sass && !from_ptx(t))
+        {
+            first.push((source, t));
+        }
+    }
+    first.sort_by_key(|(source, _)| std::cmp::Reverse(source.size));
+    let nvcc_out = run_parallel(&first, |&(source, target)| {
+        compile_nvcc(tools, manifest_dir, source, target)
+    })?;
+    let mut second: Vec<(&Compiled, &'static images::Target)> = Vec::new();
+    for unit in nvcc_out
+        .iter()
+        .filter(|u| u.target.kind == images::ImageKind::Ptx)
+    {
+        for &t in targets.iter().filter(|t| from_ptx(t)) {
+            second.push((unit, t));
+        }
+    }
+    let ptxas_out = run_parallel(&second, |&(unit, target)| {
+        compile_ptxas(tools, unit, target)
+    })?;
+
+    let mut all: Vec<Option<Compiled>> = nvcc_out.into_iter().chain(ptxas_out).map(Some).collect();
+    let mut ordered = Vec::new();
+    for source in sources {
+        for &t in targets {
+            let at = all.iter().position(|c| {
+                c.as_ref()
+                    .is_some_and(|c| c.relative == source.relative && c.target.name == t.name)
+            });
+            let unit = at.and_then(|i| all[i].take()).ok_or_else(|| {
+                format!(
+                    "{} for {}: no image was made",
+                    source.relative.display(),
+                    t.name
+                )
+            })?;
+            ordered.push(unit);
+        }
+    }
+    Ok(ordered)
+}
+
+/// Runs `job` on every item with one worker per CPU; the results in item
+/// order, or the first failure in item order.
+fn run_parallel<J: Sync, R: Send>(
+    items: &[J],
+    job: impl Fn(&J) -> Result<R, String> + Sync,
+) -> Result<Vec<R>, String> {
     let workers = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
-        .min(sources.len())
+        .min(items.len())
         .max(1);
     let next = AtomicUsize::new(0);
-    let results: Vec<Mutex<Option<Result<Compiled, String>>>> =
-        sources.iter().map(|_| Mutex::new(None)).collect();
+    let results: Vec<Mutex<Option<Result<R, String>>>> =
+        items.iter().map(|_| Mutex::new(None)).collect();
     std::thread::scope(|scope| {
         for _ in 0..workers {
             scope.spawn(|| loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some((source, cubin_dir)) = sources.get(i) else {
+                let Some(item) = items.get(i) else {
                     break;
                 };
-                let result = compile_one(nvcc, manifest_dir, source, cubin_dir);
+                let result = job(item);
                 *results[i].lock().unwrap() = Some(result);
             });
         }
     });
     results
         .into_iter()
-        .map(|r| r.into_inner().unwrap().expect("every source was compiled"))
+        .map(|r| r.into_inner().unwrap().expect("every item was run"))
         .collect()
 }
 
-/// Compiles `relative` (a path from the crate root, so that nvcc's messages
-/// read `kernels/x.cu(12): error ...`) into `cubin_dir`.
-fn compile_one(
-    nvcc: &Path,
-    manifest_dir: &Path,
-    relative: &Path,
-    cubin_dir: &Path,
-) -> Result<Compiled, String> {
-    let name = stem(relative)?;
-    let cubin = cubin_dir.join(format!("{name}.cubin"));
-    let out = Command::new(nvcc)
-        .current_dir(manifest_dir)
-        .args(NVCC_FLAGS)
-        .arg("-I")
-        .arg("kernels")
-        .arg("-o")
-        .arg(&cubin)
-        .arg(relative)
+/// Runs a compiler, keeps its output in `log`, and returns the output (an
+/// error with the command and the message, without -v's resource lines,
+/// when it fails).
+fn run_compiler(
+    program: &Path,
+    args: &[String],
+    dir: &Path,
+    log: &Path,
+    what: &str,
+) -> Result<String, String> {
+    let out = Command::new(program)
+        .current_dir(dir)
+        .args(args)
         .output()
-        .map_err(|e| format!("cannot run {}: {e}", nvcc.display()))?;
-    let log = format!(
+        .map_err(|e| format!("cannot run {}: {e}", program.display()))?;
+    let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stderr),
         String::from_utf8_lossy(&out.stdout)
     );
-    write(&cubin_dir.join(format!("{name}.ptxas.txt")), &log)?;
+    write(log, &text)?;
     if !out.status.success() {
-        // nvcc's message without the -v resource lines around it.
-        let message: Vec<&str> = log
+        let message: Vec<&str> = text
             .lines()
             .filter(|l| {
                 !l.starts_with("ptxas info") && !l.trim_end().ends_with("bytes spill loads")
             })
             .collect();
         return Err(format!(
-            "nvcc failed to compile {} ({}):\n{}\n(command: {} {} -I kernels -o {} {})",
-            relative.display(),
+            "{} failed to compile {what} ({}):\n{}\n(command: {} {})",
+            program
+                .file_name()
+                .map_or("compiler".into(), |n| n.to_string_lossy()),
             out.status,
             message.join("\n"),
-            nvcc.display(),
-            NVCC_FLAGS.join(" "),
-            cubin.display(),
-            relative.display()
+            program.display(),
+            args.join(" ")
         ));
     }
+    Ok(text)
+}
+
+/// nvcc: `source` to `target`'s image (a cubin, or the PTX).
+fn compile_nvcc(
+    tools: &Tools,
+    manifest_dir: &Path,
+    source: &Source,
+    target: &'static images::Target,
+) -> Result<Compiled, String> {
+    let name = stem(&source.relative)?;
+    let image = source.out_dir.join(target.file_name(&name));
+    let mut args: Vec<String> = NVCC_FLAGS.iter().map(|f| f.to_string()).collect();
+    args.extend(nvcc_target_args(target));
+    args.extend([
+        "-I".into(),
+        "kernels".into(),
+        "-o".into(),
+        path_str(&image)?.into(),
+    ]);
+    args.push(path_str(&source.relative)?.into());
+    let log = source.out_dir.join(format!("{name}.{}.log", target.name));
+    let what = format!("{} for {}", source.relative.display(), target.name);
+    let output = run_compiler(&tools.nvcc, &args, manifest_dir, &log, &what)?;
     Ok(Compiled {
         name,
-        relative: relative.to_path_buf(),
-        cubin,
-        functions: ptxas::parse_verbose(&log),
+        relative: source.relative.clone(),
+        self_test: source.self_test,
+        target,
+        image,
+        functions: match target.kind {
+            images::ImageKind::Sass => ptxas::parse_verbose(&output),
+            images::ImageKind::Ptx => Vec::new(),
+        },
+    })
+}
+
+/// ptxas: the PTX of `ptx` to `target`'s cubin.
+fn compile_ptxas(
+    tools: &Tools,
+    ptx: &Compiled,
+    target: &'static images::Target,
+) -> Result<Compiled, String> {
+    let dir = ptx.image.parent().ok_or("PTX file has no folder")?;
+    let image = dir.join(target.file_name(&ptx.name));
+    let mut args = ptxas_args(target);
+    args.extend([
+        "-o".into(),
+        path_str(&image)?.into(),
+        path_str(&ptx.image)?.into(),
+    ]);
+    let log = dir.join(format!("{}.{}.log", ptx.name, target.name));
+    let what = format!(
+        "{} for {} (from its PTX)",
+        ptx.relative.display(),
+        target.name
+    );
+    let output = run_compiler(&tools.ptxas, &args, dir, &log, &what)?;
+    Ok(Compiled {
+        name: ptx.name.clone(),
+        relative: ptx.relative.clone(),
+        self_test: ptx.self_test,
+        target,
+        image,
+        functions: ptxas::parse_verbose(&output),
     })
 }
 

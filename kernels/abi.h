@@ -261,6 +261,7 @@ struct AttentionForwardArgs {
     int32_t H;
     int32_t d;              // 32, 64 or 128: must match the kernel's
     float scale;            // 1 / sqrt(d)
+    int32_t stage_tables;   // 1: the next K tile's RoPE rows staged in shared memory; 0: read from global
 };
 
 // delta[b, h, s] = sum_i do[b, s, h * d + i] * o[b, s, h * d + i], in f32.
@@ -291,6 +292,7 @@ struct AttentionBackwardArgs {
     int32_t H;
     int32_t d;              // 32, 64 or 128: must match the kernel's
     float scale;            // 1 / sqrt(d)
+    int32_t stage_tables;   // dQ kernel: as in AttentionForwardArgs
 };
 
 // ---------------------------------------------------------------------------

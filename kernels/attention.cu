@@ -87,6 +87,20 @@ struct KeyTileBackward {
     static constexpr int BQ = HD <= 64 ? 64 : 16;
 };
 
+// What differs for sm_8x (the compute_80 PTX and the SASS built from it): at
+// d 64 the forward's Q fragments, scores and output need more than 255
+// registers there (ptxas spilled), so Q is re-read from shared memory per key
+// tile (as the dQ kernel does); and sm_80's 164 KiB of shared memory hold two
+// d-64 dK/dV blocks, not three, so that kernel gets the registers of two (168
+// spilled). sm_90a (and the emulator) keep the measured H200 choices.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+constexpr bool FORWARD_Q_IN_REGISTERS = false;
+#define ATT_DKDV_D64_MIN_BLOCKS 2
+#else
+constexpr bool FORWARD_Q_IN_REGISTERS = true;
+#define ATT_DKDV_D64_MIN_BLOCKS 3
+#endif
+
 }  // namespace
 
 static __device__ __forceinline__ float neg_inf() { return __int_as_float((int)0xff800000u); }
@@ -200,6 +214,21 @@ static __device__ __forceinline__ void query_tile_prologue(bf16* sQ, bf16* sdO, 
     tile_rotate<HD, BQ>(sQ, cos + (long)q0 * HD, sin + (long)q0 * HD, q0, S);
     tile_rotate<HD, ATT_BK>(sK, cos, sin, 0, S);
     __syncthreads();
+}
+
+// Rotates the next K tile (positions k0..) of a query-tile kernel (forward,
+// dQ) with its table rows: staged in shared memory by table_load_async when
+// the launcher gave room for them (args.stage_tables), else from global (L2).
+// Two calls, not a pointer select, so each reads its own memory space and the
+// flag stays in the parameter bank rather than a register.
+template <int HD, typename Args>
+static __device__ __forceinline__ void rotate_next_k_tile(bf16* tile, const Args& args, const float* sCos,
+                                                          const float* sSin, int k0, int S) {
+    if (args.stage_tables) {
+        tile_rotate<HD, ATT_BK>(tile, sCos, sSin, k0, S);
+    } else {
+        tile_rotate<HD, ATT_BK>(tile, args.cos + (long)k0 * HD, args.sin + (long)k0 * HD, k0, S);
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -353,17 +382,20 @@ static __device__ void attention_forward_impl(const AttentionForwardArgs& a) {
     bf16* sQ = dynamic_shared<bf16>();
     bf16* sK = sQ + BQ * LD;          // two buffers
     bf16* sV = sK + 2 * ATT_BK * LD;  // two buffers
-    float* sCos = reinterpret_cast<float*>(sV + 2 * ATT_BK * LD);  // the next K tile's table rows
+    // The next K tile's table rows, when the launcher gave room for them.
+    float* sCos = reinterpret_cast<float*>(sV + 2 * ATT_BK * LD);
     float* sSin = sCos + ATT_BK * HD;
 
     query_tile_prologue<HD, BQ>(sQ, nullptr, sK, sV, ht, a.cos, a.sin, q0, S);
 
-    // This warp's query rows stay in registers for the whole sweep.
-    uint32_t qf[MT][KS][4];
+    // This warp's query rows stay in registers for the whole sweep (sm_90a).
+    uint32_t qf[FORWARD_Q_IN_REGISTERS ? MT : 1][FORWARD_Q_IN_REGISTERS ? KS : 1][4];
+    if (FORWARD_Q_IN_REGISTERS) {
 #pragma unroll
-    for (int m = 0; m < MT; m++)
+        for (int m = 0; m < MT; m++)
 #pragma unroll
-        for (int ks = 0; ks < KS; ks++) frag_a<LD>(qf[m][ks], sQ, (warp * MT + m) * 16, ks * 16, lane);
+            for (int ks = 0; ks < KS; ks++) frag_a<LD>(qf[m][ks], sQ, (warp * MT + m) * 16, ks * 16, lane);
+    }
 
     float o[MT][OT][4];
     float row_max[MT][2], row_sum[MT][2];
@@ -379,7 +411,7 @@ static __device__ void attention_forward_impl(const AttentionForwardArgs& a) {
         if (j + 1 < k_tiles) {
             tile_load_async<HD, ATT_BK>(sK + (buf ^ 1) * ATT_BK * LD, kg, W, (j + 1) * ATT_BK, S);
             tile_load_async<HD, ATT_BK>(sV + (buf ^ 1) * ATT_BK * LD, vg, W, (j + 1) * ATT_BK, S);
-            table_load_async<HD, ATT_BK>(sCos, sSin, a.cos, a.sin, (j + 1) * ATT_BK, S);
+            if (a.stage_tables) table_load_async<HD, ATT_BK>(sCos, sSin, a.cos, a.sin, (j + 1) * ATT_BK, S);
             cp_async_commit();
         }
         const bf16* k_tile = sK + buf * ATT_BK * LD;
@@ -389,18 +421,22 @@ static __device__ void attention_forward_impl(const AttentionForwardArgs& a) {
         float s[MT][NT][4];
 #pragma unroll
         for (int m = 0; m < MT; m++) zero_acc<NT>(s[m]);
+        if (FORWARD_Q_IN_REGISTERS) {
 #pragma unroll
-        for (int ks = 0; ks < KS; ks++)
+            for (int ks = 0; ks < KS; ks++)
 #pragma unroll
-            for (int nt = 0; nt < NT; nt += 2) {
-                uint32_t kb[4];
-                frag_b_nrows<LD>(kb, k_tile, nt * 8, ks * 16, lane);
+                for (int nt = 0; nt < NT; nt += 2) {
+                    uint32_t kb[4];
+                    frag_b_nrows<LD>(kb, k_tile, nt * 8, ks * 16, lane);
 #pragma unroll
-                for (int m = 0; m < MT; m++) {
-                    mma_m16n8k16_bf16_f32(s[m][nt], qf[m][ks], kb, s[m][nt]);
-                    mma_m16n8k16_bf16_f32(s[m][nt + 1], qf[m][ks], kb + 2, s[m][nt + 1]);
+                    for (int m = 0; m < MT; m++) {
+                        mma_m16n8k16_bf16_f32(s[m][nt], qf[m][ks], kb, s[m][nt]);
+                        mma_m16n8k16_bf16_f32(s[m][nt + 1], qf[m][ks], kb + 2, s[m][nt + 1]);
+                    }
                 }
-            }
+        } else {
+            mma_rows_nrows<HD, NT, MT>(s, sQ, warp * MT * 16, k_tile, lane);
+        }
 #pragma unroll
         for (int m = 0; m < MT; m++) {
             // Keys past S (the tail tile) get no weight.
@@ -451,7 +487,7 @@ static __device__ void attention_forward_impl(const AttentionForwardArgs& a) {
         if (j + 1 < k_tiles) {
             cp_async_wait<0>();
             __syncthreads();  // barrier: next K/V tile landed (forward)
-            tile_rotate<HD, ATT_BK>(sK + (buf ^ 1) * ATT_BK * LD, sCos, sSin, (j + 1) * ATT_BK, S);
+            rotate_next_k_tile<HD>(sK + (buf ^ 1) * ATT_BK * LD, a, sCos, sSin, (j + 1) * ATT_BK, S);
             __syncthreads();  // barrier: rotated K tile (forward)
         }
     }
@@ -666,7 +702,8 @@ static __device__ void attention_backward_dq_impl(const AttentionBackwardArgs& a
     bf16* sdO = sQ + BQ * LD;
     bf16* sK = sdO + BQ * LD;         // two buffers
     bf16* sV = sK + 2 * ATT_BK * LD;  // two buffers
-    float* sCos = reinterpret_cast<float*>(sV + 2 * ATT_BK * LD);  // the next K tile's table rows
+    // The next K tile's table rows, when the launcher gave room for them.
+    float* sCos = reinterpret_cast<float*>(sV + 2 * ATT_BK * LD);
     float* sSin = sCos + ATT_BK * HD;
 
     query_tile_prologue<HD, BQ>(sQ, sdO, sK, sV, ht, a.cos, a.sin, q0, S);
@@ -680,7 +717,7 @@ static __device__ void attention_backward_dq_impl(const AttentionBackwardArgs& a
         if (j + 1 < k_tiles) {
             tile_load_async<HD, ATT_BK>(sK + (buf ^ 1) * ATT_BK * LD, kg, W, k0 + ATT_BK, S);
             tile_load_async<HD, ATT_BK>(sV + (buf ^ 1) * ATT_BK * LD, vg, W, k0 + ATT_BK, S);
-            table_load_async<HD, ATT_BK>(sCos, sSin, a.cos, a.sin, k0 + ATT_BK, S);
+            if (a.stage_tables) table_load_async<HD, ATT_BK>(sCos, sSin, a.cos, a.sin, k0 + ATT_BK, S);
             cp_async_commit();
         }
         const bf16* k_tile = sK + buf * ATT_BK * LD;
@@ -715,7 +752,7 @@ static __device__ void attention_backward_dq_impl(const AttentionBackwardArgs& a
         if (j + 1 < k_tiles) {
             cp_async_wait<0>();
             __syncthreads();  // barrier: next K/V tile landed (dQ)
-            tile_rotate<HD, ATT_BK>(sK + (buf ^ 1) * ATT_BK * LD, sCos, sSin, k0 + ATT_BK, S);
+            rotate_next_k_tile<HD>(sK + (buf ^ 1) * ATT_BK * LD, a, sCos, sSin, k0 + ATT_BK, S);
             __syncthreads();  // barrier: rotated K tile (dQ)
         }
     }
@@ -731,7 +768,7 @@ extern "C" __global__ void __launch_bounds__(128, 3) attention_backward_dkdv_d32
 extern "C" __global__ void __launch_bounds__(128, 2) attention_backward_dq_d32(const AttentionBackwardArgs a) {
     attention_backward_dq_impl<32>(a);
 }
-extern "C" __global__ void __launch_bounds__(128, 3) attention_backward_dkdv_d64(const AttentionBackwardArgs a) {
+extern "C" __global__ void __launch_bounds__(128, ATT_DKDV_D64_MIN_BLOCKS) attention_backward_dkdv_d64(const AttentionBackwardArgs a) {
     attention_backward_dkdv_impl<64>(a);
 }
 extern "C" __global__ void __launch_bounds__(128, 2) attention_backward_dq_d64(const AttentionBackwardArgs a) {

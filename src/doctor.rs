@@ -8,6 +8,7 @@ use std::ffi::c_int;
 
 use serde::Serialize;
 
+use crate::backend::cuda::images::{ImageRequest, IMAGE_ENV, PTX_TARGET};
 use crate::backend::cuda::{self, CudaError, DeviceInfo};
 use crate::dist::nccl::{self, library::LoadError};
 use crate::dist::World;
@@ -52,8 +53,10 @@ pub struct Build {
     pub commit: String,
     pub cuda_kernels: bool,
     pub kernel_modules: usize,
-    /// The GPU architectures the kernels were compiled for (from nvcc's flags).
+    /// The kernel images every module has: `sm_*` SASS and `compute_*` PTX.
     pub architectures: Vec<String>,
+    /// Whether `TRM_CUDA_ARCHS` limited them at build time.
+    pub architectures_limited: bool,
     pub nvcc: String,
     /// Whether the CPU emulator of the kernels is built in (`--device emu`).
     pub emulator: bool,
@@ -62,6 +65,8 @@ pub struct Build {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Cuda {
     pub driver: Probe<Driver>,
+    /// Which kernel image GPUs load (`TRM_KERNEL_IMAGE`), in words.
+    pub kernel_image: Probe<String>,
     pub gpus: Probe<Vec<Gpu>>,
 }
 
@@ -82,6 +87,8 @@ pub struct Gpu {
     pub multiprocessors: i32,
     /// Whether the embedded kernels run on it (device_choice's rule).
     pub kernels_run: bool,
+    /// The image they load: `sm_89 SASS`, `compute_80 PTX (JIT)`.
+    pub kernel_image: Option<String>,
     /// Why they do not, when they do not.
     pub why_not: Option<String>,
 }
@@ -157,10 +164,10 @@ pub fn probe() -> Report {
         e => e.to_string(),
     });
     let replay = || found.clone().map_err(CudaError::NoDevice);
+    let offer = CudaOffer::here();
     let offer = CudaOffer {
-        kernels: cuda::kernels_compiled(),
-        emulator: cfg!(feature = "emu"),
         probe: &replay,
+        ..offer
     };
     let gpus = match &found {
         Ok(list) => Probe::Ok(list.iter().map(|g| gpu_row(g, &offer)).collect()),
@@ -184,6 +191,7 @@ pub fn probe() -> Report {
         build: build(),
         cuda: Cuda {
             driver: driver(),
+            kernel_image: kernel_image_request(&offer),
             gpus,
         },
         libraries: Libraries {
@@ -198,6 +206,16 @@ pub fn probe() -> Report {
     }
 }
 
+/// `TRM_KERNEL_IMAGE` in words.
+fn kernel_image_request(offer: &CudaOffer<'_>) -> Probe<String> {
+    Probe::from_result(offer.request.clone().map(|r| match r {
+        ImageRequest::Best => format!(
+            "auto: each GPU's SASS, else the {PTX_TARGET} PTX ({IMAGE_ENV}=ptx forces the PTX)"
+        ),
+        ImageRequest::Ptx => format!("{PTX_TARGET} PTX on every GPU ({IMAGE_ENV}=ptx)"),
+    }))
+}
+
 fn gpu_row(g: &DeviceInfo, offer: &CudaOffer<'_>) -> Gpu {
     let verdict = device_choice::usable_gpu(g.ordinal, offer);
     Gpu {
@@ -207,6 +225,7 @@ fn gpu_row(g: &DeviceInfo, offer: &CudaOffer<'_>) -> Gpu {
         memory_bytes: g.total_memory as u64,
         multiprocessors: g.multiprocessors,
         kernels_run: verdict.is_ok(),
+        kernel_image: verdict.as_ref().ok().map(|t| t.describe()),
         why_not: verdict.err().map(|e| e.to_string()),
     }
 }
@@ -218,25 +237,30 @@ fn build() -> Build {
         commit: env!("TRM_GIT_COMMIT").to_string(),
         cuda_kernels: cuda::kernels_compiled(),
         kernel_modules: modules,
-        architectures: architectures(cuda::NVCC_FLAGS),
+        architectures: cuda::targets_built()
+            .iter()
+            .map(|t| t.to_string())
+            .collect(),
+        architectures_limited: cuda::kernels::targets_limited_at_build(),
         nvcc: cuda::NVCC_VERSION.to_string(),
         emulator: cfg!(feature = "emu"),
     }
 }
 
-/// The `sm_*` and `compute_*` names in nvcc's flags (`-arch=sm_90a`,
-/// `-gencode arch=compute_80,code=sm_80`), each once, in order.
-pub fn architectures(flags: &str) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    for word in flags.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
-        let is_arch = ["sm_", "compute_"]
-            .iter()
-            .any(|p| word.strip_prefix(p).is_some_and(|rest| !rest.is_empty()));
-        if is_arch && !out.iter().any(|a| a == word) {
-            out.push(word.to_string());
-        }
+/// The kernel images in words: `sm_80, sm_89 SASS and compute_80 PTX`.
+pub fn targets_text(names: &[String]) -> String {
+    let (ptx, sass): (Vec<&str>, Vec<&str>) = names
+        .iter()
+        .map(String::as_str)
+        .partition(|n| n.starts_with("compute_"));
+    let mut parts = Vec::new();
+    if !sass.is_empty() {
+        parts.push(format!("{} SASS", sass.join(", ")));
     }
-    out
+    if !ptx.is_empty() {
+        parts.push(format!("{} PTX", ptx.join(", ")));
+    }
+    parts.join(" and ")
 }
 
 /// "major.minor" of cuDriverGetVersion's code (13000 -> 13.0).
@@ -375,9 +399,14 @@ impl Report {
         let b = &self.build;
         let kernels = if b.cuda_kernels {
             format!(
-                "{} modules for {} ({})",
+                "{} modules for {}{} ({})",
                 b.kernel_modules,
-                b.architectures.join(", "),
+                targets_text(&b.architectures),
+                if b.architectures_limited {
+                    ", limited by TRM_CUDA_ARCHS"
+                } else {
+                    ""
+                },
                 b.nvcc
             )
         } else {
@@ -400,15 +429,22 @@ impl Report {
             ],
         );
 
-        let mut rows = vec![match &self.cuda.driver {
-            Probe::Ok(d) => row("driver", &format!("CUDA {} ({})", d.version, d.library)),
-            Probe::Error(e) => row("driver", &format!("not loaded: {e}")),
-        }];
+        let mut rows = vec![
+            match &self.cuda.driver {
+                Probe::Ok(d) => row("driver", &format!("CUDA {} ({})", d.version, d.library)),
+                Probe::Error(e) => row("driver", &format!("not loaded: {e}")),
+            },
+            match &self.cuda.kernel_image {
+                Probe::Ok(v) => row("kernel image", v),
+                Probe::Error(e) => row("kernel image", &format!("invalid: {e}")),
+            },
+        ];
         match &self.cuda.gpus {
             Probe::Ok(gpus) => rows.extend(gpus.iter().map(|g| {
-                let run = match &g.why_not {
-                    None => "kernels run".to_string(),
-                    Some(why) => format!("kernels do not run: {why}"),
+                let run = match (&g.kernel_image, &g.why_not) {
+                    (Some(image), None) => format!("kernels: {image}"),
+                    (_, Some(why)) => format!("kernels do not run: {why}"),
+                    (None, None) => "kernels run".to_string(),
                 };
                 row(
                     &format!("GPU {}", g.ordinal),
@@ -489,7 +525,10 @@ mod tests {
                 commit: "abc123".into(),
                 cuda_kernels: true,
                 kernel_modules: 3,
-                architectures: vec!["sm_90a".into()],
+                architectures: ["sm_80", "sm_89", "sm_90a", "compute_80"]
+                    .map(String::from)
+                    .to_vec(),
+                architectures_limited: false,
                 nvcc: "release 13.0".into(),
                 emulator: false,
             },
@@ -498,15 +537,29 @@ mod tests {
                     library: "/usr/lib/libcuda.so.1".into(),
                     version: "13.0".into(),
                 }),
-                gpus: Probe::Ok(vec![Gpu {
-                    ordinal: 0,
-                    name: "NVIDIA L4".into(),
-                    compute_capability: "8.9".into(),
-                    memory_bytes: 24 << 30,
-                    multiprocessors: 58,
-                    kernels_run: false,
-                    why_not: Some("needs 9.0".into()),
-                }]),
+                kernel_image: Probe::Ok("auto".into()),
+                gpus: Probe::Ok(vec![
+                    Gpu {
+                        ordinal: 0,
+                        name: "NVIDIA L4".into(),
+                        compute_capability: "8.9".into(),
+                        memory_bytes: 24 << 30,
+                        multiprocessors: 58,
+                        kernels_run: true,
+                        kernel_image: Some("sm_89 SASS".into()),
+                        why_not: None,
+                    },
+                    Gpu {
+                        ordinal: 1,
+                        name: "Tesla T4".into(),
+                        compute_capability: "7.5".into(),
+                        memory_bytes: 16 << 30,
+                        multiprocessors: 40,
+                        kernels_run: false,
+                        kernel_image: None,
+                        why_not: Some("needs 8.0".into()),
+                    },
+                ]),
             },
             libraries: Libraries {
                 cublaslt: Probe::Ok("/lib/libcublasLt.so.13 (version 13.0.1)".into()),
@@ -536,12 +589,18 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines.contains(&"  version            9.9.9"), "{text}");
         assert!(
-            lines.contains(&"  CUDA kernels       3 modules for sm_90a (release 13.0)"),
+            lines.contains(
+                &"  CUDA kernels       3 modules for sm_80, sm_89, sm_90a SASS and compute_80 PTX (release 13.0)"
+            ),
             "{text}"
         );
         assert!(lines.contains(
-            &"  GPU 0              NVIDIA L4, compute 8.9, 24.0 GiB, 58 SMs; kernels do not run: needs 9.0"
+            &"  GPU 0              NVIDIA L4, compute 8.9, 24.0 GiB, 58 SMs; kernels: sm_89 SASS"
         ));
+        assert!(lines.contains(
+            &"  GPU 1              Tesla T4, compute 7.5, 16.0 GiB, 40 SMs; kernels do not run: needs 8.0"
+        ));
+        assert!(lines.contains(&"  kernel image       auto"), "{text}");
         assert!(lines.contains(&"  NCCL               not found; searched:"));
         assert!(lines.contains(&"                     /b/libnccl.so.2"));
         assert!(lines.contains(&"                     /b/libnccl.so.2: wrong ELF class"));
@@ -559,7 +618,9 @@ mod tests {
     fn json_tags_each_probe_ok_or_error() {
         let v = serde_json::to_value(sample()).unwrap();
         assert_eq!(v["cuda"]["driver"]["ok"]["version"], "13.0");
-        assert_eq!(v["cuda"]["gpus"]["ok"][0]["kernels_run"], false);
+        assert_eq!(v["cuda"]["gpus"]["ok"][0]["kernel_image"], "sm_89 SASS");
+        assert_eq!(v["cuda"]["gpus"]["ok"][1]["kernels_run"], false);
+        assert!(v["cuda"]["gpus"]["ok"][1]["kernel_image"].is_null());
         assert_eq!(
             v["libraries"]["nccl"]["error"],
             "NCCL: no loadable libnccl.so.2"
@@ -570,16 +631,15 @@ mod tests {
     }
 
     #[test]
-    fn architectures_come_from_nvcc_flags() {
-        assert_eq!(architectures("-cubin -arch=sm_90a -O3"), ["sm_90a"]);
+    fn kernel_targets_in_words() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         assert_eq!(
-            architectures(
-                "-gencode arch=compute_80,code=sm_80 -gencode arch=compute_89,code=sm_89 \
-                 -gencode arch=compute_80,code=compute_80"
-            ),
-            ["compute_80", "sm_80", "compute_89", "sm_89"]
+            targets_text(&names(&["sm_80", "sm_86", "sm_90a", "compute_80"])),
+            "sm_80, sm_86, sm_90a SASS and compute_80 PTX"
         );
-        assert!(architectures("").is_empty());
+        assert_eq!(targets_text(&names(&["sm_90a"])), "sm_90a SASS");
+        assert_eq!(targets_text(&names(&["compute_80"])), "compute_80 PTX");
+        assert_eq!(targets_text(&[]), "");
     }
 
     #[test]

@@ -16,7 +16,8 @@ use trm::model::device_choice::DeviceKind;
     long_version = trm::bundle::LONG_VERSION,
     about = "Train and run the Tiny Recursive Model (TRM) on ARC-AGI",
     long_about = "Train and run the Tiny Recursive Model (TRM) on ARC-AGI.\n\n\
-        A Rust engine with a CPU reference backend and hand-written CUDA kernels for H200 GPUs. \
+        A Rust engine with a CPU reference backend and hand-written CUDA kernels for NVIDIA GPUs \
+        of compute capability 8.0 or newer (A100, L4, H100/H200; later GPUs through PTX). \
         Datasets, weights and checkpoints are interchangeable with the PyTorch reference."
 )]
 struct Cli {

@@ -21,8 +21,7 @@
 use half::bf16;
 use trm::backend::cpu::{attention as cpu_att, rope as cpu_rope};
 use trm::backend::cuda::ops::attention::{
-    attention_backward, attention_forward, dkdv_shared_bytes, dq_shared_bytes,
-    forward_shared_bytes, AttentionShape,
+    attention_backward, attention_forward, attention_plan, AttentionShape, SharedPlan,
 };
 use trm::backend::cuda::CudaError;
 
@@ -286,27 +285,131 @@ fn launchers_reject_bad_shapes() {
     );
 }
 
-/// The kernels of head dims 64 and 128 ask for more than the 48 KiB default
+/// Opt-in shared memory per block: sm_90 (H100/H200), sm_80 (A100), and
+/// sm_86/sm_89 (A10, L4, RTX 30xx/40xx).
+const SM90_SHARED: usize = 227 * 1024;
+const SM80_SHARED: usize = 163 * 1024;
+const SM89_SHARED: usize = 99 * 1024;
+
+/// On sm_90 every kernel stages its table rows (the measured H200 layout),
+/// the kernels of head dims 64 and 128 ask for more than the 48 KiB default
 /// of dynamic shared memory (so their launches exercise the runtime's
-/// opt-in), and every head dim stays within sm_90's 227 KiB.
+/// opt-in), and every head dim stays within 227 KiB.
 #[test]
 fn shared_memory_needs_the_opt_in_and_fits() {
     for d in [32, 64, 128] {
-        for (what, bytes) in [
-            ("forward", forward_shared_bytes(d)),
-            ("dkdv", dkdv_shared_bytes(d)),
-            ("dq", dq_shared_bytes(d)),
+        let plan = attention_plan(d, SM90_SHARED);
+        assert!(
+            plan.forward.stage_tables && plan.dq.stage_tables,
+            "d {d}: {plan:?}"
+        );
+        for (what, p) in [
+            ("forward", plan.forward),
+            ("dkdv", plan.dkdv),
+            ("dq", plan.dq),
         ] {
             assert!(
-                bytes > 48 * 1024 || d < 64,
-                "{what} d {d}: {bytes} B does not exercise the opt-in"
+                p.bytes > 48 * 1024 || d < 64,
+                "{what} d {d}: {} B does not exercise the opt-in",
+                p.bytes
             );
             assert!(
-                bytes <= 227 * 1024,
-                "{what} d {d}: {bytes} B over sm_90's limit"
+                p.bytes <= SM90_SHARED,
+                "{what} d {d}: {p:?} over sm_90's limit"
             );
         }
     }
+    // The staged table rows of a 64-key tile: 2 tables x 64 rows x d f32.
+    assert_eq!(
+        attention_plan(64, SM90_SHARED).dq,
+        SharedPlan {
+            bytes: 106_496,
+            stage_tables: true
+        }
+    );
+}
+
+/// On smaller GPUs a query-tile kernel drops its staged table rows (and
+/// only then): at the ARC config (hidden 512, 8 heads: head dim 64) every
+/// launch fits an L4's 99 KiB, the forward still staged; at d 128 an A100
+/// fits all but the dQ kernel's staging.
+#[test]
+fn arc_config_fits_an_l4() {
+    let arc = trm::model::config::ArchConfig::trm_default(900, 12, 1000);
+    assert_eq!((arc.head_dim(), arc.total_seq_len()), (64, 916));
+    let plan = attention_plan(arc.head_dim(), SM89_SHARED);
+    for (what, p) in [
+        ("forward", plan.forward),
+        ("dkdv", plan.dkdv),
+        ("dq", plan.dq),
+    ] {
+        assert!(p.bytes <= SM89_SHARED, "ARC {what} on an L4: {p:?}");
+    }
+    assert!(plan.forward.stage_tables, "{plan:?}");
+    assert_eq!(
+        plan.dq,
+        SharedPlan {
+            bytes: 73_728,
+            stage_tables: false
+        }
+    );
+    let a100 = attention_plan(128, SM80_SHARED);
+    assert!(
+        a100.forward.stage_tables && !a100.dq.stage_tables,
+        "{a100:?}"
+    );
+    // What fits nowhere is left over the limit, for the runtime to refuse.
+    let l4_d128 = attention_plan(128, SM89_SHARED);
+    assert!(!l4_d128.dq.stage_tables && l4_d128.dq.bytes > SM89_SHARED);
+}
+
+/// The unstaged kernels (table rows from global memory) on the emulator with
+/// less shared memory: an L4's 99 KiB (the dQ kernel unstaged at d 64) and 80
+/// KiB (the forward too), with the same checks as staged; and the refusal of
+/// what does not fit (dQ at d 128 on an L4) is a typed error naming the kernel.
+#[test]
+fn smaller_shared_memory_emu() {
+    use trm::backend::cuda::emu::{self, EmuOptions};
+    let dev = Dev::emu();
+    let limited = |bytes: usize| EmuOptions {
+        max_shared_per_block: Some(bytes as u32),
+        ..EmuOptions::default()
+    };
+    for (bytes, forward_staged) in [(SM89_SHARED, true), (80 * 1024, false)] {
+        let plan = attention_plan(64, bytes);
+        assert_eq!(
+            (plan.forward.stage_tables, plan.dq.stage_tables),
+            (forward_staged, false)
+        );
+        emu::with_options(limited(bytes), || {
+            assert_eq!(dev.device().max_shared_per_block(), bytes as u32);
+            check(&dev, shape(2, 129, 3, 64), 400);
+        });
+    }
+    emu::with_options(limited(SM89_SHARED), || {
+        let s = shape(1, 70, 1, 128);
+        let c = Case::new(s, 402);
+        let d = dev.device();
+        let (qkv, cos, sin) = (dev.upload(&c.qkv), dev.upload(&c.cos), dev.upload(&c.sin));
+        let o = dev.zeros::<bf16>(s.o_len().unwrap());
+        let lse = dev.zeros::<f32>(s.rows().unwrap());
+        // The forward fits unstaged (85 KiB) ...
+        dev.ok(
+            "attention_forward d 128",
+            attention_forward(d, &o, &lse, &qkv, &cos, &sin, s),
+        );
+        // ... the dQ kernel does not (102 KiB even unstaged).
+        let dqkv = dev.zeros::<bf16>(s.qkv_len().unwrap());
+        let delta = dev.zeros::<f32>(s.rows().unwrap());
+        let dout = dev.upload(&c.dout);
+        let e =
+            attention_backward(d, &dqkv, &delta, &qkv, &cos, &sin, &o, &lse, &dout, s).unwrap_err();
+        assert!(
+            matches!(e, CudaError::SharedMemory { max, .. } if max == SM89_SHARED as u32),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("attention_backward_dq_d128"), "{e}");
+    });
 }
 
 /// The emulator catches a missing barrier in each kernel's tile loop: with

@@ -27,6 +27,7 @@ fn doctor(args: &[&str], env: &[(&str, &str)]) -> Output {
     for v in LAUNCHER_VARS {
         cmd.env_remove(v);
     }
+    cmd.env_remove("TRM_KERNEL_IMAGE");
     cmd.envs(env.iter().copied());
     let out = cmd.output().expect("the trm binary runs");
     assert!(
@@ -123,6 +124,46 @@ fn json_reports_the_build_cpu_engine_and_world() {
 }
 
 #[test]
+fn kernel_image_variable_is_shown_and_checked() {
+    let v = json(&[]);
+    let auto = v["cuda"]["kernel_image"]["ok"].as_str().unwrap();
+    assert!(
+        auto.starts_with("auto") && auto.contains("TRM_KERNEL_IMAGE=ptx"),
+        "{auto}"
+    );
+    let v = json(&[("TRM_KERNEL_IMAGE", "ptx")]);
+    let forced = v["cuda"]["kernel_image"]["ok"].as_str().unwrap();
+    assert!(forced.contains("compute_80 PTX"), "{forced}");
+    // Every GPU the kernels run on then loads the PTX.
+    for gpu in v["cuda"]["gpus"]["ok"].as_array().into_iter().flatten() {
+        if gpu["kernels_run"] == true {
+            assert_eq!(gpu["kernel_image"], "compute_80 PTX (JIT)", "{gpu}");
+        }
+    }
+
+    // A value it does not know: reported, never a crash.
+    let v = json(&[("TRM_KERNEL_IMAGE", "sass")]);
+    let err = v["cuda"]["kernel_image"]["error"].as_str().unwrap();
+    assert!(err.contains("TRM_KERNEL_IMAGE=\"sass\""), "{err}");
+    // The engine choice reads it once a GPU would be used: then it says why not.
+    let gpu_seen = v["cuda"]["gpus"]["ok"]
+        .as_array()
+        .is_some_and(|g| !g.is_empty());
+    if v["build"]["cuda_kernels"] == true && gpu_seen {
+        let why = v["engine"]["error"].as_str().unwrap();
+        assert!(why.contains("TRM_KERNEL_IMAGE"), "{why}");
+    } else {
+        assert_eq!(v["engine"]["ok"]["device"], "cpu", "{v}");
+    }
+    let text = String::from_utf8(doctor(&[], &[("TRM_KERNEL_IMAGE", "sass")]).stdout).unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("  kernel image       invalid: TRM_KERNEL_IMAGE=")),
+        "{text}"
+    );
+}
+
+#[test]
 fn bad_launcher_variables_are_reported_not_fatal() {
     let v = json(&[("WORLD_SIZE", "two"), ("RANK", "0")]);
     let err = v["world"]["error"].as_str().expect("world error");
@@ -140,6 +181,7 @@ fn text_has_every_section_and_aligned_rows() {
     assert!(text.lines().any(|l| l == version), "{text}");
     for label in [
         "driver",
+        "kernel image",
         "cuBLASLt",
         "NCCL",
         "logical threads",

@@ -1,6 +1,8 @@
 //! The CUDA kernel build (build.rs): every `kernels/*.cu` compiled to an
-//! embedded sm_90a cubin, every `extern "C"` kernel in the ptxas report, zero
-//! spills; and the ptxas `-v` parser on real ptxas output.
+//! embedded image per target (sm_80, sm_86, sm_89 and sm_90a cubins, the
+//! compute_80 PTX), every `extern "C"` kernel in the ptxas report once per
+//! SASS architecture, zero spills for each; and the ptxas `-v` parser on real
+//! ptxas output.
 //!
 //! `TRM_REQUIRE_KERNELS=1` (set by tools/test.sh) makes a build without
 //! kernels a failure, so CI proves that the kernels compile.
@@ -9,9 +11,10 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use trm::backend::cuda::images::{self, ImageKind};
 use trm::backend::cuda::ptxas::{self, FunctionResources};
 use trm::backend::cuda::{
-    embedded_modules, kernels_compiled, module, ptxas_report, CudaError, NVCC_FLAGS,
+    embedded_modules, kernels_compiled, module, ptxas_report, targets_built, CudaError,
 };
 
 fn kernels_dir() -> PathBuf {
@@ -112,7 +115,19 @@ fn kernels_compiled_or_clearly_missing() {
     if kernels_compiled() {
         assert!(embedded_modules().is_ok());
         assert!(ptxas_report().is_ok());
-        assert!(NVCC_FLAGS.contains("-arch=sm_90a"));
+        // Every architecture, unless a developer limited the build.
+        let all: Vec<&str> = images::TARGETS.iter().map(|t| t.name).collect();
+        assert_eq!(all, ["sm_80", "sm_86", "sm_89", "sm_90a", "compute_80"]);
+        if trm::backend::cuda::kernels::targets_limited_at_build() {
+            assert!(
+                !kernels_required(),
+                "TRM_REQUIRE_KERNELS=1 but the kernels were built for {:?} only (TRM_CUDA_ARCHS)",
+                targets_built()
+            );
+            assert!(targets_built().iter().all(|t| all.contains(t)));
+        } else {
+            assert_eq!(targets_built(), all);
+        }
         return;
     }
     assert!(
@@ -133,10 +148,11 @@ fn kernels_compiled_or_clearly_missing() {
     }
     assert!(matches!(ptxas_report(), Err(CudaError::KernelsMissing)));
     assert!(matches!(module("cast"), Err(CudaError::KernelsMissing)));
+    assert!(targets_built().is_empty());
 }
 
 #[test]
-fn every_kernel_file_is_embedded_as_a_cubin() {
+fn every_kernel_file_is_embedded_for_every_target() {
     let Ok(modules) = embedded_modules() else {
         assert!(
             !kernels_required(),
@@ -148,18 +164,33 @@ fn every_kernel_file_is_embedded_as_a_cubin() {
     let sources: Vec<String> = kernel_sources().into_iter().map(|(s, _)| s).collect();
     assert_eq!(embedded, sources, "embedded modules vs kernels/*.cu");
     for m in modules {
-        assert!(
-            m.cubin.starts_with(b"\x7fELF"),
-            "{}: cubin is not an ELF image",
-            m.name
-        );
-        assert_eq!(
-            m.cubin.as_ptr() as usize % 16,
-            0,
-            "{}: cubin not 16-byte aligned",
-            m.name
-        );
+        let targets: Vec<&str> = m.images.iter().map(|i| i.target).collect();
+        assert_eq!(targets, targets_built(), "{}: images", m.name);
+        for image in m.images {
+            let at = format!("{} {}", m.name, image.target);
+            let kind = images::target(image.target).unwrap().kind;
+            match kind {
+                ImageKind::Sass => {
+                    assert!(image.data.starts_with(b"\x7fELF"), "{at}: not an ELF image");
+                    assert_eq!(
+                        image.data.as_ptr() as usize % 16,
+                        0,
+                        "{at}: not 16-byte aligned"
+                    );
+                }
+                ImageKind::Ptx => {
+                    // cuModuleLoadData reads PTX up to its first NUL.
+                    let nul = image.data.iter().position(|&b| b == 0);
+                    assert_eq!(nul, Some(image.data.len() - 1), "{at}: not one final NUL");
+                    let text = std::str::from_utf8(image.data).unwrap();
+                    assert!(text.contains(".target sm_80"), "{at}: not compute_80 PTX");
+                    assert!(text.contains(".visible .entry"), "{at}: no kernel");
+                }
+            }
+            assert!(m.image(image.target).is_some());
+        }
         assert_eq!(module(m.name).unwrap().name, m.name);
+        assert!(m.image("sm_75").is_none());
     }
     let err = module("no_such_family").unwrap_err();
     assert!(err.to_string().contains("cast"), "{err}");
@@ -174,6 +205,13 @@ fn every_extern_c_kernel_is_in_the_report_without_spills() {
         );
         return;
     };
+    // One row per kernel and SASS architecture (the PTX has no ptxas run).
+    let sass: Vec<&str> = targets_built()
+        .iter()
+        .copied()
+        .filter(|t| images::target(t).unwrap().kind == ImageKind::Sass)
+        .collect();
+    assert!(!sass.is_empty());
     for (stem, src) in kernel_sources() {
         let file = format!("{stem}.cu");
         let declared = extern_c_kernels(&src);
@@ -182,28 +220,45 @@ fn every_extern_c_kernel_is_in_the_report_without_spills() {
             "kernels/{file} declares no extern \"C\" kernel"
         );
         for name in declared {
-            let row = report.iter().find(|r| r.kernel == name).unwrap_or_else(|| {
-                panic!("kernel {name} of kernels/{file} is not in the ptxas report")
-            });
-            assert_eq!(row.file, file, "{name}");
-            assert_eq!(row.name, name, "extern \"C\" names read as themselves");
+            for arch in &sass {
+                let row = report
+                    .iter()
+                    .find(|r| r.kernel == name && r.arch == *arch)
+                    .unwrap_or_else(|| {
+                        panic!(
+                            "kernel {name} of kernels/{file} has no {arch} row in the ptxas report"
+                        )
+                    });
+                assert_eq!(row.file, file, "{name}");
+                assert_eq!(row.name, name, "extern \"C\" names read as themselves");
+            }
         }
     }
     for row in &report {
         assert_eq!(
             (row.spill_stores, row.spill_loads),
             (0, 0),
-            "kernel {} in kernels/{} spills",
+            "kernel {} in kernels/{} spills on {}",
             row.name,
-            row.file
+            row.file,
+            row.arch
         );
         assert!(row.registers > 0 && row.registers <= 255, "{row:?}");
+        assert!(sass.contains(&row.arch.as_str()), "{row:?}");
     }
-    let kernels: BTreeSet<&str> = report.iter().map(|r| r.kernel.as_str()).collect();
+    let kernels: BTreeSet<(&str, &str)> = report
+        .iter()
+        .map(|r| (r.arch.as_str(), r.kernel.as_str()))
+        .collect();
     assert_eq!(
         kernels.len(),
         report.len(),
-        "kernel names are unique across files"
+        "kernel names are unique across files, per architecture"
+    );
+    assert_eq!(
+        report.len() % sass.len(),
+        0,
+        "as many rows per architecture"
     );
 }
 
@@ -285,7 +340,7 @@ fn parser_reads_registers_smem_stack_and_spills() {
 
 #[test]
 fn report_rows_from_real_ptxas_output() {
-    let rows = ptxas::kernel_rows("probe.cu", &sample());
+    let rows = ptxas::kernel_rows("probe.cu", "sm_90a", &sample());
     assert_eq!(rows.len(), 5, "entries only");
     let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
     assert_eq!(
@@ -298,10 +353,12 @@ fn report_rows_from_real_ptxas_output() {
             "dynamic_smem_probe",
         ]
     );
-    assert!(rows.iter().all(|r| r.file == "probe.cu"));
+    assert!(rows
+        .iter()
+        .all(|r| r.file == "probe.cu" && r.arch == "sm_90a"));
     let tsv = ptxas::to_tsv(&rows);
     assert!(tsv.starts_with(
-        "kernel\tname\tfile\tregisters\tspill_stores\tspill_loads\tshared_bytes\tstack_frame\n"
+        "kernel\tname\tfile\tarch\tregisters\tspill_stores\tspill_loads\tshared_bytes\tstack_frame\n"
     ));
     assert_eq!(ptxas::parse_tsv(&tsv).unwrap(), rows);
 }

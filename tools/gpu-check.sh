@@ -3,7 +3,8 @@
 # the kernels on the CPU emulator) on any machine. It
 #   0. runs `trm doctor` first (at most 30 s, never failing the check), so the
 #      results start with what trm sees on the machine;
-#   1. builds the kernels with the pinned nvcc into sm_90a cubins (build.rs
+#   1. builds the kernels with the pinned nvcc for every architecture (with
+#      --prepare: sm_90a and the compute_80 PTX, GPU_CHECK_ARCHS; build.rs
 #      fails on any warning or register spill) and the kernel test binaries;
 #   2. finds libcuda and libcublasLt and puts them where cudarc's run-time
 #      loading looks, and reports where libnccl.so.2 is (trm loads NCCL
@@ -54,7 +55,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # order; MEMCHECK_SUITES' `_gpu` tests also run under compute-sanitizer.
 EMU_SUITES=(emu_harness kernel_ops cuda_runtime attention nccl_device) # kernels on the CPU emulator (not in --prebuilt: CI runs them)
 BUILD_SUITES=(kernels_build)                     # cubins and ptxas report (reads kernels/, so not in --prebuilt)
-GPU_SUITES=(emu_harness kernel_ops attention cuda_runtime gpu_engine nccl_device infer) # arch.cuh self-tests first, then kernels, launchers, GEMMs, the engine, NCCL (world of one), trm infer on every GPU
+GPU_SUITES=(emu_harness kernel_ops attention cuda_runtime kernel_images gpu_engine nccl_device infer) # arch.cuh self-tests first, then kernels, launchers, GEMMs, the compute_80 PTX against the native image, the engine, NCCL (world of one), trm infer on every GPU
 MEMCHECK_SUITES=(kernel_ops attention)           # compute-sanitizer memcheck
 BENCHES=(kernels nccl train_step)                # benches/<name>.rs, harness = false
 declare -A BENCH_LIMIT_S=([nccl]=60)             # a bench's own limit (else the time left)
@@ -224,7 +225,7 @@ write_results() {
     echo
     echo "${SASS_TABLE:-(not run)}"
     echo
-    echo "## ptxas resources (sm_90a)"
+    echo "## ptxas resources (every architecture built)"
     echo
     if [[ -n "$PTXAS" ]]; then
       echo "$SPILLS kernels with spills (the build fails on any)."
@@ -333,6 +334,13 @@ all_targets() {
 build() {
   pick_nvcc
   export NVCC TRM_REQUIRE_KERNELS=1
+  if [[ $mode == prepare ]]; then
+    # Only the images an H200 loads (its SASS, and the PTX kernel_images
+    # compares with it): every binary embeds the images, and all five
+    # architectures would take the binaries over the carry cap.
+    export TRM_CUDA_ARCHS=${GPU_CHECK_ARCHS:-sm_90a,compute_80}
+    log "kernel images for the device: TRM_CUDA_ARCHS=$TRM_CUDA_ARCHS"
+  fi
   NVCC_VERSION=$("$NVCC" --version | grep release || true)
   log "nvcc: $NVCC ($NVCC_VERSION)"
   local targets=() s b
@@ -529,7 +537,7 @@ case $mode in
     cp "$REPORT" "$dir/ptxas_report.tsv"
     # The cubins, for the SASS check on the device (cuobjdump is there, not here).
     mkdir -p "$dir/cubin"
-    cp "$(dirname "$REPORT")"/kernels/*.cubin "$dir/cubin/" 2>/dev/null || true
+    cp "$(dirname "$REPORT")"/kernels/*.sm_90a.cubin "$dir/cubin/" 2>/dev/null || true
     printf '%s\n%s\n' "$NVCC_VERSION" "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" >"$dir/manifest"
     log "prepared $dir ($(du -sh "$dir" | cut -f1)); on the device: tools/gpu-check.sh --prebuilt $dir"
     exit 0
@@ -596,14 +604,14 @@ log "TRM_REQUIRE_GPU=$REQUIRE_GPU for the GPU suites"
 # --- ptxas report --------------------------------------------------------------
 
 ptxas_table() {
-  echo "| kernel | file | registers | spill stores (B) | spill loads (B) | static smem (B) | stack (B) |"
-  echo "| --- | --- | ---: | ---: | ---: | ---: | ---: |"
-  tail -n +2 "$REPORT" | sort -t$'\t' -k3,3 -k1,1 |
-    awk -F'\t' '{ printf "| `%s` | %s | %s | %s | %s | %s | %s |\n", $2, $3, $4, $5, $6, $7, $8 }'
+  echo "| kernel | file | arch | registers | spill stores (B) | spill loads (B) | static smem (B) | stack (B) |"
+  echo "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"
+  tail -n +2 "$REPORT" | sort -t$'\t' -k3,3 -k1,1 -k4,4 |
+    awk -F'\t' '{ printf "| `%s` | %s | %s | %s | %s | %s | %s | %s |\n", $2, $3, $4, $5, $6, $7, $8, $9 }'
 }
 PTXAS=$(ptxas_table)
-SPILLS=$(tail -n +2 "$REPORT" | awk -F'\t' '$5 > 0 || $6 > 0' | wc -l)
-echo "ptxas resources (sm_90a), $(($(wc -l <"$REPORT") - 1)) kernels, $SPILLS with spills:"
+SPILLS=$(tail -n +2 "$REPORT" | awk -F'\t' '$6 > 0 || $7 > 0' | wc -l)
+echo "ptxas resources (every architecture), $(($(wc -l <"$REPORT") - 1)) kernel rows, $SPILLS with spills:"
 echo "$PTXAS"
 
 # --- tests ---------------------------------------------------------------------
@@ -904,7 +912,7 @@ for s in "${MEMCHECK_SUITES[@]}"; do run_memcheck "$s"; done
 # --- SASS of the attention kernels (matrix instructions, shared loads) --------------
 
 sass_check() {
-  local cubin=${dir:+$dir/cubin/attention.cubin} tool
+  local cubin=${dir:+$dir/cubin/attention.sm_90a.cubin} tool
   [[ -n "$cubin" && -f "$cubin" ]] || return 0
   tool=$(command -v cuobjdump || true)
   if [[ -z "$tool" ]]; then

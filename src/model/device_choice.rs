@@ -8,6 +8,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::backend::cuda::images::{choose_image, ImageRequest, Target};
 use crate::backend::cuda::{self, CudaError, Device, DeviceInfo};
 use crate::model::config::ArchConfig;
 use crate::model::cpu::CpuEngine;
@@ -21,7 +22,8 @@ use crate::model::trm::Params;
 pub enum DeviceKind {
     /// The CPU engine (the reference the others are checked against).
     Cpu,
-    /// The CUDA engine on a GPU (sm_90a: H100/H200).
+    /// The CUDA engine on a GPU (compute capability 8.0 or newer: A100, L4,
+    /// H100/H200, and later GPUs through the PTX).
     Cuda,
     /// The CUDA engine on the CPU emulator of its kernels (for tests; builds
     /// with `--features emu`).
@@ -72,15 +74,20 @@ pub enum DeviceError {
     #[error("device cuda: no usable CUDA GPU: {reason}; run on the CPU with --device cpu")]
     NoGpu { reason: String },
     #[error(
-        "device cuda: GPU {ordinal} ({name}) has compute capability {major}.{minor}, but the \
-         CUDA kernels are built for sm_90a (H100/H200) only; run on the CPU with --device cpu"
+        "device cuda: GPU {ordinal} ({name}), compute capability {major}.{minor}: {reason}; \
+         run on the CPU with --device cpu"
     )]
     Unsupported {
         ordinal: usize,
         name: String,
         major: i32,
         minor: i32,
+        /// Why no embedded kernel image runs on it.
+        reason: String,
     },
+    /// `TRM_KERNEL_IMAGE` has a value the runtime does not know.
+    #[error("device cuda: {0}")]
+    BadImageRequest(String),
     #[error(
         "device emu: this trm binary has no emulator of the CUDA kernels; rebuild with \
          `cargo build --release --features emu`"
@@ -110,6 +117,10 @@ impl DeviceChoice {
 pub struct CudaOffer<'a> {
     /// Whether the binary embeds the compiled kernels.
     pub kernels: bool,
+    /// The kernel images built (`images::TARGETS` names).
+    pub targets: &'a [&'a str],
+    /// `TRM_KERNEL_IMAGE`, read (an unknown value as the message).
+    pub request: Result<ImageRequest, String>,
     /// Whether the binary has the kernel emulator (feature `emu`).
     pub emulator: bool,
     /// Lists the GPUs; only called when the answer matters.
@@ -121,6 +132,8 @@ impl CudaOffer<'static> {
     pub fn here() -> CudaOffer<'static> {
         CudaOffer {
             kernels: cuda::kernels_compiled(),
+            targets: cuda::targets_built(),
+            request: image_request(),
             emulator: cfg!(feature = "emu"),
             probe: &cuda::probe,
         }
@@ -151,7 +164,7 @@ pub fn resolve_with(
             Ok(choice(DeviceKind::Cuda, "requested".into()))
         }
         None => Ok(match usable_gpu(ordinal, offer) {
-            Ok(()) => choice(DeviceKind::Cuda, "auto: a usable GPU".into()),
+            Ok(_) => choice(DeviceKind::Cuda, "auto: a usable GPU".into()),
             Err(DeviceError::NoKernels) => choice(
                 DeviceKind::Cpu,
                 "auto: this build has no CUDA kernels".into(),
@@ -160,20 +173,24 @@ pub fn resolve_with(
                 choice(DeviceKind::Cpu, format!("auto: no GPU: {reason}"))
             }
             Err(DeviceError::Unsupported {
-                name, major, minor, ..
+                name,
+                major,
+                minor,
+                reason,
+                ..
             }) => choice(
                 DeviceKind::Cpu,
-                format!("auto: {name} is compute capability {major}.{minor}, the kernels need 9.0"),
+                format!("auto: {name} (compute capability {major}.{minor}): {reason}"),
             ),
             Err(e) => return Err(e),
         }),
     }
 }
 
-/// Ok when the kernels are built in and GPU `ordinal` is there with
-/// compute capability 9.0 (what the sm_90a cubins load on). `trm doctor`
-/// asks it of every GPU.
-pub fn usable_gpu(ordinal: usize, offer: &CudaOffer<'_>) -> Result<(), DeviceError> {
+/// The kernel image GPU `ordinal` loads (the best embedded image for its
+/// compute capability: `images::choose_image`), when the kernels are built
+/// in and it is there. `trm doctor` asks it of every GPU.
+pub fn usable_gpu(ordinal: usize, offer: &CudaOffer<'_>) -> Result<&'static Target, DeviceError> {
     if !offer.kernels {
         return Err(DeviceError::NoKernels);
     }
@@ -195,16 +212,24 @@ pub fn usable_gpu(ordinal: usize, offer: &CudaOffer<'_>) -> Result<(), DeviceErr
             },
         });
     };
+    // Checked once a GPU would be used: without one the CPU runs anyway.
+    let request = offer
+        .request
+        .clone()
+        .map_err(DeviceError::BadImageRequest)?;
     let (major, minor) = gpu.capability;
-    if (major, minor) != (9, 0) {
-        return Err(DeviceError::Unsupported {
-            ordinal,
-            name: gpu.name.clone(),
-            major,
-            minor,
-        });
-    }
-    Ok(())
+    choose_image(gpu.capability, offer.targets, request).map_err(|why| DeviceError::Unsupported {
+        ordinal,
+        name: gpu.name.clone(),
+        major,
+        minor,
+        reason: why.reason(gpu.capability),
+    })
+}
+
+/// `TRM_KERNEL_IMAGE`, read as the runtime reads it.
+fn image_request() -> Result<ImageRequest, String> {
+    cuda::kernels::image_request().map_err(|e| e.to_string())
 }
 
 /// Opens the engine of `kind` for local batches of `local_batch`: the CPU
@@ -258,6 +283,8 @@ mod tests {
         }
     }
 
+    const ALL_TARGETS: [&str; 5] = ["sm_80", "sm_86", "sm_89", "sm_90a", "compute_80"];
+
     fn offer<'a>(
         kernels: bool,
         emulator: bool,
@@ -265,6 +292,8 @@ mod tests {
     ) -> CudaOffer<'a> {
         CudaOffer {
             kernels,
+            targets: &ALL_TARGETS,
+            request: Ok(ImageRequest::Best),
             emulator,
             probe,
         }
@@ -280,6 +309,14 @@ mod tests {
 
     fn a100() -> Result<Vec<DeviceInfo>, CudaError> {
         Ok(vec![gpu(0, (8, 0))])
+    }
+
+    fn l4() -> Result<Vec<DeviceInfo>, CudaError> {
+        Ok(vec![gpu(0, (8, 9))])
+    }
+
+    fn t4() -> Result<Vec<DeviceInfo>, CudaError> {
+        Ok(vec![gpu(0, (7, 5))])
     }
 
     fn never() -> Result<Vec<DeviceInfo>, CudaError> {
@@ -322,8 +359,14 @@ mod tests {
         );
 
         let c = resolve_with(None, 0, &offer(true, false, &a100)).unwrap();
+        assert_eq!(c.kind, DeviceKind::Cuda);
+        let c = resolve_with(None, 0, &offer(true, false, &t4)).unwrap();
         assert_eq!(c.kind, DeviceKind::Cpu);
-        assert!(c.why.contains("8.0"), "{}", c.why);
+        assert!(
+            c.why.contains("7.5") && c.why.contains("8.0 or newer"),
+            "{}",
+            c.why
+        );
         // a rank's GPU that is not there
         let c = resolve_with(None, 1, &offer(true, false, &h200)).unwrap();
         assert_eq!(c.kind, DeviceKind::Cpu);
@@ -358,10 +401,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("sees no device"), "{e}");
-        let e = resolve_with(Some(DeviceKind::Cuda), 0, &offer(true, false, &a100))
+        let e = resolve_with(Some(DeviceKind::Cuda), 0, &offer(true, false, &t4))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("8.0") && e.contains("sm_90a"), "{e}");
+        assert!(
+            e.contains("Test GPU") && e.contains("7.5") && e.contains("--device cpu"),
+            "{e}"
+        );
 
         let e = resolve_with(Some(DeviceKind::Emu), 0, &offer(true, false, &never)).unwrap_err();
         assert_eq!(e, DeviceError::EmuNotBuilt);
@@ -372,5 +418,32 @@ mod tests {
         );
         let c = resolve_with(Some(DeviceKind::Emu), 0, &offer(false, true, &never)).unwrap();
         assert_eq!(c.kind, DeviceKind::Emu);
+    }
+
+    #[test]
+    fn each_gpu_gets_its_image_or_a_reason() {
+        let image = |probe: &dyn Fn() -> Result<Vec<DeviceInfo>, CudaError>| {
+            usable_gpu(0, &offer(true, false, probe)).map(|t| t.name)
+        };
+        assert_eq!(image(&h200), Ok("sm_90a"));
+        assert_eq!(image(&a100), Ok("sm_80"));
+        assert_eq!(image(&l4), Ok("sm_89"));
+        assert!(matches!(image(&t4), Err(DeviceError::Unsupported { .. })));
+
+        // TRM_KERNEL_IMAGE=ptx, and a value it does not know.
+        let mut forced = offer(true, false, &l4);
+        forced.request = Ok(ImageRequest::Ptx);
+        assert_eq!(usable_gpu(0, &forced).map(|t| t.name), Ok("compute_80"));
+        forced.request = Err("TRM_KERNEL_IMAGE=\"x\": expected auto or ptx".into());
+        let e = resolve_with(Some(DeviceKind::Cuda), 0, &forced).unwrap_err();
+        assert!(matches!(e, DeviceError::BadImageRequest(_)), "{e:?}");
+        assert!(e.to_string().contains("TRM_KERNEL_IMAGE"), "{e}");
+
+        // A build of sm_90a only on an L4: the reason says how to rebuild.
+        let mut hopper_only = offer(true, false, &l4);
+        hopper_only.targets = &["sm_90a"];
+        let c = resolve_with(None, 0, &hopper_only).unwrap();
+        assert_eq!(c.kind, DeviceKind::Cpu);
+        assert!(c.why.contains("TRM_CUDA_ARCHS"), "{}", c.why);
     }
 }

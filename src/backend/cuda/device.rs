@@ -5,6 +5,7 @@
 //! pointers, and every launch is synchronous.
 
 use super::abi::{Kernel, KernelArgs, LaunchConfig};
+use super::images::ImageRequest;
 #[cfg(feature = "emu")]
 use super::memory::Mem;
 use super::memory::{Buffer, Elem, OnDevice, Owner};
@@ -31,10 +32,22 @@ impl Device {
         Gpu::new(ordinal).map(Device::Gpu)
     }
 
-    /// For messages: `emulator` or `GPU 0 (NVIDIA H200)`.
+    /// [`Device::gpu`] loading the kernel image `request` picks (see
+    /// [`Gpu::with_image`]).
+    pub fn gpu_with_image(ordinal: usize, request: ImageRequest) -> Result<Device, CudaError> {
+        Gpu::with_image(ordinal, request).map(Device::Gpu)
+    }
+
+    /// For messages: `emulator` or `GPU 0 (NVIDIA L4, sm_89 SASS)`, with the
+    /// kernel image its launches load.
     pub fn name(&self) -> String {
         match self {
-            Device::Gpu(g) => format!("GPU {} ({})", g.info().ordinal, g.info().name),
+            Device::Gpu(g) => {
+                let image = g
+                    .kernel_image()
+                    .map_or_else(|_| "no kernel image".to_string(), |t| t.describe());
+                format!("GPU {} ({}, {image})", g.info().ordinal, g.info().name)
+            }
             #[cfg(feature = "emu")]
             Device::Emu => "emulator".to_string(),
         }
@@ -260,7 +273,7 @@ impl Device {
                     kernel.name(),
                     super::emu::static_shared_bytes(kernel.name()),
                     cfg.shared_bytes,
-                    super::emu::MAX_SHARED_PER_BLOCK,
+                    super::emu::max_shared_per_block(),
                 )?;
                 // SAFETY: forwarded from the caller (host pointers on the emulator).
                 unsafe { super::emu::launch(kernel, cfg, args) }.map_err(Into::into)
@@ -274,7 +287,7 @@ impl Device {
         match self {
             Device::Gpu(g) => g.max_shared_per_block(),
             #[cfg(feature = "emu")]
-            Device::Emu => super::emu::MAX_SHARED_PER_BLOCK,
+            Device::Emu => super::emu::max_shared_per_block(),
         }
     }
 

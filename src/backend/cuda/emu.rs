@@ -46,16 +46,20 @@ pub enum EmuError {
 pub const MAX_SHARED_PER_BLOCK: u32 = 227 * 1024;
 
 /// The kernel's static shared memory as ptxas reported it for the GPU build
-/// (0 for a kernel not in the report, or a build without nvcc), so the
-/// emulator applies the GPU's static + dynamic limit.
+/// (the most of any architecture; 0 for a kernel not in the report, or a
+/// build without nvcc), so the emulator applies the GPU's static + dynamic
+/// limit.
 pub fn static_shared_bytes(kernel: &str) -> u32 {
     use std::collections::HashMap;
     use std::sync::OnceLock;
     static TABLE: OnceLock<HashMap<String, u32>> = OnceLock::new();
     let table = TABLE.get_or_init(|| {
-        super::ptxas_report()
-            .map(|r| r.into_iter().map(|k| (k.kernel, k.shared_bytes)).collect())
-            .unwrap_or_default()
+        let mut table: HashMap<String, u32> = HashMap::new();
+        for k in super::ptxas_report().unwrap_or_default() {
+            let most = table.entry(k.kernel).or_default();
+            *most = (*most).max(k.shared_bytes);
+        }
+        table
     });
     table.get(kernel).copied().unwrap_or(0)
 }
@@ -69,6 +73,10 @@ pub struct EmuOptions {
     /// Plants a missing barrier for a test: every `__syncthreads` at this
     /// source line (of any file of the kernel) returns at once.
     pub skip_barrier_line: Option<u32>,
+    /// The shared memory a block may use, to emulate a smaller GPU (99 KiB:
+    /// sm_86, sm_89) than the default [`MAX_SHARED_PER_BLOCK`]; launchers
+    /// plan for it through `Device::max_shared_per_block`.
+    pub max_shared_per_block: Option<u32>,
 }
 
 /// The `TrmEmuLaunch` struct of `kernels/emu/emu_abi.h`.
@@ -99,6 +107,7 @@ thread_local! {
         std::cell::Cell::new(EmuOptions {
             reverse_order: false,
             skip_barrier_line: None,
+            max_shared_per_block: None,
         })
     };
 }
@@ -116,6 +125,12 @@ pub fn with_options<R>(options: EmuOptions, f: impl FnOnce() -> R) -> R {
     }
     let _restore = Restore(previous);
     f()
+}
+
+/// The shared memory per block of this thread's emulated device
+/// ([`EmuOptions::max_shared_per_block`], else [`MAX_SHARED_PER_BLOCK`]).
+pub fn max_shared_per_block() -> u32 {
+    THREAD_OPTIONS.with(|o| o.get().max_shared_per_block.unwrap_or(MAX_SHARED_PER_BLOCK))
 }
 
 /// Launches `kernel` on the CPU with this thread's options (the default

@@ -1,10 +1,12 @@
-//! CUDA backend: the SM90 kernels build.rs compiled from `kernels/` and
-//! embedded in the binary, their ptxas resource report, the kernel ABI
+//! CUDA backend: the kernels build.rs compiled from `kernels/` and embedded
+//! in the binary (SASS for sm_80, sm_86, sm_89 and sm_90a, compute_80 PTX for
+//! newer GPUs: [`images`]), their ptxas resource report, the kernel ABI
 //! (argument structs and typed kernel handles generated from `kernels/abi.h`),
 //! and the runtime that runs them:
 //!
 //! - [`runtime`]: the probe ([`probe`]), a GPU context with its stream, module
-//!   loading from the embedded cubins, events and typed launches ([`Gpu`]);
+//!   loading from the image that suits the device, events and typed launches
+//!   ([`Gpu`]);
 //! - [`memory`]: typed buffers ([`Buffer`] of f32, bf16, i32, u8);
 //! - [`device`]: a launch target, [`Device::Gpu`] or (feature `emu`)
 //!   [`Device::Emu`], the CPU emulator, so one test or caller body runs on both;
@@ -24,6 +26,7 @@ pub mod device;
 #[cfg(feature = "emu")]
 pub mod emu;
 pub mod gemm;
+pub mod images;
 pub mod kernels;
 pub mod memory;
 pub mod ops;
@@ -32,9 +35,10 @@ pub mod runtime;
 
 pub use device::Device;
 pub use gemm::{matmul, GemmOut, MatRef};
+pub use images::ImageRequest;
 pub use kernels::{
-    embedded_modules, kernels_compiled, module, ptxas_report, EmbeddedModule, NVCC_FLAGS,
-    NVCC_VERSION,
+    embedded_modules, kernels_compiled, module, ptxas_report, targets_built, EmbeddedImage,
+    EmbeddedModule, NVCC_FLAGS, NVCC_VERSION,
 };
 pub use memory::{Buffer, Elem, OnDevice, Owner};
 pub use ptxas::KernelResources;
@@ -61,17 +65,22 @@ pub enum CudaError {
     /// driver does not start, or it sees no device (or not this ordinal).
     #[error("no CUDA device: {0}; use the CPU backend instead")]
     NoDevice(String),
-    /// The kernels are sm_90a cubins: they load on compute capability 9.0 only.
+    /// No embedded kernel image runs on the device (below sm_80, or an
+    /// architecture this build left out).
     #[error(
-        "CUDA device {ordinal} ({name}) has compute capability {major}.{minor}; \
-         the embedded kernels are built for sm_90a (H100/H200) only"
+        "CUDA device {ordinal} ({name}), compute capability {major}.{minor}: {reason}; \
+         run on the CPU with --device cpu"
     )]
     UnsupportedDevice {
         ordinal: usize,
         name: String,
         major: i32,
         minor: i32,
+        reason: String,
     },
+    /// `TRM_KERNEL_IMAGE` has a value the runtime does not know.
+    #[error("{0}")]
+    BadImageRequest(String),
     /// A CUDA driver call failed.
     #[error("CUDA driver: {op}: {source}")]
     Driver {
@@ -95,7 +104,8 @@ pub enum CudaError {
     /// A launch asking for more shared memory per block than the device has.
     #[error(
         "{kernel}: {static_bytes} bytes of static plus {dynamic_bytes} of dynamic shared memory \
-         per block exceed the device's maximum of {max}"
+         per block exceed the device's maximum of {max} (sm_86 and sm_89 GPUs allow 99 KiB, \
+         sm_80 163 KiB, sm_90 227 KiB)"
     )]
     SharedMemory {
         kernel: String,

@@ -82,7 +82,8 @@ pub fn parse_verbose(output: &str) -> Vec<FunctionResources> {
     functions
 }
 
-/// One row of the kernel report: a kernel of one `kernels/*.cu` file.
+/// One row of the kernel report: a kernel of one `kernels/*.cu` file, as
+/// compiled for one architecture.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KernelResources {
     /// The symbol to look the kernel up by in its module.
@@ -91,6 +92,8 @@ pub struct KernelResources {
     pub name: String,
     /// The source file in `kernels/`, e.g. `cast.cu`.
     pub file: String,
+    /// The architecture of the SASS, e.g. `sm_89`.
+    pub arch: String,
     pub registers: u32,
     pub spill_stores: u32,
     pub spill_loads: u32,
@@ -101,10 +104,11 @@ pub struct KernelResources {
 }
 
 /// The columns of `ptxas_report.tsv`, in order.
-pub const REPORT_COLUMNS: [&str; 8] = [
+pub const REPORT_COLUMNS: [&str; 9] = [
     "kernel",
     "name",
     "file",
+    "arch",
     "registers",
     "spill_stores",
     "spill_loads",
@@ -112,8 +116,13 @@ pub const REPORT_COLUMNS: [&str; 8] = [
     "stack_frame",
 ];
 
-/// The report rows (entries only) for the functions ptxas reported for `file`.
-pub fn kernel_rows(file: &str, functions: &[FunctionResources]) -> Vec<KernelResources> {
+/// The report rows (entries only) for the functions ptxas reported for
+/// `file` compiled for `arch`.
+pub fn kernel_rows(
+    file: &str,
+    arch: &str,
+    functions: &[FunctionResources],
+) -> Vec<KernelResources> {
     functions
         .iter()
         .filter(|f| f.entry)
@@ -121,6 +130,7 @@ pub fn kernel_rows(file: &str, functions: &[FunctionResources]) -> Vec<KernelRes
             kernel: f.symbol.clone(),
             name: readable_name(&f.symbol),
             file: file.to_string(),
+            arch: arch.to_string(),
             registers: f.registers.unwrap_or(0),
             spill_stores: f.spill_stores,
             spill_loads: f.spill_loads,
@@ -137,10 +147,11 @@ pub fn to_tsv(rows: &[KernelResources]) -> String {
     for r in rows {
         let _ = writeln!(
             out,
-            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
             r.kernel,
             r.name,
             r.file,
+            r.arch,
             r.registers,
             r.spill_stores,
             r.spill_loads,
@@ -192,11 +203,12 @@ pub fn parse_tsv(text: &str) -> Result<Vec<KernelResources>, String> {
             kernel: fields[0].to_string(),
             name: fields[1].to_string(),
             file: fields[2].to_string(),
-            registers: number(3)?,
-            spill_stores: number(4)?,
-            spill_loads: number(5)?,
-            shared_bytes: number(6)?,
-            stack_frame: number(7)?,
+            arch: fields[3].to_string(),
+            registers: number(4)?,
+            spill_stores: number(5)?,
+            spill_loads: number(6)?,
+            shared_bytes: number(7)?,
+            stack_frame: number(8)?,
         });
     }
     Ok(rows)
@@ -401,6 +413,7 @@ mod tests {
             kernel: "_ZN3trm4bodyILi8EEEvPf".to_string(),
             name: "trm::body<8>".to_string(),
             file: "body.cu".to_string(),
+            arch: "sm_89".to_string(),
             registers: 40,
             spill_stores: 0,
             spill_loads: 0,

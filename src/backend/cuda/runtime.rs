@@ -17,8 +17,11 @@
 //!   cudarc's per-buffer event tracking is switched off, and a buffer is
 //!   refused by every other handle. Work on another [`Stream`] is ordered
 //!   against it with [`Event`]s by the caller.
-//! - Modules are loaded from the cubins embedded at build time, lazily, once
-//!   per module and process; functions are looked up once and cached.
+//! - Modules are loaded from the images embedded at build time, lazily, once
+//!   per module, image and process; functions are looked up once and cached.
+//!   A handle uses the image `images::choose_image` picks for its device
+//!   (the device's SASS, else the compute_80 PTX, which the driver compiles),
+//!   or the PTX when asked (`TRM_KERNEL_IMAGE=ptx`, [`Gpu::with_image`]).
 
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
@@ -29,6 +32,7 @@ use cudarc::driver::sys::{CUevent_flags, CUfunction, CUfunction_attribute, CUmod
 use cudarc::driver::{result, CudaContext, CudaEvent, CudaStream};
 
 use super::abi::{Kernel, KernelArgs, LaunchConfig};
+use super::images::{ImageKind, ImageRequest, NoImage, Target};
 use super::memory::{Buffer, Elem, Mem, Owner};
 use super::{kernels, CudaError};
 
@@ -36,8 +40,8 @@ use super::{kernels, CudaError};
 /// function's opt-in attribute.
 const DEFAULT_MAX_SHARED: u32 = 48 * 1024;
 
-/// Checks a launch's shared memory against the rule of sm_90: static plus
-/// dynamic bytes at most the device's opt-in maximum `max` (a
+/// Checks a launch's shared memory against the device's rule: static plus
+/// dynamic bytes at most its opt-in maximum `max` (a
 /// [`CudaError::SharedMemory`] otherwise, rather than a failed launch).
 /// Returns the value to give `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`
 /// when static plus dynamic exceeds 48 KiB: the dynamic bytes.
@@ -218,7 +222,8 @@ struct Function {
     dynamic_allowed: u32,
 }
 
-/// A loaded module and the functions looked up in it.
+/// A loaded module (one image of one kernel file) and the functions looked
+/// up in it.
 struct Module {
     raw: CUmodule,
     functions: HashMap<&'static str, Function>,
@@ -232,9 +237,11 @@ unsafe impl Send for Module {}
 pub(crate) struct DeviceState {
     pub(crate) ctx: Arc<CudaContext>,
     info: DeviceInfo,
-    /// `CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN` (227 KiB on sm_90).
+    /// `CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN` (227 KiB on
+    /// sm_90, 163 KiB on sm_80, 99 KiB on sm_86 and sm_89).
     max_shared_optin: u32,
-    modules: Mutex<HashMap<&'static str, Module>>,
+    /// By (module, target): handles asking for different images share a device.
+    modules: Mutex<HashMap<(&'static str, &'static str), Module>>,
     /// cuBLASLt: the handle and cached descriptors, made at the first GEMM.
     pub(crate) blas: Mutex<Option<super::gemm::Blas>>,
 }
@@ -320,6 +327,8 @@ pub struct Gpu {
     /// This handle's cuBLASLt workspace (GEMMs on different streams must not
     /// share one), made at its first GEMM.
     pub(crate) workspace: Mutex<Option<Buffer<u8>>>,
+    /// The kernel image its launches use, or why none fits the device.
+    image: Result<&'static Target, NoImage>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -327,13 +336,22 @@ impl std::fmt::Debug for Gpu {
         f.debug_struct("Gpu")
             .field("info", &self.state.info)
             .field("handle", &self.handle)
+            .field("image", &self.image.as_ref().map(|t| t.name))
             .finish()
     }
 }
 
 impl Gpu {
-    /// Opens device `ordinal`, or [`CudaError::NoDevice`] when there is none.
+    /// Opens device `ordinal`, or [`CudaError::NoDevice`] when there is
+    /// none, with the kernel image `TRM_KERNEL_IMAGE` asks for (the best
+    /// one for the device when unset).
     pub fn new(ordinal: usize) -> Result<Gpu, CudaError> {
+        Gpu::with_image(ordinal, kernels::image_request()?)
+    }
+
+    /// [`Gpu::new`] with the kernel image chosen by `request`, whatever the
+    /// environment says (a test compares the PTX with the SASS this way).
+    pub fn with_image(ordinal: usize, request: ImageRequest) -> Result<Gpu, CudaError> {
         static HANDLES: AtomicU64 = AtomicU64::new(1);
         let count = device_count()?;
         if ordinal >= count {
@@ -352,6 +370,22 @@ impl Gpu {
             stream: Stream(stream),
             handle: HANDLES.fetch_add(1, Ordering::Relaxed),
             workspace: Mutex::new(None),
+            image: kernels::image_for(state.info.capability, request),
+        })
+    }
+
+    /// The kernel image this handle's launches load, or
+    /// [`CudaError::UnsupportedDevice`] saying why none runs on the device.
+    pub fn kernel_image(&self) -> Result<&'static Target, CudaError> {
+        self.image.clone().map_err(|why| {
+            let info = &self.state.info;
+            CudaError::UnsupportedDevice {
+                ordinal: info.ordinal,
+                name: info.name.clone(),
+                major: info.capability.0,
+                minor: info.capability.1,
+                reason: why.reason(info.capability),
+            }
         })
     }
 
@@ -721,41 +755,26 @@ impl Gpu {
         dynamic_shared: u32,
     ) -> Result<CUfunction, CudaError> {
         let state = self.state;
+        let target = self.kernel_image()?;
+        let key = (module, target.name);
         let mut modules = state.modules.lock().map_err(|_| poisoned("module cache"))?;
         state.bind()?;
-        if !modules.contains_key(module) {
-            let embedded = kernels::module(module)?;
-            let (major, minor) = state.info.capability;
-            if (major, minor) != (9, 0) {
-                return Err(CudaError::UnsupportedDevice {
-                    ordinal: state.info.ordinal,
-                    name: state.info.name.clone(),
-                    major,
-                    minor,
-                });
-            }
-            // SAFETY: the cubin is a complete ELF image embedded by build.rs,
-            // 16-byte aligned, and lives for the whole program.
-            let raw =
-                unsafe { result::module::load_data(embedded.cubin.as_ptr().cast::<c_void>()) }
-                    .map_err(|e| CudaError::driver(format!("loading module {module}.cubin"), e))?;
-            modules.insert(
-                module,
-                Module {
-                    raw,
-                    functions: HashMap::new(),
-                },
-            );
-        }
-        let Some(m) = modules.get_mut(module) else {
-            return Err(CudaError::Shape(format!("module {module} vanished")));
+        let m = match modules.entry(key) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(Module {
+                raw: load_module(module, target)?,
+                functions: HashMap::new(),
+            }),
         };
         if !m.functions.contains_key(name) {
             let cname = CString::new(name)
                 .map_err(|_| CudaError::Shape(format!("kernel name {name:?} has a NUL byte")))?;
             // SAFETY: `m.raw` is a live module of this context.
             let raw = unsafe { result::module::get_function(m.raw, cname) }.map_err(|e| {
-                CudaError::driver(format!("finding kernel {name} in {module}.cubin"), e)
+                CudaError::driver(
+                    format!("finding kernel {name} in {module} ({})", target.describe()),
+                    e,
+                )
             })?;
             let attribute = |a: CUfunction_attribute, what: &str| {
                 // SAFETY: `raw` is a live function of this context.
@@ -879,6 +898,39 @@ impl Drop for Gpu {
         // and the context stay for other handles. Errors have nowhere to go.
         let _ = self.stream.0.synchronize();
     }
+}
+
+/// Loads `target`'s image of the embedded module `module` into the current
+/// context: a cubin as it is, PTX through the driver's JIT compiler.
+fn load_module(module: &str, target: &'static Target) -> Result<CUmodule, CudaError> {
+    let embedded = kernels::module(module)?;
+    let image = embedded.image(target.name).ok_or_else(|| {
+        CudaError::Shape(format!(
+            "module {module} has no {} image (a build.rs bug: every module has every built target)",
+            target.name
+        ))
+    })?;
+    // cuModuleLoadData reads PTX as a C string: it must end in a NUL.
+    if target.kind == ImageKind::Ptx && image.data.last() != Some(&0) {
+        return Err(CudaError::Shape(format!(
+            "module {module}: the embedded PTX is not NUL-terminated (a build.rs bug)"
+        )));
+    }
+    // SAFETY: the image is a complete cubin (16-byte aligned ELF) or
+    // NUL-terminated PTX embedded by build.rs, and lives for the whole program.
+    unsafe { result::module::load_data(image.data.as_ptr().cast::<c_void>()) }.map_err(|e| {
+        let hint = match target.kind {
+            ImageKind::Ptx => {
+                "; the driver JIT-compiles this PTX (ISA of the nvcc that built it), which needs \
+                 a driver at least as new as that CUDA release"
+            }
+            ImageKind::Sass => "",
+        };
+        CudaError::driver(
+            format!("loading module {module} ({}){hint}", target.describe()),
+            e,
+        )
+    })
 }
 
 /// The device address of element `offset` of `buf`, after checking that

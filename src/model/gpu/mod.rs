@@ -1,4 +1,4 @@
-//! The CUDA engine: the network of `trm.rs` on a [`Device`] (an H200, or
+//! The CUDA engine: the network of `trm.rs` on a [`Device`] (a GPU, or
 //! the CPU emulator of the same kernels), op for op with the CPU engine's
 //! function names ([`net`]), bf16 activations and GEMM operands, f32 master
 //! weights, gradients and optimiser states, all resident on the device

@@ -3,8 +3,12 @@
 //!
 //! The tile sizes here mirror the kernel's constants (see the top comment of
 //! `kernels/attention.cu`); they set each launch's grid and dynamic shared
-//! memory, which is above the 48 KiB default for every head dim, so the
-//! runtime opts each kernel in before its first launch.
+//! memory, which is above the 48 KiB default for head dims 64 and 128, so the
+//! runtime opts each kernel in before its first launch. The shared memory
+//! depends on the device ([`attention_plan`]): the forward and dQ kernels
+//! stage the next K tile's RoPE rows in shared memory where they fit (every
+//! head dim on sm_90's 227 KiB) and read them from global memory where they
+//! do not (the dQ kernel at d 64 on the 99 KiB of sm_86 and sm_89: an L4).
 
 use half::bf16;
 
@@ -86,23 +90,70 @@ fn table_bytes(rows: usize, d: usize) -> usize {
     2 * rows * d * 4
 }
 
-/// Dynamic shared memory of the forward: the Q tile, two K and two V tiles,
-/// the next K tile's table rows.
-pub fn forward_shared_bytes(d: usize) -> usize {
-    tile_bytes(forward_queries(d) + 4 * BK, d) + table_bytes(BK, d)
+/// Dynamic shared memory of the forward without the table rows: the Q tile,
+/// two K and two V tiles.
+fn forward_tile_bytes(d: usize) -> usize {
+    tile_bytes(forward_queries(d) + 4 * BK, d)
 }
 
 /// Dynamic shared memory of the dK/dV kernel: the K and V tiles, two Q and
 /// two dO tiles, two lse and two delta vectors.
-pub fn dkdv_shared_bytes(d: usize) -> usize {
+fn dkdv_shared_bytes(d: usize) -> usize {
     let bq = dkdv_queries(d);
     tile_bytes(2 * BK + 4 * bq, d) + 4 * bq * 4
 }
 
-/// Dynamic shared memory of the dQ kernel: the Q and dO tiles, two K and two
-/// V tiles, the next K tile's table rows.
-pub fn dq_shared_bytes(d: usize) -> usize {
-    tile_bytes(2 * dq_queries(d) + 4 * BK, d) + table_bytes(BK, d)
+/// Dynamic shared memory of the dQ kernel without the table rows: the Q and
+/// dO tiles, two K and two V tiles.
+fn dq_tile_bytes(d: usize) -> usize {
+    tile_bytes(2 * dq_queries(d) + 4 * BK, d)
+}
+
+/// One kernel's launch: its dynamic shared memory and whether the next K
+/// tile's RoPE rows are staged in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SharedPlan {
+    pub bytes: usize,
+    pub stage_tables: bool,
+}
+
+/// The shared memory of the three tile kernels of head dim `d` on a device
+/// allowing `max_shared` bytes per block. Over `max_shared` only when even
+/// the unstaged tiles do not fit (the launch is then refused with
+/// [`CudaError::SharedMemory`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionPlan {
+    pub forward: SharedPlan,
+    pub dkdv: SharedPlan,
+    pub dq: SharedPlan,
+}
+
+/// The plan for head dim `d` under `max_shared` bytes per block (the
+/// device's opt-in maximum): a query-tile kernel stages its table rows when
+/// tiles plus rows fit.
+pub fn attention_plan(d: usize, max_shared: usize) -> AttentionPlan {
+    let query_tile = |tiles: usize| {
+        let staged = tiles + table_bytes(BK, d);
+        if staged <= max_shared {
+            SharedPlan {
+                bytes: staged,
+                stage_tables: true,
+            }
+        } else {
+            SharedPlan {
+                bytes: tiles,
+                stage_tables: false,
+            }
+        }
+    };
+    AttentionPlan {
+        forward: query_tile(forward_tile_bytes(d)),
+        dkdv: SharedPlan {
+            bytes: dkdv_shared_bytes(d),
+            stage_tables: false,
+        },
+        dq: query_tile(dq_tile_bytes(d)),
+    }
 }
 
 /// The three kernels of one head dim.
@@ -216,6 +267,7 @@ pub fn attention_forward(
     lse.check_len(what, s.rows()?)?;
     check_aligned(what, "o", o)?;
     let (b, sq, h, d) = dims(&s)?;
+    let plan = attention_plan(s.head_dim, dev.max_shared_per_block() as usize);
     let args = AttentionForwardArgs {
         o: o.ptr(),
         lse: lse.ptr(),
@@ -227,13 +279,9 @@ pub fn attention_forward(
         H: h,
         d,
         scale: s.scale(),
+        stage_tables: plan.forward.stage_tables as i32,
     };
-    let cfg = tile_grid(
-        what,
-        &s,
-        forward_queries(s.head_dim),
-        forward_shared_bytes(s.head_dim),
-    )?;
+    let cfg = tile_grid(what, &s, forward_queries(s.head_dim), plan.forward.bytes)?;
     launch(dev, k.forward, cfg, &args)
 }
 
@@ -293,14 +341,15 @@ pub fn attention_backward(
         H: h,
         d,
         scale: s.scale(),
+        stage_tables: 0,
     };
-    let dkdv = tile_grid(what, &s, BK, dkdv_shared_bytes(s.head_dim))?;
+    let plan = attention_plan(s.head_dim, dev.max_shared_per_block() as usize);
+    let dkdv = tile_grid(what, &s, BK, plan.dkdv.bytes)?;
     launch(dev, k.dkdv, dkdv, &args)?;
-    let dq = tile_grid(
-        what,
-        &s,
-        dq_queries(s.head_dim),
-        dq_shared_bytes(s.head_dim),
-    )?;
-    launch(dev, k.dq, dq, &args)
+    let dq = tile_grid(what, &s, dq_queries(s.head_dim), plan.dq.bytes)?;
+    let dq_args = AttentionBackwardArgs {
+        stage_tables: plan.dq.stage_tables as i32,
+        ..args
+    };
+    launch(dev, k.dq, dq, &dq_args)
 }
