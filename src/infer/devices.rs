@@ -481,8 +481,14 @@ mod tests {
     ) -> Result<Vec<(DeviceKind, usize)>> {
         let gpus = gpus.to_vec();
         let probe = move || -> std::result::Result<Vec<DeviceInfo>, CudaError> { Ok(gpus.clone()) };
+        let targets: Vec<&str> = crate::backend::cuda::images::TARGETS
+            .iter()
+            .map(|t| t.name)
+            .collect();
         let offer = CudaOffer {
             kernels: true,
+            targets: &targets,
+            request: Ok(crate::backend::cuda::images::ImageRequest::Best),
             emulator: true,
             probe: &probe,
         };
