@@ -274,19 +274,15 @@ pub fn cublaslt_version_text(code: usize) -> String {
 }
 
 fn driver() -> Probe<Driver> {
-    use cudarc::driver::sys;
-    if !cuda::runtime::driver_library_present() {
-        return Probe::Error(
-            "the CUDA driver library (libcuda.so) is not installed or not on the loader path"
-                .into(),
-        );
-    }
-    let mut code: c_int = 0;
-    // SAFETY: the library loads (checked above), so cudarc's lazy loader
-    // does not panic; the call writes one int and needs no cuInit.
-    let result = unsafe { sys::cuDriverGetVersion(&mut code) };
-    if result != sys::CUresult::CUDA_SUCCESS {
-        return Probe::Error(format!("cuDriverGetVersion failed: {result:?}"));
+    let code = match cuda::runtime::driver_version() {
+        Ok(code) => code,
+        Err(CudaError::NoDevice(why)) => return Probe::Error(why),
+        Err(e) => return Probe::Error(e.to_string()),
+    };
+    // A driver too old for the kernels is reported here; the GPU rows then
+    // say the same (the probe refuses it).
+    if let Err(CudaError::NoDevice(why)) = cuda::runtime::check_driver_version(code) {
+        return Probe::Error(why);
     }
     Probe::Ok(Driver {
         library: loaded_path("libcuda.so"),

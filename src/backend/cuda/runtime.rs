@@ -80,15 +80,52 @@ pub fn driver_library_present() -> bool {
     unsafe { cudarc::driver::sys::is_culib_present() }
 }
 
-/// The number of CUDA devices, or [`CudaError::NoDevice`] when the driver
-/// library is missing, does not initialise, or sees none.
-pub fn device_count() -> Result<usize, CudaError> {
+/// The oldest driver trm runs on, as cuDriverGetVersion codes it: CUDA 13.0
+/// (NVIDIA R580). The kernels are built by nvcc 13.0 (PTX ISA 9.0, which an
+/// older driver cannot JIT, and cubins a driver of an older major release
+/// need not load), and cudarc is pinned to the 13.0 driver API.
+pub const MIN_DRIVER_VERSION: i32 = 13000;
+
+/// cuDriverGetVersion's code (13000 for CUDA 13.0), or why it is unknown.
+pub fn driver_version() -> Result<i32, CudaError> {
     if !driver_library_present() {
         return Err(CudaError::NoDevice(
             "the CUDA driver library (libcuda.so) is not installed or not on the loader path"
                 .into(),
         ));
     }
+    let mut code: std::ffi::c_int = 0;
+    // SAFETY: the library loads (checked above), so cudarc's lazy loader
+    // does not panic; the call writes one int and needs no cuInit.
+    let result = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut code) };
+    if result != cudarc::driver::sys::CUresult::CUDA_SUCCESS {
+        return Err(CudaError::NoDevice(format!(
+            "the CUDA driver did not say its version: {result:?}"
+        )));
+    }
+    Ok(code)
+}
+
+/// Refuses a driver older than [`MIN_DRIVER_VERSION`] (code as
+/// cuDriverGetVersion gives it), saying what is needed.
+pub fn check_driver_version(code: i32) -> Result<(), CudaError> {
+    if code >= MIN_DRIVER_VERSION {
+        return Ok(());
+    }
+    Err(CudaError::NoDevice(format!(
+        "the CUDA driver is for CUDA {}.{}, and trm's kernels (built by nvcc 13.0) need a \
+         driver for CUDA {}.{} or newer (NVIDIA R580 or later)",
+        code / 1000,
+        code % 1000 / 10,
+        MIN_DRIVER_VERSION / 1000,
+        MIN_DRIVER_VERSION % 1000 / 10
+    )))
+}
+
+/// The number of CUDA devices, or [`CudaError::NoDevice`] when the driver
+/// library is missing, too old, does not initialise, or sees none.
+pub fn device_count() -> Result<usize, CudaError> {
+    check_driver_version(driver_version()?)?;
     let count = CudaContext::device_count()
         .map_err(|e| CudaError::NoDevice(format!("the CUDA driver did not initialise: {e}")))?;
     if count <= 0 {
@@ -946,4 +983,20 @@ fn range_start<T: Elem>(
         .ok_or_else(|| CudaError::Shape(format!("{what}: range overflows")))?;
     buf.check_len(what, end)?;
     Ok(buf.ptr() as usize as u64 + (offset * std::mem::size_of::<T>()) as u64)
+}
+
+#[cfg(test)]
+mod driver_tests {
+    use super::*;
+
+    #[test]
+    fn drivers_older_than_cuda_13_are_refused() {
+        assert!(check_driver_version(13000).is_ok());
+        assert!(check_driver_version(13010).is_ok());
+        let e = check_driver_version(12080).unwrap_err().to_string();
+        assert!(
+            e.contains("CUDA 12.8") && e.contains("CUDA 13.0 or newer"),
+            "{e}"
+        );
+    }
 }
