@@ -185,6 +185,12 @@ struct PackageArgs {
     /// build of tools/build-portable.sh.
     #[arg(long, requires = "bundle")]
     binary: Option<PathBuf>,
+    /// A shared library to carry in the bundle's lib/, which the runner
+    /// puts first on LD_LIBRARY_PATH (repeatable): e.g. libcublasLt.so.13
+    /// and libcublas.so.13 of the nvidia-cublas wheel, for a notebook image
+    /// whose Python wheels have another CUDA release.
+    #[arg(long, requires = "bundle", value_name = "FILE")]
+    lib: Vec<PathBuf>,
 }
 
 #[derive(Args)]
@@ -634,6 +640,7 @@ fn run_package(a: PackageArgs) -> anyhow::Result<()> {
         out: bundle,
         model,
         binary: a.binary,
+        libs: a.lib,
     })?;
     let b = &r.manifest.binary;
     println!(

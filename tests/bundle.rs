@@ -429,6 +429,8 @@ fn the_runner_passes_arguments_status_and_library_folders_through() {
          echo \"LD=${LD_LIBRARY_PATH:-}\"\nfor a in \"$@\"; do echo \"arg=$a\"; done\nexit 7\n",
     );
     std::fs::write(bundle.join("c.json"), b"{}").unwrap();
+    // Libraries the bundle carries (--lib) come before everything else.
+    std::fs::create_dir(bundle.join("lib")).unwrap();
     // A per-user wheel folder with cuBLASLt's lib folder, and one without.
     let home = dir.path().join("home");
     let wheel = home.join(".local/lib/python3.11/site-packages/nvidia/cublas/lib");
@@ -453,7 +455,8 @@ fn the_runner_passes_arguments_status_and_library_folders_through() {
     let lines: Vec<String> = text(&out.stdout).lines().map(String::from).collect();
     let ld = lines[0].strip_prefix("LD=").unwrap();
     let folders: Vec<&str> = ld.split(':').collect();
-    assert_eq!(folders[0], "/callers/libs", "{ld}");
+    assert_eq!(folders[0], bundle.join("lib").to_str().unwrap(), "{ld}");
+    assert_eq!(folders[1], "/callers/libs", "{ld}");
     assert!(folders.contains(&wheel.to_str().unwrap()), "{ld}");
     assert!(
         folders
@@ -583,4 +586,60 @@ fn a_folder_that_is_not_a_bundle_is_never_replaced() {
     assert!(!out.status.success());
     assert!(err.contains("no ELF magic number"), "{err}");
     assert!(!dest.exists());
+}
+
+/// `--lib` carries shared libraries in the bundle's lib/ under the names
+/// given (the runner puts that folder first: see the runner test), listed
+/// in bundle.json; what is not a shared library, or a name given twice, is
+/// refused before anything is written.
+#[test]
+fn libraries_are_carried_under_their_names() {
+    let f = fixture();
+    let libm = shared_libraries(&PathBuf::from(env!("CARGO_BIN_EXE_trm")))
+        .into_iter()
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("libm.so"))
+        })
+        .expect("trm links libm");
+    let name = libm.file_name().unwrap().to_string_lossy().into_owned();
+    let dest = f.dir.join("with-lib");
+    let _ = std::fs::remove_dir_all(&dest);
+    let package = |dest: &Path, libs: &[&Path]| {
+        let mut cmd = trm();
+        cmd.args(["package", "--checkpoint"])
+            .arg(&f.checkpoint)
+            .arg("--bundle")
+            .arg(dest);
+        for l in libs {
+            cmd.arg("--lib").arg(l);
+        }
+        cmd.output().unwrap()
+    };
+    let out = package(&dest, &[&libm]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let carried = dest.join("lib").join(&name);
+    assert_eq!(
+        std::fs::read(&carried).unwrap(),
+        std::fs::read(std::fs::canonicalize(&libm).unwrap()).unwrap()
+    );
+    let manifest = read_json(&dest.join("bundle.json"));
+    assert!(
+        manifest["files"].get(format!("lib/{name}")).is_some(),
+        "{manifest}"
+    );
+
+    let refused = f.dir.join("never-with-lib");
+    let script = f.dir.join("not-a-lib.so");
+    std::fs::write(&script, b"#!/bin/sh\n").unwrap();
+    for (libs, want) in [
+        (vec![script.as_path()], "not a shared library"),
+        (vec![libm.as_path(), libm.as_path()], "already given"),
+    ] {
+        let out = package(&refused, &libs);
+        let err = text(&out.stderr);
+        assert!(!out.status.success(), "{libs:?} accepted");
+        assert!(err.contains(want), "{err}");
+        assert!(!refused.exists());
+    }
 }

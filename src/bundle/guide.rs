@@ -58,11 +58,17 @@ when that is not 0; to stop it, run
 ## What it needs
 
 - {needs}.
-- A GPU is optional. With an NVIDIA driver and cuBLASLt (`libcublasLt.so.13`),
-  `trm` runs on the GPU; the runner adds the `nvidia/cublas/lib` and
-  `nvidia/cu13/lib` folders of any Python wheels it finds (PyTorch's, on
-  notebook images) and `/usr/local/cuda/lib64` to `LD_LIBRARY_PATH`. Without
-  them it runs on the CPU (slow at the ARC model's size).
+- A GPU is optional. With an NVIDIA driver for CUDA 13.0 or newer (R580+)
+  and cuBLASLt (`libcublasLt.so.13`), `trm` runs on every GPU (sm_80 and
+  newer: A100, A10, L4, H100...); the runner puts the bundle's own `lib/`
+  (libraries bundled with `--lib`) first on `LD_LIBRARY_PATH`, then adds the
+  `nvidia/cublas/lib` and `nvidia/cu13/lib` folders of any Python wheels it
+  finds (PyTorch's, on notebook images) and `/usr/local/cuda/lib64`. With an
+  older driver, or without them, it runs on the CPU (slow at the ARC model's
+  size); `run doctor` says which and why.
+- `--time-limit 9h` (or any `trm infer` option) after the paths keeps the run
+  inside the notebook's limit: fewer augmentations up front if the estimate
+  says so, and a whole submission written either way.
 - glibc rather than a static musl binary: the CUDA driver (`libcuda.so`) is
   loaded at run time, which a static musl binary cannot do.
 
@@ -73,6 +79,7 @@ when that is not 0; to stop it, run
 | `run` | the runner (POSIX sh) |
 | `trm` | the `trm` binary |
 | `model/` | the model folder (`trm package`), checked against its `manifest.json` |
+| `lib/` | shared libraries carried with `--lib` (if any) |
 | `bundle.json` | the binary's version and needs (glibc, libraries), the runner's defaults, the size and SHA-256 of every file |
 | `BUNDLE.md` | this file |
 "#,

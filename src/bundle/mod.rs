@@ -33,6 +33,9 @@ pub const BINARY_FILE: &str = "trm";
 pub const RUNNER_FILE: &str = "run";
 pub const GUIDE_FILE: &str = "BUNDLE.md";
 pub const MODEL_DIR: &str = "model";
+/// Shared libraries the bundle carries; the runner puts it first on
+/// `LD_LIBRARY_PATH`.
+pub const LIB_DIR: &str = "lib";
 /// Version of the layout and of `bundle.json`.
 pub const BUNDLE_FORMAT: u32 = 1;
 const BUNDLE_KIND: &str = "trm-bundle";
@@ -97,6 +100,10 @@ pub struct BundleOptions {
     pub model: ModelSource,
     /// The binary to bundle; None: the running executable.
     pub binary: Option<PathBuf>,
+    /// Shared libraries to carry in `lib/` (e.g. `libcublasLt.so.13`), each
+    /// under the name given (a symbolic link is copied as its target's
+    /// bytes under the link's name, the name the loader asks for).
+    pub libs: Vec<PathBuf>,
 }
 
 /// `bundle.json`: the bundled binary as read from its ELF file.
@@ -170,8 +177,10 @@ pub fn bundle(opts: &BundleOptions) -> Result<BundleReport> {
             what: format!("cannot locate the running trm: {e}; give --binary"),
         })?,
     };
-    // The binary is checked before any work: a wrong one fails fast.
+    // The binary and the libraries are checked before any work: a wrong
+    // one fails fast.
     let needs = elf::read_needs(&binary)?;
+    let libs = check_libs(&opts.libs)?;
     let version = binary_version(&binary)?;
     let glibc = needs.glibc().map(|g| g.to_string());
     let warnings = binary_warnings(&needs, &binary);
@@ -197,6 +206,14 @@ pub fn bundle(opts: &BundleOptions) -> Result<BundleReport> {
         let model = ModelPackage::open(&model_dir)?;
         copy_synced(&binary, &tmp.join(BINARY_FILE))?;
         set_mode(&tmp.join(BINARY_FILE), 0o755)?;
+        if !libs.is_empty() {
+            let dir = tmp.join(LIB_DIR);
+            fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+            for (src, name) in &libs {
+                copy_synced(src, &dir.join(name))?;
+                set_mode(&dir.join(name), 0o755)?;
+            }
+        }
         let run = tmp.join(RUNNER_FILE);
         package::write_synced(&run, runner::script(glibc.as_deref()).as_bytes())?;
         set_mode(&run, 0o755)?;
@@ -264,6 +281,34 @@ pub fn verify(dir: &Path) -> Result<BundleManifest> {
         source: Box::new(source),
     })?;
     Ok(m)
+}
+
+/// Each `--lib`: an ELF file, with the name it is carried under; names
+/// must differ.
+fn check_libs(libs: &[PathBuf]) -> Result<Vec<(PathBuf, String)>> {
+    let mut out: Vec<(PathBuf, String)> = Vec::with_capacity(libs.len());
+    for lib in libs {
+        let invalid = |what: String| BundleError::Invalid {
+            path: lib.clone(),
+            what,
+        };
+        let name = lib
+            .file_name()
+            .and_then(|n| n.to_str())
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| invalid("--lib needs a file with a UTF-8 name".into()))?
+            .to_string();
+        let meta = fs::metadata(lib).map_err(io_err(lib))?;
+        if !meta.is_file() {
+            return Err(invalid("--lib is not a file".into()));
+        }
+        elf::read_needs(lib).map_err(|e| invalid(format!("not a shared library: {e}")))?;
+        if out.iter().any(|(_, n)| *n == name) {
+            return Err(invalid(format!("a library named {name} is already given")));
+        }
+        out.push((lib.clone(), name));
+    }
+    Ok(out)
 }
 
 /// The binary's `--version`, which also shows it is a trm that starts here.

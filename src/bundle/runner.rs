@@ -92,6 +92,12 @@ if [ -n "$libs" ]; then
   LD_LIBRARY_PATH=${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$libs
   export LD_LIBRARY_PATH
 fi
+# Libraries the bundle carries (`trm package --bundle --lib`, e.g. cuBLASLt
+# 13 for an image whose wheels have another release) come first.
+if [ -d "$bundle/lib" ]; then
+  LD_LIBRARY_PATH=$bundle/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  export LD_LIBRARY_PATH
+fi
 
 # An uploaded dataset can lose the executable bit, and its folder may not
 # allow running programs: then a copy in a writable folder is run.
