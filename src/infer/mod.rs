@@ -451,7 +451,7 @@ pub fn infer(opts: &InferOptions) -> Result<InferOutput> {
     crate::limits::check(
         "this inference",
         infer_memory(&puzzles, num_aug, seq_len, &pkg.arch, batch, devices.len()),
-        "lower --batch-size or use fewer --devices",
+        "lower --num-aug or --batch-size, or use fewer --devices",
     )?;
 
     // Build-order positions of the originals the model knows.

@@ -100,7 +100,11 @@ fn infer_with_a_huge_batch_or_num_aug_is_refused() {
             ..trm::infer::InferOptions::new(&f.model, &f.challenges)
         };
         let e = refused(trm::infer::infer(&opts));
-        assert_refused(&e, "this inference", "lower --num-aug or --batch-size");
+        assert_refused(
+            &e,
+            "this inference",
+            "lower --num-aug or --batch-size, or use fewer --devices",
+        );
     }
 }
 
