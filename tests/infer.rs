@@ -14,7 +14,9 @@ use serde_json::Value;
 use trm::demo::DemoOptions;
 
 mod device;
+mod kaggle;
 use device::Dev;
+use kaggle::check_kaggle_format;
 use trm::infer::{infer, InferOptions};
 use trm::model::weights::PUZZLE_EMB;
 use trm::package::{package, ModelPackage};
@@ -847,35 +849,6 @@ fn every_gpu_writes_the_one_gpu_submission_gpu() {
     several_devices_write_the_one_device_submission("cuda", "all", &shown.join(", "));
 }
 
-/// The submission of a run that keeps `--max-aug` copies is valid for
-/// Kaggle: every task, one entry per test input, two grids each.
-fn assert_kaggle_submission(sub: &Value, challenges: &Value) {
-    let tasks = challenges.as_object().expect("challenges object");
-    let sub = sub.as_object().expect("submission object");
-    assert_eq!(sub.len(), tasks.len());
-    for (id, task) in tasks {
-        let tests = task["test"].as_array().expect("test list").len();
-        let entries = sub[id]
-            .as_array()
-            .unwrap_or_else(|| panic!("no entry for {id}"));
-        assert_eq!(entries.len(), tests, "{id}");
-        for e in entries {
-            for a in ["attempt_1", "attempt_2"] {
-                let g = e[a].as_array().unwrap_or_else(|| panic!("{id}: no {a}"));
-                assert!((1..=30).contains(&g.len()), "{id} {a}");
-                for row in g {
-                    let row = row.as_array().expect("grid row");
-                    assert!((1..=30).contains(&row.len()), "{id} {a}");
-                    assert!(
-                        row.iter().all(|v| v.as_u64().is_some_and(|v| v <= 9)),
-                        "{id} {a}"
-                    );
-                }
-            }
-        }
-    }
-}
-
 /// A time limit the run fits in changes nothing (the probe batches are
 /// not counted); one it cannot fit lowers the copies up front, says so,
 /// stops at the limit and still writes a whole submission.
@@ -927,8 +900,8 @@ fn time_limit_lowers_the_augmentations_up_front() {
         stdout.contains("4 test examples, 0 augmented copies per puzzle, on cpu"),
         "{stdout}"
     );
-    assert_kaggle_submission(&read_json(&tight), &read_json(&f.challenges));
-    assert_kaggle_submission(&read_json(&plain), &read_json(&f.challenges));
+    check_kaggle_format(&read_json(&tight), &read_json(&f.challenges));
+    check_kaggle_format(&read_json(&plain), &read_json(&f.challenges));
 }
 
 /// `--max-aug` keeps the first copies of each puzzle's group, which keep
