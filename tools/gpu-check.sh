@@ -520,6 +520,9 @@ case $mode in
     ;;
   prepare)
     build
+    # A folder of an earlier --prepare: its binaries would be gzipped again
+    # and carried stale.
+    rm -rf "$dir/bin"
     mkdir -p "$dir/bin"
     for s in $(all_targets "${EMU_SUITES[@]}" "${GPU_SUITES[@]}" "${MEMCHECK_SUITES[@]}" "${BENCHES[@]}"); do
       cp "${EXE[$s]}" "$dir/bin/$s"
